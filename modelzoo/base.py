@@ -1,0 +1,111 @@
+"""ModelDefinition: one model's contract, parameters and canonical weights.
+
+Weight layout conventions (each framework builder adapts to its own):
+- dense kernels are ``[in, out]`` (y = x @ W + b);
+- conv kernels are ``[kh, kw, in, out]`` (HWIO), images are NHWC in the contract;
+- BatchNorm is folded into the preceding convolution (inference mode).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+from serving.datatypes import TensorSpec
+
+#: Seed of every canonical weight set.
+SEED = 20261126
+
+
+class ModelDefinition(ABC):
+    """A zoo model. Subclasses set ``name`` and ``defaults`` and build the rest."""
+
+    name: str = ""
+    #: Parameter names and their default values (JSON-serialisable).
+    defaults: Mapping[str, Any] = {}
+
+    def __init__(self, **params: Any) -> None:
+        unknown = set(params) - set(self.defaults)
+        if unknown:
+            raise ValueError(f"model {self.name!r} has no parameter(s) {sorted(unknown)}; known: {sorted(self.defaults)}")
+        merged = {**self.defaults, **params}
+        self.params: dict[str, Any] = {
+            key: type(self.defaults[key])(value) if not isinstance(self.defaults[key], (list, tuple)) else value
+            for key, value in merged.items()
+        }
+
+    @property
+    @abstractmethod
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        """Contract inputs, batch dimension first (-1)."""
+
+    @property
+    @abstractmethod
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        """Contract outputs, batch dimension first (-1)."""
+
+    @abstractmethod
+    def build_weights(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Canonical weights (float32), scaled so activations stay O(1) with depth."""
+
+    @abstractmethod
+    def example_inputs(self, batch_size: int, rng: np.random.Generator, **kwargs: Any) -> dict[str, np.ndarray]:
+        """Valid random inputs (required ones only) for a batch of ``batch_size`` rows."""
+
+    def complete_inputs(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Fill omitted optional inputs with their defaults. Default: none optional."""
+        return dict(inputs)
+
+    #: Pad value per input for dimensions marked -1 beyond the batch dimension;
+    #: the dynamic batcher pads shorter requests with it. None: no ragged inputs.
+    pad_values: Mapping[str, int | float] = {}
+
+    @cached_property
+    def weights(self) -> dict[str, np.ndarray]:
+        return self.build_weights(np.random.default_rng(SEED))
+
+    def identity(self) -> dict[str, Any]:
+        """What an exported artifact must match to be reused: name, params, seed."""
+        return {"model": self.name, "params": self.params, "seed": SEED, "fingerprint": self.fingerprint}
+
+    @cached_property
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(json.dumps({"model": self.name, "params": self.params}, sort_keys=True).encode())
+        for key in sorted(self.weights):
+            digest.update(key.encode())
+            digest.update(np.ascontiguousarray(self.weights[key]).tobytes())
+        return digest.hexdigest()[:16]
+
+
+_REGISTRY: dict[str, Callable[..., ModelDefinition]] = {}
+
+
+def register(cls: type[ModelDefinition]) -> type[ModelDefinition]:
+    """Class decorator adding a model to the zoo under its ``name``."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def names() -> list[str]:
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def get(name: str, **params: Any) -> ModelDefinition:
+    """A zoo model by name, with optional parameter overrides."""
+    _load_all()
+    try:
+        factory = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; the zoo has {sorted(_REGISTRY)}") from None
+    return factory(**params)
+
+
+def _load_all() -> None:
+    from modelzoo import encoder, mlp, resnet  # noqa: F401  (registration side effect)
