@@ -35,10 +35,7 @@ class ModelDefinition(ABC):
         if unknown:
             raise ValueError(f"model {self.name!r} has no parameter(s) {sorted(unknown)}; known: {sorted(self.defaults)}")
         merged = {**self.defaults, **params}
-        self.params: dict[str, Any] = {
-            key: type(self.defaults[key])(value) if not isinstance(self.defaults[key], (list, tuple)) else value
-            for key, value in merged.items()
-        }
+        self.params: dict[str, Any] = {key: _coerce(self.defaults[key], value) for key, value in merged.items()}
 
     @property
     @abstractmethod
@@ -81,6 +78,17 @@ class ModelDefinition(ABC):
             digest.update(key.encode())
             digest.update(np.ascontiguousarray(self.weights[key]).tobytes())
         return digest.hexdigest()[:16]
+
+
+def _coerce(default: Any, value: Any) -> Any:
+    """A parameter value in its default's type; strings (from flags) are parsed."""
+    if isinstance(default, (list, tuple)):
+        if isinstance(value, str):
+            value = json.loads(value) if value.strip().startswith("[") else value.split(",")
+        return [type(default[0])(item) if default else item for item in value]
+    if isinstance(default, bool) and isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return type(default)(value)
 
 
 _REGISTRY: dict[str, Callable[..., ModelDefinition]] = {}

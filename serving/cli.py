@@ -16,7 +16,7 @@ from pathlib import Path
 import modelzoo
 from serving import repository
 from serving.backend import Framework
-from serving.settings import add_arguments, from_namespace
+from serving.settings import add_arguments, from_namespace, parse_model_args
 
 
 def build_parser(framework: Framework) -> argparse.ArgumentParser:
@@ -38,16 +38,6 @@ def build_parser(framework: Framework) -> argparse.ArgumentParser:
     return parser
 
 
-def _params(text: str) -> dict[str, str]:
-    params = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--model-arg {item!r} is not KEY=VALUE")
-        params[key] = value
-    return params
-
-
 def main(framework: Framework, argv: Sequence[str] | None = None) -> int:
     args = build_parser(framework).parse_args(argv)
     if args.command == "export":
@@ -55,7 +45,7 @@ def main(framework: Framework, argv: Sequence[str] | None = None) -> int:
         framework.configure(None, "cpu")
         root = args.out or repository.default_root(framework)
         for name in filter(None, args.model.split(",")):
-            model = modelzoo.get(name.strip(), **_params(args.model_arg))
+            model = modelzoo.get(name.strip(), **parse_model_args(args.model_arg))
             print(repository.export(framework, model, root))
         return 0
     try:

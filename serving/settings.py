@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -41,7 +42,9 @@ class ServerSettings(BatchingSettings):
     """Everything a server needs to start, in one object."""
 
     model: list[str] = _doc("Comma-separated zoo models to serve.", default_factory=lambda: ["mlp"])
-    model_arg: list[str] = _doc("Zoo model parameters as KEY=VALUE, comma-separated (e.g. image_size=224).", default_factory=list)
+    model_arg: str = _doc(
+        "Zoo model parameters as KEY=VALUE, comma-separated (e.g. image_size=224 or hidden=[512,512]).", default=""
+    )
     model_dir: Path | None = _doc("Model repository (<model>/<version>/); exported there on first use if missing.", default=None)
     host: str = _doc("Address to bind.", default="0.0.0.0")
     port: int = _doc("gRPC port; 0 picks a free one (printed and written to --port-file).", default=8001)
@@ -61,13 +64,7 @@ class ServerSettings(BatchingSettings):
         return BatchingSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(BatchingSettings)})
 
     def model_params(self) -> dict[str, str]:
-        params = {}
-        for item in self.model_arg:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise ValueError(f"--model-arg {item!r} is not KEY=VALUE")
-            params[key.strip()] = value.strip()
-        return params
+        return parse_model_args(self.model_arg)
 
     def validate(self) -> None:
         if self.max_batch_size < 1:
@@ -78,6 +75,19 @@ class ServerSettings(BatchingSettings):
             raise ValueError("preferred_batch_sizes must lie in 1..max_batch_size")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
+
+
+def parse_model_args(text: str) -> dict[str, str]:
+    """``"a=1,b=[2,3]"`` -> ``{"a": "1", "b": "[2,3]"}`` (commas inside brackets kept)."""
+    params = {}
+    for item in re.split(r",(?![^\[]*\])", text):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"model argument {item!r} is not KEY=VALUE")
+        params[key.strip()] = value.strip()
+    return params
 
 
 def _base_type(annotation: Any) -> tuple[Any, bool]:

@@ -1,0 +1,53 @@
+"""Client library for the Open Inference Protocol servers: numpy in, numpy out.
+
+    from client import InferenceClient
+    with InferenceClient("localhost:8001", timeout=5.0) as c:
+        outputs = c.infer("mlp", {"input": batch})
+
+``AsyncInferenceClient`` offers the same API as coroutines (grpc.aio). Every failure
+raises an ``InferenceServerError`` subclass chosen by the gRPC status code (see
+``client.errors``). ``python -m client --help`` is the command-line interface.
+"""
+
+from client._common import ModelMetadata, ServerMetadata
+from client.aio import AsyncInferenceClient
+from client.errors import (
+    CancelledError,
+    DeadlineExceededError,
+    InferenceServerError,
+    InternalError,
+    InvalidArgumentError,
+    InvalidResponseError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+    UnimplementedError,
+    from_rpc_error,
+    from_stream_error,
+)
+from client.sync import InferenceClient
+from serving.datatypes import TensorSpec
+
+__all__ = [
+    "AsyncInferenceClient",
+    "CancelledError",
+    "DeadlineExceededError",
+    "InferenceClient",
+    "InferenceServerError",
+    "InternalError",
+    "InvalidArgumentError",
+    "InvalidResponseError",
+    "ModelMetadata",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "ResourceExhaustedError",
+    "ServerMetadata",
+    "TensorSpec",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "UnimplementedError",
+    "from_rpc_error",
+    "from_stream_error",
+]

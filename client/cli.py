@@ -1,0 +1,310 @@
+"""Command line: ``python -m client --target HOST:PORT [--timeout S] [--tls] [--token T] {health,metadata,infer}``.
+
+health
+    Prints liveness, readiness and the grpc.health.v1 status; exits 0 when SERVING, 1 otherwise.
+metadata [--model M] [--json]
+    Server metadata, or a model's metadata and config.
+infer --model M [--input NAME=FILE.npy ...] [--random] [--batch-size N] [--dim NAME=AXIS:SIZE ...]
+      [--output NAME ...] [--typed] [--save DIR] [--json]
+    Runs one inference and prints each output's name, dtype, shape and values (large
+    arrays summarised) and the round-trip latency.
+
+    ``--random`` fills every input not given with ``--input`` from the model's
+    metadata: floats standard normal, integers uniform in [0, 100), BOOL random.
+    Axis 0 of size -1 is the batch (``--batch-size``); other -1 axes take ``--dim`` or
+    16. Metadata cannot say which inputs are optional, so all are generated, except
+    BYTES inputs, which cannot be made up: pass those with ``--input`` (a note on
+    stderr names what was skipped).
+
+Every failure prints ``error: <CODE>: <message>`` on stderr (``error: <message>`` for
+local problems such as an unreadable file) and exits 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from google.protobuf import json_format, text_format
+
+from client._common import DEFAULT_TIMEOUT, ModelMetadata
+from client.errors import InferenceServerError, UnimplementedError
+from client.sync import InferenceClient
+from serving.datatypes import NUMPY_DTYPES, TensorSpec, datatype_of
+
+DEFAULT_DIM = 16
+_UNSAFE_IN_FILENAME = re.compile(r"[/\\]")
+PRINT_OPTIONS: dict[str, Any] = {"threshold": 200, "edgeitems": 3, "linewidth": 120}
+
+
+class UsageError(ValueError):
+    """A command-line value that cannot be used."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m client", description="Open Inference Protocol gRPC client.")
+    parser.add_argument("--target", required=True, help="server address, HOST:PORT")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="deadline per call, seconds")
+    parser.add_argument("--tls", action="store_true", help="use TLS (system roots unless --root-certs)")
+    parser.add_argument("--root-certs", metavar="PEM", help="trust these root certificates (implies --tls)")
+    parser.add_argument("--token", help="bearer token sent as 'authorization' metadata")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    health = commands.add_parser("health", help="liveness, readiness and grpc.health.v1 status")
+    health.add_argument("--service", default="", help="grpc.health.v1 service name (default: the whole server)")
+    health.set_defaults(handler=run_health)
+
+    metadata = commands.add_parser("metadata", help="server metadata, or a model's metadata and config")
+    metadata.add_argument("--model", help="show this model instead of the server")
+    metadata.add_argument("--model-version", default="", help="model version (default: the server's choice)")
+    metadata.add_argument("--json", action="store_true", help="print JSON")
+    metadata.set_defaults(handler=run_metadata)
+
+    infer = commands.add_parser("infer", help="run one inference")
+    infer.add_argument("--model", required=True)
+    infer.add_argument("--model-version", default="")
+    infer.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy", help="an input from a file")
+    infer.add_argument("--random", action="store_true", help="generate the inputs not given, from model metadata")
+    infer.add_argument("--batch-size", type=int, default=1, help="size of a variable batch axis (--random)")
+    infer.add_argument(
+        "--dim",
+        action="append",
+        default=[],
+        metavar="NAME=AXIS:SIZE",
+        help=f"size of another variable axis of input NAME (--random; default {DEFAULT_DIM})",
+    )
+    infer.add_argument("--seed", type=int, help="seed of --random")
+    infer.add_argument("--output", action="append", metavar="NAME", help="request only these outputs")
+    infer.add_argument("--typed", action="store_true", help="send typed contents instead of raw bytes")
+    infer.add_argument("--save", metavar="DIR", help="write each output to DIR/NAME.npy")
+    infer.add_argument("--json", action="store_true", help="print JSON")
+    infer.set_defaults(handler=run_infer)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 2
+    try:
+        root_certificates = Path(args.root_certs).read_bytes() if args.root_certs else None
+        with InferenceClient(
+            args.target, timeout=args.timeout, tls=args.tls, root_certificates=root_certificates, token=args.token
+        ) as client:
+            status: int = args.handler(client, args)
+            return status
+    except InferenceServerError as error:
+        print(f"error: {error}", file=sys.stderr)
+    except (OSError, ValueError, TypeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+    return 2
+
+
+def run_health(client: InferenceClient, args: argparse.Namespace) -> int:
+    live = client.server_live()
+    ready = client.server_ready()
+    status = client.health(args.service)
+    print(f"live: {str(live).lower()}")
+    print(f"ready: {str(ready).lower()}")
+    print(f"health{f'({args.service})' if args.service else ''}: {status}")
+    return 0 if status == "SERVING" else 1
+
+
+def run_metadata(client: InferenceClient, args: argparse.Namespace) -> int:
+    if not args.model:
+        server = client.server_metadata()
+        if args.json:
+            print(json.dumps({"name": server.name, "version": server.version, "extensions": list(server.extensions)}))
+        else:
+            print(f"name: {server.name}\nversion: {server.version}\nextensions: {', '.join(server.extensions)}")
+        return 0
+    metadata = client.model_metadata(args.model, args.model_version)
+    try:
+        config = client.model_config(args.model, args.model_version)
+    except UnimplementedError as error:
+        config, missing = None, str(error)
+    if args.json:
+        document: dict[str, Any] = {
+            "name": metadata.name,
+            "versions": list(metadata.versions),
+            "platform": metadata.platform,
+            "inputs": [_spec_json(spec) for spec in metadata.inputs],
+            "outputs": [_spec_json(spec) for spec in metadata.outputs],
+            "config": None if config is None else json_format.MessageToDict(config, preserving_proto_field_name=True),
+        }
+        print(json.dumps(document, indent=2))
+        return 0
+    print(f"model: {metadata.name}")
+    print(f"versions: {', '.join(metadata.versions)}")
+    print(f"platform: {metadata.platform}")
+    for title, specs in (("inputs", metadata.inputs), ("outputs", metadata.outputs)):
+        print(f"{title}:")
+        for spec in specs:
+            print(f"  {spec.name}  {spec.datatype}  {list(spec.shape)}")
+    if config is None:
+        print(f"config: not available ({missing})")
+    else:
+        print("config:")
+        print(text_format.MessageToString(config, indent=2).rstrip("\n"))
+    return 0
+
+
+def _spec_json(spec: TensorSpec) -> dict[str, Any]:
+    return {"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)}
+
+
+def run_infer(client: InferenceClient, args: argparse.Namespace) -> int:
+    inputs = load_inputs(args.input)
+    datatypes: dict[str, str] = {}
+    if args.random:
+        metadata = client.model_metadata(args.model, args.model_version)
+        generated, skipped = random_inputs(
+            metadata, args.batch_size, parse_dims(args.dim), np.random.default_rng(args.seed), exclude=inputs
+        )
+        for name in skipped:
+            print(f"note: BYTES input {name!r} cannot be generated; pass it with --input", file=sys.stderr)
+        inputs.update(generated)
+        datatypes = {spec.name: "BF16" for spec in metadata.inputs if spec.datatype == "BF16" and spec.name in inputs}
+    elif args.dim:
+        raise UsageError("--dim needs --random")
+    start = time.perf_counter()
+    outputs = client.infer(
+        args.model,
+        inputs,
+        args.output,
+        version=args.model_version,
+        raw=not args.typed,
+        datatypes=datatypes or None,
+    )
+    latency_ms = (time.perf_counter() - start) * 1000.0
+    if args.save:
+        save_outputs(outputs, Path(args.save))
+    if args.json:
+        print(json.dumps(_outputs_json(args.model, outputs, latency_ms), default=_json_default))
+        return 0
+    with np.printoptions(**PRINT_OPTIONS):
+        for name, array in outputs.items():
+            print(f"{name}  dtype={array.dtype} ({datatype_of(array)})  shape={array.shape}")
+            print(np.array2string(array, separator=", "))
+    print(f"latency: {latency_ms:.2f} ms")
+    return 0
+
+
+def load_inputs(specs: Sequence[str]) -> dict[str, np.ndarray]:
+    """``NAME=FILE.npy`` arguments as arrays (strings as ``S``/``U`` arrays; pickles refused)."""
+    inputs: dict[str, np.ndarray] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"--input {spec!r}: expected NAME=FILE.npy")
+        inputs[name] = np.load(path, allow_pickle=False)
+    return inputs
+
+
+def parse_dims(specs: Sequence[str]) -> dict[str, dict[int, int]]:
+    """``NAME=AXIS:SIZE`` arguments as {name: {axis: size}}."""
+    dims: dict[str, dict[int, int]] = {}
+    for spec in specs:
+        name, _, rest = spec.partition("=")
+        axis, _, size = rest.partition(":")
+        try:
+            axis_number, size_number = int(axis), int(size)
+        except ValueError:
+            raise UsageError(f"--dim {spec!r}: expected NAME=AXIS:SIZE") from None
+        if not name or axis_number < 0 or size_number < 0:
+            raise UsageError(f"--dim {spec!r}: expected NAME=AXIS:SIZE with AXIS and SIZE >= 0")
+        dims.setdefault(name, {})[axis_number] = size_number
+    return dims
+
+
+def random_inputs(
+    metadata: ModelMetadata,
+    batch_size: int,
+    dims: Mapping[str, Mapping[int, int]],
+    rng: np.random.Generator,
+    exclude: Collection[str] = (),
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Random inputs for every input of ``metadata`` not in ``exclude``; returns (inputs, skipped BYTES names)."""
+    if batch_size < 0:
+        raise UsageError("--batch-size must not be negative")
+    names = {spec.name for spec in metadata.inputs}
+    unknown = sorted(set(dims) - names)
+    if unknown:
+        raise UsageError(f"--dim names unknown inputs {unknown}; the model's inputs are {sorted(names)}")
+    inputs: dict[str, np.ndarray] = {}
+    skipped: list[str] = []
+    for spec in metadata.inputs:
+        if spec.name in exclude:
+            continue
+        if spec.datatype == "BYTES":
+            skipped.append(spec.name)
+            continue
+        shape = concrete_shape(spec, batch_size, dims.get(spec.name, {}))
+        inputs[spec.name] = random_array(spec.datatype, shape, rng)
+    return inputs, skipped
+
+
+def concrete_shape(spec: TensorSpec, batch_size: int, dims: Mapping[int, int]) -> tuple[int, ...]:
+    """Fill the -1 axes of a spec: axis 0 is the batch, others take ``dims`` or DEFAULT_DIM."""
+    for axis in dims:
+        if axis >= len(spec.shape) or spec.shape[axis] != -1:
+            raise UsageError(f"--dim {spec.name}={axis}:...: axis {axis} of {list(spec.shape)} is not variable")
+    shape = []
+    for axis, size in enumerate(spec.shape):
+        if size >= 0:
+            shape.append(size)
+        elif axis in dims:
+            shape.append(dims[axis])
+        else:
+            shape.append(batch_size if axis == 0 else DEFAULT_DIM)
+    return tuple(shape)
+
+
+def random_array(datatype: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Floats standard normal, integers in [0, 100), BOOL random; BF16 as its raw uint16 words."""
+    if datatype == "BOOL":
+        return rng.integers(0, 2, shape).astype(np.bool_)
+    if datatype in ("FP16", "FP32", "FP64"):
+        return rng.standard_normal(shape).astype(NUMPY_DTYPES[datatype])
+    if datatype == "BF16":
+        return (rng.standard_normal(shape, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    return rng.integers(0, 100, shape).astype(NUMPY_DTYPES[datatype])
+
+
+def save_outputs(outputs: Mapping[str, np.ndarray], directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, array in outputs.items():
+        # Output names may contain path separators (e.g. TF's "scope/out"): keep files inside DIR.
+        np.save(directory / (_UNSAFE_IN_FILENAME.sub("_", name) + ".npy"), array)
+
+
+def _outputs_json(model: str, outputs: Mapping[str, np.ndarray], latency_ms: float) -> dict[str, Any]:
+    return {
+        "model": model,
+        "latency_ms": round(latency_ms, 3),
+        "outputs": {
+            name: {
+                "datatype": datatype_of(array),
+                "dtype": str(array.dtype),
+                "shape": list(array.shape),
+                "data": array.tolist(),
+            }
+            for name, array in outputs.items()
+        },
+    }
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="backslashreplace")
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")

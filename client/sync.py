@@ -1,0 +1,226 @@
+"""Blocking client for the Open Inference Protocol servers: numpy in, numpy out.
+
+One channel per client. Every call has a deadline (the client's ``timeout`` unless the
+call passes its own), failures raise ``client.errors.InferenceServerError`` subclasses,
+and idempotent calls are retried on UNAVAILABLE (see ``client._common.Attempts``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2_grpc
+
+from client import _common
+from client._common import (
+    DEFAULT_BACKOFF,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_RETRIES,
+    DEFAULT_TIMEOUT,
+    Call,
+    ClientOptions,
+    InferEncoder,
+    ModelMetadata,
+    ReadinessPoll,
+    ServerMetadata,
+    StreamRequests,
+)
+from client.errors import InferenceServerError, from_rpc_error
+from serving.protocol import inference_pb2 as pb
+from serving.protocol import inference_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+
+
+class InferenceClient:
+    """Talks to one server over one gRPC channel; use as a context manager or call ``close()``.
+
+    Args:
+        target: ``HOST:PORT``.
+        timeout: default deadline of every call, seconds (None: no deadline).
+        tls: use TLS (system roots unless ``root_certificates`` is given; giving it implies TLS).
+        root_certificates: PEM roots to trust.
+        token: sent as ``authorization: Bearer <token>`` metadata on every call.
+        retries: extra tries on UNAVAILABLE for idempotent calls (everything but
+            inference), with exponential backoff from ``backoff`` seconds.
+        retry_infer: retry inference too (it may then run twice on the server).
+        max_message_bytes: largest message sent or received.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        token: str | None = None,
+        retries: int = DEFAULT_RETRIES,
+        retry_infer: bool = False,
+        backoff: float = DEFAULT_BACKOFF,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self._options = ClientOptions(
+            target, timeout, tls, root_certificates, token, retries, retry_infer, backoff, max_message_bytes
+        )
+        options = self._options.channel_options
+        self._channel = (
+            grpc.secure_channel(target, self._options.credentials(), options=options)
+            if self._options.secure
+            else grpc.insecure_channel(target, options=options)
+        )
+        self._stubs: dict[str, Any] = {
+            _common.INFERENCE: pb_grpc.GRPCInferenceServiceStub(self._channel),
+            _common.HEALTH: health_pb2_grpc.HealthStub(self._channel),
+        }
+
+    @property
+    def target(self) -> str:
+        return self._options.target
+
+    @property
+    def timeout(self) -> float | None:
+        """The default deadline of each call, seconds."""
+        return self._options.timeout
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> InferenceClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _call(self, call: Call[T], timeout: float | None, *, wait_for_ready: bool | None = None) -> T:
+        attempts = self._options.attempts(timeout, call.idempotent)
+        method = getattr(self._stubs[call.service], call.method)
+        while True:
+            try:
+                response = method(
+                    call.request,
+                    timeout=attempts.timeout(),
+                    metadata=self._options.metadata,
+                    wait_for_ready=wait_for_ready,
+                )
+            except grpc.RpcError as err:
+                error = from_rpc_error(err)
+                delay = attempts.retry_after(error)
+                if delay is None:
+                    if error.code in call.fallback:
+                        return call.fallback[error.code]
+                    raise error from err
+                time.sleep(delay)
+            else:
+                return call.parse(response)
+
+    def server_live(self, *, timeout: float | None = None) -> bool:
+        return self._call(_common.server_live(), timeout)
+
+    def server_ready(self, *, timeout: float | None = None) -> bool:
+        return self._call(_common.server_ready(), timeout)
+
+    def model_ready(self, model: str, version: str = "", *, timeout: float | None = None) -> bool:
+        return self._call(_common.model_ready(model, version), timeout)
+
+    def server_metadata(self, *, timeout: float | None = None) -> ServerMetadata:
+        return self._call(_common.server_metadata(), timeout)
+
+    def model_metadata(self, model: str, version: str = "", *, timeout: float | None = None) -> ModelMetadata:
+        return self._call(_common.model_metadata(model, version), timeout)
+
+    def model_config(self, model: str, version: str = "", *, timeout: float | None = None) -> pb.ModelConfig:
+        return self._call(_common.model_config(model, version), timeout)
+
+    def model_statistics(
+        self, model: str = "", version: str = "", *, timeout: float | None = None
+    ) -> list[pb.ModelStatistics]:
+        """Statistics of one model, or of every model when ``model`` is empty."""
+        return self._call(_common.model_statistics(model, version), timeout)
+
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """grpc.health.v1 status: SERVING, NOT_SERVING, or SERVICE_UNKNOWN for a service the server lacks."""
+        return self._call(_common.health(service), timeout)
+
+    def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None = None,
+        *,
+        version: str = "",
+        request_id: str = "",
+        timeout: float | None = None,
+        raw: bool = True,
+        datatypes: Mapping[str, str] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run one inference; returns the outputs by name (all of them when ``outputs`` is None).
+
+        ``raw=False`` sends typed contents (not possible for FP16/BF16); ``datatypes``
+        overrides the datatype inferred from an input's dtype (e.g. ``{"x": "BF16"}``).
+        """
+        encoder = InferEncoder(model, outputs, version, request_id, raw, datatypes)
+        return self._call(_common.infer(encoder, inputs, self._options.retry_infer), timeout)
+
+    def stream_infer(
+        self,
+        model: str,
+        requests: Iterable[Mapping[str, np.ndarray]],
+        outputs: Sequence[str] | None = None,
+        *,
+        version: str = "",
+        timeout: float | None = None,
+        raw: bool = True,
+        datatypes: Mapping[str, str] | None = None,
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Send ``requests`` over one ModelStreamInfer call; yield their outputs in request order.
+
+        Requests are pulled from ``requests`` as the stream goes and get ids the client
+        chooses; replies that a concurrent server sends early are held back until their
+        turn. The deadline covers the whole stream. A reply carrying ``error_message``
+        raises the matching InferenceServerError in its turn (see
+        ``client.errors.from_stream_error``) and ends the stream; an exception while
+        producing or encoding a request is raised after the replies to the requests
+        before it. Never retried.
+        """
+        source = StreamRequests(InferEncoder(model, outputs, version, "", raw, datatypes), requests)
+        call = self._stubs[_common.INFERENCE].ModelStreamInfer(
+            source, timeout=self._options.deadline(timeout), metadata=self._options.metadata
+        )
+        try:
+            for response in call:
+                yield from source.replies(response)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        finally:
+            call.cancel()
+        source.finish()
+
+    def wait_until_ready(self, timeout: float = 30.0, *, model: str = "", interval: float = 0.1) -> None:
+        """Poll ServerReady (or ModelReady of ``model``) until it says ready; DeadlineExceededError after ``timeout``.
+
+        Polls wait for the channel to connect, so a server that is still starting is fine.
+        """
+        poll = ReadinessPoll(timeout, interval)
+        call = dataclasses.replace(
+            _common.model_ready(model, "") if model else _common.server_ready(), idempotent=False
+        )
+        while True:
+            try:
+                if self._call(call, poll.remaining(), wait_for_ready=True):
+                    return
+                poll.last = "not ready"
+            except InferenceServerError as error:
+                poll.last = str(error)
+            pause = poll.pause()
+            if pause is None:
+                raise poll.expired()
+            time.sleep(pause)

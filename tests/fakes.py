@@ -1,0 +1,105 @@
+"""A framework-free model and Framework for testing the serving core quickly.
+
+``double``: y = 2x on FP32 [-1, 4]. Its backend can be gated (each forward pass
+waits for an event), made slow, or made to fail, so queueing, deadlines, drain and
+error paths are deterministic.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modelzoo.base import ModelDefinition, register
+from serving.backend import Backend, FrameworkInfo
+from serving.datatypes import TensorSpec
+
+
+@register
+class Double(ModelDefinition):
+    name = "double"
+    defaults: Mapping[str, Any] = {"width": 4}
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        return (TensorSpec("x", "FP32", (-1, self.params["width"])),)
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        return (TensorSpec("y", "FP32", (-1, self.params["width"])), TensorSpec("sum", "FP64", (-1, 1)))
+
+    def build_weights(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return {}
+
+    def example_inputs(self, batch_size: int, rng: np.random.Generator, **kwargs: Any) -> dict[str, np.ndarray]:
+        return {"x": rng.standard_normal((batch_size, self.params["width"])).astype(np.float32)}
+
+
+class Controls:
+    """Knobs shared by a FakeFramework's backends (set from the test thread)."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.load_gate = threading.Event()
+        self.load_gate.set()
+        self.delay_s = 0.0
+        self.fail = False
+        self.batches: list[int] = []
+        self.closed = False
+
+
+class FakeBackend(Backend):
+    platform = "fake_numpy"
+
+    def __init__(self, model: ModelDefinition, artifact_dir: Path, device: str, controls: Controls) -> None:
+        super().__init__(model, artifact_dir, device)
+        self.controls = controls
+
+    def load(self) -> None:
+        assert self.controls.load_gate.wait(30)
+
+    def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.controls.entered.set()
+        assert self.controls.gate.wait(30)
+        if self.controls.delay_s:
+            time.sleep(self.controls.delay_s)
+        if self.controls.fail:
+            raise RuntimeError("secret internal detail")
+        x = inputs["x"]
+        self.controls.batches.append(x.shape[0])
+        return {"y": x * 2, "sum": x.sum(axis=1, keepdims=True, dtype=np.float64)}
+
+    def close(self) -> None:
+        self.controls.closed = True
+
+
+class FakeFramework:
+    name = "fake"
+    server_name = "fake_server"
+    env_prefix = "FAKE_SERVER_"
+    default_port = 0
+
+    def __init__(self) -> None:
+        self.controls = Controls()
+
+    def configure(self, threads: int | None, device: str) -> None:
+        pass
+
+    def resolve_device(self, device: str) -> str:
+        return "cpu"
+
+    def export(self, model: ModelDefinition, version_dir: Path) -> None:
+        (version_dir / "model.txt").write_text(model.name)
+
+    def create_backend(self, model: ModelDefinition, version_dir: Path, device: str) -> Backend:
+        return FakeBackend(model, version_dir, device, self.controls)
+
+    def info(self, device: str) -> FrameworkInfo:
+        return FrameworkInfo(name="fake", version="0", device="cpu")
