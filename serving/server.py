@@ -205,9 +205,17 @@ class InferenceServer:
         self.servicer.draining = True
         await self.health.enter_graceful_shutdown()
         runtimes = list(self.servicer.models.values())
+        # Health and metadata keep answering (NOT_SERVING) while queued and running
+        # requests finish; new inference requests get UNAVAILABLE. Then the
+        # transport stops, with what is left of the grace period for open RPCs.
+        started = time.monotonic()
+        drained = asyncio.gather(*(runtime.batcher.drain() for runtime in runtimes))
+        try:
+            await asyncio.wait_for(drained, grace)
+        except TimeoutError:
+            log.warning("grace period of %.1f s over with requests still queued or running", grace)
         if self._server is not None:
-            drained = asyncio.gather(*(runtime.batcher.drain() for runtime in runtimes))
-            await asyncio.gather(self._server.stop(grace), asyncio.wait_for(drained, grace), return_exceptions=True)
+            await self._server.stop(max(0.0, grace - (time.monotonic() - started)))
         for runtime in runtimes:
             await runtime.batcher.close()
             runtime.backend.close()
