@@ -59,6 +59,10 @@ class ModelDefinition(ABC):
         """Fill omitted optional inputs with their defaults. Default: none optional."""
         return dict(inputs)
 
+    def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> None:
+        """Model-specific limits beyond the TensorSpecs (e.g. a longest sequence);
+        raises ValueError with a one-line reason. Default: none."""
+
     #: Pad value per input for dimensions marked -1 beyond the batch dimension;
     #: the dynamic batcher pads shorter requests with it. None: no ragged inputs.
     pad_values: Mapping[str, int | float] = {}

@@ -22,7 +22,7 @@ from serving import codec
 from serving.backend import Backend
 from serving.batcher import DynamicBatcher
 from serving.datatypes import CONFIG_DATATYPES
-from serving.errors import ModelNotFound, ServingError, Unavailable
+from serving.errors import InvalidInput, ModelNotFound, ServingError, Unavailable
 from serving.metrics import ModelMetrics
 from serving.protocol import inference_pb2 as pb
 from serving.protocol import inference_pb2_grpc as pb_grpc
@@ -66,6 +66,10 @@ class ModelRuntime:
         arrays = codec.request_inputs(request)
         rows = validate_inputs(arrays, self.model.inputs, self.batching.max_batch_size)
         names = validate_outputs((output.name for output in request.outputs), self.model.outputs)
+        try:
+            self.model.check_inputs(arrays)
+        except ValueError as err:
+            raise InvalidInput(str(err)) from None
         outputs = await self.batcher.submit(self.model.complete_inputs(arrays), rows, timeout)
         return codec.build_response(request, VERSION, {name: outputs[name] for name in names}, self._output_datatypes)
 

@@ -1,0 +1,144 @@
+"""The TensorFlow Framework: thread/device settings, SavedModel export, TFBackend factory.
+
+``FRAMEWORK`` is the instance the shared serving core uses. TensorFlow is imported lazily,
+so importing this module stays cheap. Devices are reported as ``"cpu"`` or ``"cuda:N"``,
+the same strings as torch_server uses; ``"gpu"``/``"gpu:N"`` are accepted as aliases.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from serving.backend import Backend, FrameworkInfo
+
+if TYPE_CHECKING:
+    from modelzoo.base import ModelDefinition
+
+
+class TensorFlowFramework:
+    """TensorFlow entry points (implements ``serving.backend.Framework``)."""
+
+    name = "tensorflow"
+    server_name = "tf_server"
+    env_prefix = "TF_SERVER_"
+    #: gRPC port (metrics on the next one); torch_server defaults to 8001, so both run side by side.
+    default_port = 8003
+
+    def configure(self, threads: int | None, device: str) -> None:
+        """Set intra-op and inter-op pool sizes (both to ``threads``); hide GPUs for ``cpu``,
+        enable memory growth on them otherwise; turn TF32 off (strict fp32, as torch_server).
+        Must run before TensorFlow's first op."""
+        import tensorflow as tf
+
+        resolved = self.resolve_device(device)
+        tf.config.experimental.enable_tensor_float_32_execution(False)
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        try:
+            if threads is not None:
+                tf.config.threading.set_intra_op_parallelism_threads(threads)
+                tf.config.threading.set_inter_op_parallelism_threads(threads)
+            gpus = tf.config.list_physical_devices("GPU")
+            if resolved == "cpu":
+                if gpus:
+                    tf.config.set_visible_devices([], "GPU")
+            else:
+                for gpu in gpus:
+                    tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError as exc:
+            raise RuntimeError(
+                f"TensorFlow is already initialized, so threads={threads} / device={device!r} cannot be applied: "
+                f"configure() must run before the first TensorFlow op ({exc})"
+            ) from exc
+
+    def resolve_device(self, device: str) -> str:
+        """``"auto"`` -> ``"cuda:0"`` when a GPU is visible, else ``"cpu"``; ``"cuda"``/``"gpu"``
+        -> ``"cuda:0"``; ``"cuda:N"``/``"gpu:N"`` checked against the visible GPUs. Raises ValueError."""
+        import tensorflow as tf
+
+        wanted = device.strip().lower()
+        gpus = tf.config.get_visible_devices("GPU")
+        if wanted == "auto":
+            return "cuda:0" if gpus else "cpu"
+        if wanted == "cpu":
+            return "cpu"
+        index = _cuda_index(wanted)
+        if index is None:
+            raise ValueError(f"unknown device {device!r}; expected auto, cpu, cuda, cuda:N or gpu")
+        if not gpus:
+            raise ValueError(
+                f"device {device!r} requested but TensorFlow {tf.__version__} sees no GPU "
+                f"(CUDA build: {tf.test.is_built_with_cuda()}); use --device cpu or auto"
+            )
+        if index >= len(gpus):
+            raise ValueError(f"device {device!r} requested but only {len(gpus)} GPU(s) are visible")
+        return f"cuda:{index}"
+
+    def export(self, model: ModelDefinition, version_dir: Path) -> None:
+        """Write a SavedModel into ``version_dir`` with a ``serving_default`` signature whose
+        inputs and outputs carry the contract names (batch and sequence dimensions None)."""
+        import tensorflow as tf
+
+        from tf_server.model import build, input_signature
+
+        module = build(model)
+        module.serve = tf.function(module.__call__, input_signature=input_signature(model))
+        tf.saved_model.save(
+            module, str(version_dir), signatures={"serving_default": module.serve.get_concrete_function()}
+        )
+
+    def create_backend(self, model: ModelDefinition, version_dir: Path, device: str) -> Backend:
+        from tf_server.backend import TFBackend
+
+        return TFBackend(model, Path(version_dir), self.resolve_device(device))
+
+    def info(self, device: str) -> FrameworkInfo:
+        """TensorFlow version; device name (the GPU's for CUDA) and thread pool sizes in ``extra``."""
+        import tensorflow as tf
+
+        resolved = self.resolve_device(device)
+        extra = {
+            "device": resolved,
+            "intra_op_threads": str(tf.config.threading.get_intra_op_parallelism_threads()),
+            "inter_op_threads": str(tf.config.threading.get_inter_op_parallelism_threads()),
+        }
+        if resolved.startswith("cuda"):
+            index = int(resolved.partition(":")[2])
+            gpu = tf.config.get_visible_devices("GPU")[index]
+            name = tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
+            build = tf.sysconfig.get_build_info()
+            extra["cuda"] = str(build.get("cuda_version", ""))
+            extra["cudnn"] = str(build.get("cudnn_version", ""))
+        else:
+            name = _cpu_name()
+        return FrameworkInfo(name=self.name, version=tf.__version__, device=name, extra=extra)
+
+
+def _cuda_index(device: str) -> int | None:
+    """GPU index of ``"cuda"``, ``"gpu"``, ``"cuda:N"`` or ``"gpu:N"``; None for anything else."""
+    kind, _, index = device.partition(":")
+    if kind not in ("cuda", "gpu"):
+        return None
+    if not index:
+        return 0
+    return int(index) if index.isdigit() else None
+
+
+def _cpu_name() -> str:
+    """The CPU model (from /proc/cpuinfo on Linux) and its logical core count."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} logical cores)"
+
+
+FRAMEWORK = TensorFlowFramework()

@@ -1,0 +1,142 @@
+"""The PyTorch Framework: thread/device settings, export to ``model.pt2``, TorchBackend factory.
+
+``FRAMEWORK`` is the instance the shared serving core uses. torch is imported lazily, so
+importing this module stays cheap (the CLI can parse flags and configure threads first).
+Devices are reported as ``"cpu"`` or ``"cuda:N"``, the same strings as tf_server uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from serving.backend import Backend, FrameworkInfo
+
+if TYPE_CHECKING:
+    from modelzoo.base import ModelDefinition
+
+log = logging.getLogger(__name__)
+
+
+class TorchFramework:
+    """PyTorch entry points (implements ``serving.backend.Framework``)."""
+
+    name = "torch"
+    server_name = "torch_server"
+    env_prefix = "TORCH_SERVER_"
+    #: gRPC port (metrics on the next one); tf_server defaults to 8003, so both run side by side.
+    default_port = 8001
+
+    def configure(self, threads: int | None, device: str) -> None:
+        """Set intra-op and inter-op thread counts (both to ``threads``), validate ``device``, and
+        make CUDA float32 matmuls and convolutions strict IEEE fp32 (no TF32), as tf_server does.
+
+        The inter-op count can only be set once per process, before any parallel work; if it
+        is already fixed to another value, a warning is logged and the old value stays.
+        """
+        import torch
+
+        self.resolve_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        if threads is None:
+            return
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+        try:
+            torch.set_num_interop_threads(threads)
+        except RuntimeError:
+            if torch.get_num_interop_threads() != threads:
+                log.warning(
+                    "torch inter-op threads already fixed at %d (wanted %d): configure() ran after parallel work",
+                    torch.get_num_interop_threads(),
+                    threads,
+                )
+
+    def resolve_device(self, device: str) -> str:
+        """``"auto"`` -> ``"cuda:0"`` when CUDA is available, else ``"cpu"``; ``"cuda"``/``"gpu"``
+        -> ``"cuda:0"``; ``"cuda:N"`` checked against the visible GPUs. Raises ValueError."""
+        import torch
+
+        wanted = device.strip().lower()
+        if wanted == "auto":
+            return "cuda:0" if torch.cuda.is_available() else "cpu"
+        if wanted == "cpu":
+            return "cpu"
+        index = _cuda_index(wanted)
+        if index is None:
+            raise ValueError(f"unknown device {device!r}; expected auto, cpu, cuda, cuda:N or gpu")
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {device!r} requested but CUDA is not available to torch {torch.__version__} "
+                f"(built with CUDA {torch.version.cuda}); use --device cpu or auto"
+            )
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} requested but only {torch.cuda.device_count()} GPU(s) are visible")
+        return f"cuda:{index}"
+
+    def export(self, model: ModelDefinition, version_dir: Path) -> None:
+        """Write ``version_dir / "model.pt2"``: ``torch.export`` with a dynamic batch dimension
+        (and a dynamic sequence dimension for the encoder)."""
+        import torch
+
+        from torch_server.backend import ARTIFACT
+        from torch_server.model import build, export_args
+
+        args, dynamic_shapes = export_args(model)
+        program = torch.export.export(build(model), args, dynamic_shapes=dynamic_shapes)
+        torch.export.save(program, str(Path(version_dir) / ARTIFACT))
+
+    def create_backend(self, model: ModelDefinition, version_dir: Path, device: str) -> Backend:
+        from torch_server.backend import TorchBackend
+
+        return TorchBackend(model, Path(version_dir), self.resolve_device(device))
+
+    def info(self, device: str) -> FrameworkInfo:
+        """torch version; device name (the GPU's for CUDA) and thread counts in ``extra``."""
+        import torch
+
+        resolved = self.resolve_device(device)
+        extra = {
+            "device": resolved,
+            "threads": str(torch.get_num_threads()),
+            "interop_threads": str(torch.get_num_interop_threads()),
+        }
+        if resolved.startswith("cuda"):
+            name = torch.cuda.get_device_name(torch.device(resolved))
+            extra["cuda"] = str(torch.version.cuda)
+            extra["cudnn"] = str(torch.backends.cudnn.version())
+        else:
+            name = _cpu_name()
+        return FrameworkInfo(name=self.name, version=torch.__version__, device=name, extra=extra)
+
+
+def _cuda_index(device: str) -> int | None:
+    """GPU index of ``"cuda"``, ``"gpu"``, ``"cuda:N"`` or ``"gpu:N"``; None for anything else."""
+    kind, _, index = device.partition(":")
+    if kind not in ("cuda", "gpu"):
+        return None
+    if not index:
+        return 0
+    return int(index) if index.isdigit() else None
+
+
+def _cpu_name() -> str:
+    """The CPU model (from /proc/cpuinfo on Linux) and its logical core count."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} logical cores)"
+
+
+FRAMEWORK = TorchFramework()
