@@ -1,15 +1,17 @@
 """The command line both servers share: ``python -m torch_server|tf_server {serve,export}``.
 
-    serve   export the model into the repository if needed, load, warm up, serve
-    export  write the native serving artifact(s) into a repository folder
+serve   export the model into the repository if needed, load, warm up, serve
+export  write the native serving artifact(s) into a repository folder
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,11 +37,56 @@ def build_parser(framework: Framework) -> argparse.ArgumentParser:
     export.add_argument("--model", required=True, help=f"comma-separated zoo models: {', '.join(modelzoo.names())}")
     export.add_argument("--model-arg", default="", help="zoo model parameters as KEY=VALUE, comma-separated")
     export.add_argument("--out", type=Path, default=None, help="repository folder (default: the serving cache)")
+    forward = commands.add_parser(
+        "forward",
+        help="time the model's own forward pass in-process (the serving ceiling), print JSON",
+        description="Loads the artifact exactly as `serve` does and times backend.predict per batch size.",
+    )
+    forward.add_argument("--model", default="mlp")
+    forward.add_argument("--model-arg", default="", help="zoo model parameters as KEY=VALUE, comma-separated")
+    forward.add_argument("--model-dir", type=Path, default=None)
+    forward.add_argument("--batch-sizes", default="1,2,4,8,16,32", help="comma-separated")
+    forward.add_argument("--seconds", type=float, default=1.0, help="timing budget per batch size")
+    forward.add_argument("--threads", type=int, default=None)
+    forward.add_argument("--device", default="auto")
     return parser
+
+
+def forward_benchmark(framework: Framework, args: argparse.Namespace) -> dict[str, object]:
+    """Median latency and rows/s of backend.predict at each batch size."""
+    import numpy as np
+
+    framework.configure(args.threads, args.device)
+    device = framework.resolve_device(args.device)
+    model = modelzoo.get(args.model, **parse_model_args(args.model_arg))
+    root = args.model_dir or repository.default_root(framework)
+    backend = framework.create_backend(model, repository.ensure(framework, model, root), device)
+    backend.load()
+    rng = np.random.default_rng(0)
+    results = []
+    for size in (int(part) for part in args.batch_sizes.split(",") if part.strip()):
+        inputs = model.complete_inputs(model.example_inputs(size, rng, seq_len=16))
+        for _ in range(5):
+            backend.predict(inputs)
+        timings = []
+        budget_end = time.perf_counter() + args.seconds
+        while time.perf_counter() < budget_end or len(timings) < 20:
+            started = time.perf_counter()
+            backend.predict(inputs)
+            timings.append(time.perf_counter() - started)
+        median = float(np.median(timings))
+        results.append({"batch_size": size, "median_us": median * 1e6, "rows_per_s": size / median})
+    backend.close()
+    info = framework.info(device)
+    return {"framework": framework.name, "version": info.version, "device": info.device, "model": args.model,
+            "threads": args.threads, "results": results}  # fmt: skip
 
 
 def main(framework: Framework, argv: Sequence[str] | None = None) -> int:
     args = build_parser(framework).parse_args(argv)
+    if args.command == "forward":
+        print(json.dumps(forward_benchmark(framework, args)))
+        return 0
     if args.command == "export":
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         framework.configure(None, "cpu")

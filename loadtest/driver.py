@@ -1,0 +1,129 @@
+"""A lean closed-loop gRPC load generator for benchmarks (one process, grpc.aio).
+
+    python -m loadtest.driver --target 127.0.0.1:8001 --model mlp --concurrency 8 --seconds 5
+
+``concurrency`` coroutines each send pre-built ModelInfer requests back to back on
+one shared channel for ``warmup`` + ``seconds``; only requests that start after the
+warm-up count. Prints one JSON object: requests, errors, rows/s, requests/s,
+latency percentiles (µs) and this process's CPU use (to detect a saturated
+generator). Locust is the load driver for scenarios; this is the minimal-overhead
+driver the benchmark uses to find a server's ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+
+from serving import codec
+from serving.datatypes import NUMPY_DTYPES
+from serving.protocol import inference_pb2 as pb
+from serving.protocol import inference_pb2_grpc as pb_grpc
+
+
+def random_inputs(metadata: pb.ModelMetadataResponse, batch_size: int, seq_len: int, rng: np.random.Generator) -> dict:
+    """Random inputs from model metadata (ids in [1, 1000) for integer inputs)."""
+    arrays = {}
+    for tensor in metadata.inputs:
+        if tensor.name == "attention_mask":
+            continue
+        shape = [batch_size, *(seq_len if d == -1 else d for d in list(tensor.shape)[1:])]
+        dtype = NUMPY_DTYPES[tensor.datatype]
+        if dtype.kind == "f":
+            arrays[tensor.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind in "iu":
+            arrays[tensor.name] = rng.integers(1, 1000, size=shape).astype(dtype)
+        else:
+            arrays[tensor.name] = rng.integers(0, 2, size=shape).astype(dtype)
+    return arrays
+
+
+def percentiles(latencies_us: np.ndarray) -> dict[str, float]:
+    if latencies_us.size == 0:
+        return {}
+    points = {"p50": 50, "p90": 90, "p99": 99, "p99.9": 99.9}
+    values = np.percentile(latencies_us, list(points.values()))
+    result = {name: float(v) for name, v in zip(points, values, strict=True)}
+    result["mean"] = float(latencies_us.mean())
+    result["max"] = float(latencies_us.max())
+    return result
+
+
+async def drive(
+    target: str, model: str, concurrency: int, seconds: float, warmup: float, batch_size: int, seq_len: int
+) -> dict[str, Any]:
+    options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+    async with grpc.aio.insecure_channel(target, options=options) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        metadata = await stub.ModelMetadata(pb.ModelMetadataRequest(name=model), timeout=30)
+        rng = np.random.default_rng(0)
+        pool = [codec.build_request(model, random_inputs(metadata, batch_size, seq_len, rng)) for _ in range(16)]
+        start = time.perf_counter()
+        measure_from = start + warmup
+        stop_at = measure_from + seconds
+        latencies: list[float] = []
+        errors: dict[str, int] = {}
+
+        async def worker(index: int) -> None:
+            i = index
+            while True:
+                sent = time.perf_counter()
+                if sent >= stop_at:
+                    return
+                try:
+                    await stub.ModelInfer(pool[i % len(pool)], timeout=30)
+                    if sent >= measure_from:
+                        latencies.append(time.perf_counter() - sent)
+                except grpc.aio.AioRpcError as err:
+                    if sent >= measure_from:
+                        errors[err.code().name] = errors.get(err.code().name, 0) + 1
+                i += 1
+
+        cpu_before = time.process_time()
+        wall_before = time.perf_counter()
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+        cpu = (time.process_time() - cpu_before) / (time.perf_counter() - wall_before)
+    latencies_us = np.asarray(latencies) * 1e6
+    return {
+        "target": target,
+        "model": model,
+        "concurrency": concurrency,
+        "batch_size": batch_size,
+        "seconds": seconds,
+        "requests": len(latencies),
+        "errors": errors,
+        "requests_per_s": len(latencies) / seconds,
+        "rows_per_s": len(latencies) * batch_size / seconds,
+        "latency_us": percentiles(latencies_us),
+        "generator_cpu": cpu,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", required=True)
+    parser.add_argument("--model", default="mlp")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--seq-len", type=int, default=16, help="size of -1 dimensions beyond the batch")
+    args = parser.parse_args(argv)
+    result = asyncio.run(
+        drive(args.target, args.model, args.concurrency, args.seconds, args.warmup, args.batch_size, args.seq_len)
+    )
+    json.dump(result, sys.stdout)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
