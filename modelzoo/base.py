@@ -33,7 +33,9 @@ class ModelDefinition(ABC):
     def __init__(self, **params: Any) -> None:
         unknown = set(params) - set(self.defaults)
         if unknown:
-            raise ValueError(f"model {self.name!r} has no parameter(s) {sorted(unknown)}; known: {sorted(self.defaults)}")
+            raise ValueError(
+                f"model {self.name!r} has no parameter(s) {sorted(unknown)}; known: {sorted(self.defaults)}"
+            )
         merged = {**self.defaults, **params}
         self.params: dict[str, Any] = {key: _coerce(self.defaults[key], value) for key, value in merged.items()}
 

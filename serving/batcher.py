@@ -71,9 +71,7 @@ class DynamicBatcher:
         self._settings = settings
         self._metrics = metrics
         self._pad_values = dict(pad_values or {})
-        self._ragged_inputs = [
-            spec.name for spec in inputs if any(dim == -1 for dim in spec.shape[1:])
-        ]
+        self._ragged_inputs = [spec.name for spec in inputs if any(dim == -1 for dim in spec.shape[1:])]
         self._preferred = sorted(set(settings.preferred_batch_sizes))
         self._queue: collections.deque[_Request] = collections.deque()
         self._queued_rows = 0
@@ -163,11 +161,14 @@ class DynamicBatcher:
                     oldest = self._queue[0].enqueued_ns
                     remaining = delay - (time.perf_counter_ns() - oldest) / 1e9
                     if remaining > 0:
+                        # Wake on a full batch (submit sets the event) or when the oldest
+                        # request has waited max_queue_delay, whichever comes first.
                         self._batch_ready.clear()
+                        timer = loop.call_later(remaining, self._batch_ready.set)
                         try:
-                            await asyncio.wait_for(self._batch_ready.wait(), remaining)
-                        except TimeoutError:
-                            pass
+                            await self._batch_ready.wait()
+                        finally:
+                            timer.cancel()
                 batch = self._take_batch(loop.time())
             except BaseException:
                 self._slots.release()
@@ -290,7 +291,9 @@ def _pad_to(array: np.ndarray, axes: Sequence[int], sizes: Sequence[int], value:
     return np.pad(array, widths, constant_values=value) if needs else array
 
 
-def split(outputs: Mapping[str, np.ndarray], batch: Sequence[_Request], specs: Mapping[str, TensorSpec]) -> list[Arrays]:
+def split(
+    outputs: Mapping[str, np.ndarray], batch: Sequence[_Request], specs: Mapping[str, TensorSpec]
+) -> list[Arrays]:
     """Each request's own rows of every output, variable dims cut to its sizes."""
     results: list[Arrays] = [{} for _ in batch]
     for name, array in outputs.items():

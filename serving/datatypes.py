@@ -89,5 +89,5 @@ class TensorSpec:
     def accepts_shape(self, shape: Sequence[int]) -> bool:
         """True when a concrete shape fits this spec (-1 matches any size >= 0)."""
         return len(shape) == len(self.shape) and all(
-            want == -1 or want == got for want, got in zip(self.shape, shape, strict=True)
+            want in (-1, got) for want, got in zip(self.shape, shape, strict=True)
         )

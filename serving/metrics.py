@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -195,7 +196,7 @@ class GpuCollector(Collector):
         self._nvml = pynvml
         self._handles = {index: pynvml.nvmlDeviceGetHandleByIndex(index) for index in device_indices}
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self) -> Iterator[GaugeMetricFamily]:
         util = GaugeMetricFamily("gpu_utilization_ratio", "GPU busy fraction (NVML).", labels=["device"])
         used = GaugeMetricFamily("gpu_memory_used_bytes", "GPU memory in use (NVML).", labels=["device"])
         total = GaugeMetricFamily("gpu_memory_total_bytes", "GPU memory in all (NVML).", labels=["device"])

@@ -142,7 +142,9 @@ def _rpc(method: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[
         except Exception:
             request_id = _request_id(request)
             log.exception("internal error in %s (request id %s)", method.__name__, request_id)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id}); see the server log")
+            await context.abort(
+                grpc.StatusCode.INTERNAL, f"internal error (request id {request_id}); see the server log"
+            )
         raise AssertionError("unreachable: context.abort raises")
 
     return wrapper
@@ -203,14 +205,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_rpc
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
-        if request.name:
-            runtimes = [self._model(request.name, request.version)]
-        else:
-            runtimes = list(self.models.values())
+        runtimes = [self._model(request.name, request.version)] if request.name else list(self.models.values())
         return pb.ModelStatisticsResponse(model_stats=[runtime.metrics.statistics() for runtime in runtimes])
 
     @_rpc
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
         return await self._infer(request, context.time_remaining())
 
     async def _infer(self, request: pb.ModelInferRequest, timeout: float | None) -> pb.ModelInferResponse:
@@ -287,4 +288,3 @@ def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStream
             model_name=request.model_name, model_version=request.model_version, id=request.id
         ),
     )
-

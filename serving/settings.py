@@ -27,9 +27,15 @@ class BatchingSettings:
     """The dynamic batcher's policy; identical for every framework."""
 
     max_batch_size: int = _doc("Most rows in one forward pass; also the most rows one request may carry.", default=32)
-    dynamic_batching: bool = _doc("Merge concurrent requests into one forward pass (off: one request per pass).", default=True)
-    max_queue_delay_us: int = _doc("How long the oldest queued request may wait for more to join its batch (µs).", default=500)
-    max_queue_size: int = _doc("Most requests waiting per model; beyond it requests get RESOURCE_EXHAUSTED.", default=1024)
+    dynamic_batching: bool = _doc(
+        "Merge concurrent requests into one forward pass (off: one request per pass).", default=True
+    )
+    max_queue_delay_us: int = _doc(
+        "How long the oldest queued request may wait for more to join its batch (µs).", default=500
+    )
+    max_queue_size: int = _doc(
+        "Most requests waiting per model; beyond it requests get RESOURCE_EXHAUSTED.", default=1024
+    )
     preferred_batch_sizes: list[int] = _doc(
         "Comma-separated batch sizes to pad each batch up to (buckets for compiled graphs); empty: no padding.",
         default_factory=list,
@@ -45,7 +51,9 @@ class ServerSettings(BatchingSettings):
     model_arg: str = _doc(
         "Zoo model parameters as KEY=VALUE, comma-separated (e.g. image_size=224 or hidden=[512,512]).", default=""
     )
-    model_dir: Path | None = _doc("Model repository (<model>/<version>/); exported there on first use if missing.", default=None)
+    model_dir: Path | None = _doc(
+        "Model repository (<model>/<version>/); exported there on first use if missing.", default=None
+    )
     host: str = _doc("Address to bind.", default="0.0.0.0")
     port: int = _doc("gRPC port; 0 picks a free one (printed and written to --port-file).", default=8001)
     metrics_port: int = _doc("Prometheus metrics HTTP port; 0 picks a free one, -1 disables.", default=8002)

@@ -17,9 +17,7 @@ from serving.datatypes import TensorSpec, datatype_of
 from serving.errors import InvalidInput
 
 
-def validate_inputs(
-    arrays: Mapping[str, np.ndarray], specs: Sequence[TensorSpec], max_batch_size: int
-) -> int:
+def validate_inputs(arrays: Mapping[str, np.ndarray], specs: Sequence[TensorSpec], max_batch_size: int) -> int:
     """Check every input; return the request's batch size (rows)."""
     by_name = {spec.name: spec for spec in specs}
     unknown = sorted(set(arrays) - set(by_name))

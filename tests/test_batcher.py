@@ -42,7 +42,9 @@ class Model:
         return {"y": inputs["x"] * 2}
 
 
-def make(model: Model, inputs: Any = INPUTS, outputs: Any = OUTPUTS, pad: Any = None, **settings: Any) -> DynamicBatcher:
+def make(
+    model: Model, inputs: Any = INPUTS, outputs: Any = OUTPUTS, pad: Any = None, **settings: Any
+) -> DynamicBatcher:
     registry = CollectorRegistry()
     metrics = ServerMetrics(registry).for_model("m")
     batcher = DynamicBatcher(model, inputs, outputs, BatchingSettings(**settings), metrics, pad_values=pad)

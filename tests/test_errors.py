@@ -252,7 +252,9 @@ def test_concurrent_bad_and_good_requests(stub: pb_grpc.GRPCInferenceServiceStub
                 errors.append(err.code())
         else:
             x = np.full((1, 4), i, np.float32)
-            results.append(codec.response_outputs(stub.ModelInfer(codec.build_request("double", {"x": x}), timeout=10))["y"])
+            results.append(
+                codec.response_outputs(stub.ModelInfer(codec.build_request("double", {"x": x}), timeout=10))["y"]
+            )
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(20)]
     for thread in threads:

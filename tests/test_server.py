@@ -137,11 +137,15 @@ def test_metadata_config_and_reflection(fake_server: BackgroundServer) -> None:
         assert config.dynamic_batching.default_queue_policy.max_queue_size == 1024
         assert config.instance_group[0].count == 1
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
-        replies = list(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        replies = list(
+            reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        )
         services = {s.name for s in replies[0].list_services_response.service}
         assert {SERVICE, "grpc.health.v1.Health"} <= services
         replies = list(
-            reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE)]))
+            reflection.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE)])
+            )
         )
         assert replies[0].file_descriptor_response.file_descriptor_proto
 
