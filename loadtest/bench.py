@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batching", default="on,off", help="on, off or on,off")
     parser.add_argument("--batch-size", type=int, default=1, help="rows per request")
     parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--max-queue-delay-us", type=int, default=500)
+    parser.add_argument("--max-queue-delay-us", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1, help="framework intra-op threads (both servers)")
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per step")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each step")

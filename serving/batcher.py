@@ -14,8 +14,8 @@ dimension of each output is cut back to the request's own k-th variable size.
 With preferred batch sizes, each batch is padded up to the next preferred size
 (repeating its last row), which keeps compiled graphs on a few shapes.
 
-Forward passes run on a thread pool with ``instances`` workers, never on the event
-loop, so health and metadata RPCs stay responsive under load.
+Forward passes run on ``instances`` worker threads, never on the event loop, so
+health and metadata RPCs stay responsive under load.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import asyncio
 import bisect
 import collections
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,14 +47,24 @@ class _Request:
     inputs: Mapping[str, np.ndarray]
     rows: int
     future: asyncio.Future[Arrays]
-    enqueued_ns: int
-    deadline: float | None  # loop.time() by which the answer is due
+    enqueued: float  # time.monotonic() when queued
+    deadline: float | None  # time.monotonic() by which the answer is due
     # Sizes of the variable (-1) non-batch dimensions, from the first ragged input.
     ragged_sizes: tuple[int, ...] = field(default=())
+    # Set on the event loop when the caller goes away; read by the workers.
+    cancelled: bool = False
 
 
 class DynamicBatcher:
-    """Queue, merge, execute and split requests for one model."""
+    """Queue, merge, execute and split requests for one model.
+
+    ``submit`` runs on the event loop. Each model instance is a worker thread that
+    forms a batch (one worker at a time, so a batch is never split between two
+    half-empty passes), runs it, and hands every result back to the loop in one
+    callback. Waiting for a batch to fill uses a condition variable, so
+    ``max_queue_delay`` is honoured to the tens of microseconds, not to the event
+    loop's millisecond timer.
+    """
 
     def __init__(
         self,
@@ -73,23 +83,29 @@ class DynamicBatcher:
         self._pad_values = dict(pad_values or {})
         self._ragged_inputs = [spec.name for spec in inputs if any(dim == -1 for dim in spec.shape[1:])]
         self._preferred = sorted(set(settings.preferred_batch_sizes))
+        self._limit = settings.max_batch_size if settings.dynamic_batching else 0
+        self._delay = settings.max_queue_delay_us / 1e6 if settings.dynamic_batching else 0.0
         self._queue: collections.deque[_Request] = collections.deque()
         self._queued_rows = 0
-        self._executor = ThreadPoolExecutor(max_workers=settings.instances, thread_name_prefix="model")
-        self._slots = asyncio.Semaphore(settings.instances)
-        self._wakeup = asyncio.Event()
-        self._batch_ready = asyncio.Event()
-        self._running: set[asyncio.Task[None]] = set()
-        self._scheduler: asyncio.Task[None] | None = None
+        self._cond = threading.Condition()
+        self._forming = threading.Lock()
+        self._busy = 0
+        self._stopping = False
         self._accepting = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._workers: list[threading.Thread] = []
 
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
 
     def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._accepting = True
-        self._scheduler = asyncio.get_running_loop().create_task(self._schedule(), name="batcher")
+        for index in range(self._settings.instances):
+            worker = threading.Thread(target=self._work, name=f"model-instance-{index}", daemon=True)
+            worker.start()
+            self._workers.append(worker)
 
     async def submit(self, inputs: Mapping[str, np.ndarray], rows: int, timeout: float | None = None) -> Arrays:
         """Queue one validated request of ``rows`` rows; its outputs when computed.
@@ -100,44 +116,41 @@ class DynamicBatcher:
             raise Unavailable("server is shutting down; not accepting new requests")
         if len(self._queue) >= self._settings.max_queue_size:
             raise ResourceExhausted(f"queue full ({self._settings.max_queue_size} requests waiting); retry later")
-        loop = asyncio.get_running_loop()
+        now = time.monotonic()
         request = _Request(
             inputs=inputs,
             rows=rows,
-            future=loop.create_future(),
-            enqueued_ns=time.perf_counter_ns(),
-            deadline=None if timeout is None else loop.time() + timeout,
+            future=asyncio.get_running_loop().create_future(),
+            enqueued=now,
+            deadline=None if timeout is None else now + timeout,
             ragged_sizes=self._ragged_sizes(inputs),
         )
-        self._queue.append(request)
-        self._queued_rows += rows
+        with self._cond:
+            self._queue.append(request)
+            self._queued_rows += rows
+            self._cond.notify()
         self._metrics.queue_depth.set(len(self._queue))
-        self._wakeup.set()
-        if self._queued_rows >= self._settings.max_batch_size:
-            self._batch_ready.set()
         try:
             return await request.future
         except asyncio.CancelledError:
-            # The caller went away (client cancel or deadline): if still queued, the
-            # scheduler skips it; if already computing, its rows are just discarded.
-            request.future.cancel()
+            # The caller went away (client cancel or deadline): if still queued, no
+            # worker computes it; if already computing, its rows are just discarded.
+            request.cancelled = True
             raise
 
     async def drain(self) -> None:
         """Stop accepting, then wait until every queued and running batch is done."""
         self._accepting = False
-        while self._queue or self._running:
-            self._wakeup.set()
+        while self._queue or self._busy:
             await asyncio.sleep(0.005)
 
     async def close(self) -> None:
         await self.drain()
-        if self._scheduler is not None:
-            self._scheduler.cancel()
-            await asyncio.gather(self._scheduler, return_exceptions=True)
-        self._executor.shutdown(wait=True)
-
-    # ---- scheduling ----
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        for worker in self._workers:
+            await asyncio.to_thread(worker.join)
 
     def _ragged_sizes(self, inputs: Mapping[str, np.ndarray]) -> tuple[int, ...]:
         if not self._ragged_inputs:
@@ -147,63 +160,67 @@ class DynamicBatcher:
         shape = inputs[name].shape
         return tuple(shape[axis] for axis in range(1, len(spec.shape)) if spec.shape[axis] == -1)
 
-    async def _schedule(self) -> None:
-        loop = asyncio.get_running_loop()
-        delay = self._settings.max_queue_delay_us / 1e6
-        while True:
-            if not self._queue:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            await self._slots.acquire()
-            try:
-                if self._settings.dynamic_batching and delay > 0 and self._queued_rows < self._settings.max_batch_size:
-                    oldest = self._queue[0].enqueued_ns
-                    remaining = delay - (time.perf_counter_ns() - oldest) / 1e9
-                    if remaining > 0:
-                        # Wake on a full batch (submit sets the event) or when the oldest
-                        # request has waited max_queue_delay, whichever comes first.
-                        self._batch_ready.clear()
-                        timer = loop.call_later(remaining, self._batch_ready.set)
-                        try:
-                            await self._batch_ready.wait()
-                        finally:
-                            timer.cancel()
-                batch = self._take_batch(loop.time())
-            except BaseException:
-                self._slots.release()
-                raise
-            if not batch:
-                self._slots.release()
-                continue
-            task = loop.create_task(self._execute(batch))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+    # ---- worker threads ----
 
-    def _take_batch(self, now: float) -> list[_Request]:
-        """Pop the next batch: FIFO, whole requests, expired/cancelled ones dropped."""
+    def _work(self) -> None:
+        while True:
+            with self._forming:
+                batch, expired = self._next_batch()
+            if batch is None:
+                return
+            if expired:
+                self._post(self._fail_expired, expired)
+            if not batch:
+                self._done()
+                continue
+            try:
+                results: list[Arrays] | BaseException = self._run(batch)
+            except Exception as err:  # one failure reaches every request of the batch
+                results = err
+            self._post(self._deliver, batch, results)
+            self._done()
+
+    def _next_batch(self) -> tuple[list[_Request] | None, list[_Request]]:
+        """Wait for work, then for the batch to fill or the oldest request's delay
+        to pass; pop it. (None, []) when stopping with nothing left."""
+        with self._cond:
+            while not self._queue:
+                if self._stopping:
+                    return None, []
+                self._cond.wait()
+            if self._delay > 0:
+                flush_at = self._queue[0].enqueued + self._delay
+                while self._queued_rows < self._limit and not self._stopping:
+                    remaining = flush_at - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+            batch, expired = self._take_batch(time.monotonic())
+            self._busy += 1
+        self._metrics.queue_depth.set(len(self._queue))
+        return batch, expired
+
+    def _take_batch(self, now: float) -> tuple[list[_Request], list[_Request]]:
+        """Pop the next batch: FIFO, whole requests; drops cancelled requests and
+        returns the expired ones separately (never computed)."""
         batch: list[_Request] = []
+        expired: list[_Request] = []
         rows = 0
-        limit = self._settings.max_batch_size if self._settings.dynamic_batching else 0
         while self._queue:
             request = self._queue[0]
-            if request.future.done():  # cancelled by its caller while queued
+            if request.cancelled:
                 self._pop()
                 continue
             if request.deadline is not None and now >= request.deadline:
                 self._pop()
-                waited_ms = (time.perf_counter_ns() - request.enqueued_ns) / 1e6
-                request.future.set_exception(
-                    DeadlineExceeded(f"deadline expired after {waited_ms:.1f} ms in the queue; not computed")
-                )
+                expired.append(request)
                 continue
-            if batch and (rows + request.rows > limit or not self._compatible(batch[0], request)):
+            if batch and (rows + request.rows > self._limit or not self._compatible(batch[0], request)):
                 break
             self._pop()
             batch.append(request)
             rows += request.rows
-        self._metrics.queue_depth.set(len(self._queue))
-        return batch
+        return batch, expired
 
     def _pop(self) -> None:
         request = self._queue.popleft()
@@ -215,30 +232,16 @@ class DynamicBatcher:
             return True
         return all(name in self._pad_values for name in self._ragged_inputs)
 
-    # ---- execution ----
-
-    async def _execute(self, batch: list[_Request]) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            started = time.perf_counter_ns()
-            for request in batch:
-                self._metrics.queued(started - request.enqueued_ns)
-            results = await loop.run_in_executor(self._executor, self._run, batch)
-            for request, outputs in zip(batch, results, strict=True):
-                if not request.future.done():
-                    request.future.set_result(outputs)
-        except Exception as err:  # one failure reaches every request of the batch
-            for request in batch:
-                if not request.future.done():
-                    request.future.set_exception(err)
-        finally:
-            self._slots.release()
-            if self._queue:
-                self._wakeup.set()
+    def _done(self) -> None:
+        with self._cond:
+            self._busy -= 1
 
     def _run(self, batch: list[_Request]) -> list[Arrays]:
-        """On a worker thread: merge, forward, split; records the batch's timings."""
+        """Merge, forward, split; records the batch's timings."""
         t0 = time.perf_counter_ns()
+        now = time.monotonic()
+        for request in batch:
+            self._metrics.queued(int((now - request.enqueued) * 1e9))
         merged, rows = merge(batch, self._input_specs, self._pad_values, self._preferred)
         t1 = time.perf_counter_ns()
         outputs = self._predict(merged)
@@ -247,6 +250,35 @@ class DynamicBatcher:
         t3 = time.perf_counter_ns()
         self._metrics.batch_done(rows, len(batch), t1 - t0, t2 - t1, t3 - t2)
         return results
+
+    # ---- back on the event loop ----
+
+    def _post(self, callback: Callable[..., None], *args: object) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            log.debug("event loop closed; dropping a batch's results")
+
+    @staticmethod
+    def _deliver(batch: list[_Request], results: list[Arrays] | BaseException) -> None:
+        for index, request in enumerate(batch):
+            if request.future.done():
+                continue
+            if isinstance(results, BaseException):
+                request.future.set_exception(results)
+            else:
+                request.future.set_result(results[index])
+
+    @staticmethod
+    def _fail_expired(expired: list[_Request]) -> None:
+        now = time.monotonic()
+        for request in expired:
+            if not request.future.done():
+                waited_ms = (now - request.enqueued) * 1e3
+                request.future.set_exception(
+                    DeadlineExceeded(f"deadline expired after {waited_ms:.1f} ms in the queue; not computed")
+                )
 
 
 def merge(

@@ -31,7 +31,7 @@ class BatchingSettings:
         "Merge concurrent requests into one forward pass (off: one request per pass).", default=True
     )
     max_queue_delay_us: int = _doc(
-        "How long the oldest queued request may wait for more to join its batch (µs).", default=500
+        "How long the oldest queued request may wait for more to join its batch (µs).", default=2000
     )
     max_queue_size: int = _doc(
         "Most requests waiting per model; beyond it requests get RESOURCE_EXHAUSTED.", default=1024

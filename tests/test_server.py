@@ -133,7 +133,7 @@ def test_metadata_config_and_reflection(fake_server: BackgroundServer) -> None:
         config = stub.ModelConfig(pb.ModelConfigRequest(name="double"), timeout=10).config
         assert config.max_batch_size == 8
         assert list(config.input[0].dims) == [4]
-        assert config.dynamic_batching.max_queue_delay_microseconds == 500
+        assert config.dynamic_batching.max_queue_delay_microseconds == 2000
         assert config.dynamic_batching.default_queue_policy.max_queue_size == 1024
         assert config.instance_group[0].count == 1
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
