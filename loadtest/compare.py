@@ -346,8 +346,8 @@ class Options:
     arrival: str = "poisson"
     arrival_users: int = 4
     deadline_ms: float = 1000.0
-    step_seconds: float = 10.0
-    warmup_seconds: float = 3.0
+    step_seconds: float = 4.0
+    warmup_seconds: float = 1.5
     repeats: int = 2
     slo_ms: float = 50.0
     batch_size: int = 1
