@@ -44,7 +44,7 @@ def _run_json(command: list[str], cpus: list[int] | None, timeout: float) -> dic
         timeout=timeout,
         env=env,
         cwd=ROOT,
-        preexec_fn=_pinned(cpus),  # noqa: PLW1509 - only sched_setaffinity
+        preexec_fn=_pinned(cpus),
         check=False,
     )
     if done.returncode != 0:
@@ -91,7 +91,8 @@ def served(
             print(
                 f"  {framework:10s} batching={'on ' if batching else 'off'} c={concurrency:<3d} "
                 f"{result['requests_per_s']:8.0f} req/s  p50 {result['latency_us'].get('p50', 0):7.0f} µs  "
-                f"p99 {result['latency_us'].get('p99', 0):7.0f} µs  batch {result['server']['batch_size_mean'] or 0:5.1f}",
+                f"p99 {result['latency_us'].get('p99', 0):7.0f} µs  "
+                f"batch {result['server']['batch_size_mean'] or 0:5.1f}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -132,9 +133,8 @@ def table(results: dict[str, Any]) -> str:
         for concurrency in results["concurrency"]:
             on, off = by_key.get((True, concurrency)), by_key.get((False, concurrency))
             if on and off and off["requests_per_s"]:
-                lines.append(
-                    f"  batching on/off at concurrency {concurrency}: {on['requests_per_s'] / off['requests_per_s']:.2f}x"
-                )
+                ratio = on["requests_per_s"] / off["requests_per_s"]
+                lines.append(f"  batching on/off at concurrency {concurrency}: {ratio:.2f}x")
         cold = [run["cold_start_s"] for run in data["served"]]
         lines.append(f"  cold start to SERVING: {', '.join(f'{c:.2f} s' for c in cold)}")
     return "\n".join(lines)

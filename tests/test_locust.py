@@ -1,0 +1,321 @@
+"""Load-test suite: Locust against both servers, the open-loop proof, the input pool.
+
+Locust only ever runs in child processes: importing it monkey-patches the interpreter
+with gevent, which must not leak into the rest of the pytest session. The input-pool
+checks (``check_*``) therefore run in a child too (``run_check``), against small
+in-process OIP servers defined here.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from loadtest.servers import ServerProcess
+from serving.datatypes import CONFIG_DATATYPES
+from serving.protocol import inference_pb2 as pb
+
+ROOT = Path(__file__).resolve().parent.parent
+CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(Path(__file__).parent)])}
+SERVICE_S = 0.020
+
+# ---- small in-process OIP servers ----
+
+INPUTS = [  # (name, datatype, metadata shape, optional in ModelConfig)
+    ("input", "FP32", [-1, 4], False),
+    ("ids", "INT64", [-1, -1], False),
+    ("flags", "BOOL", [-1, 3], False),
+    ("attention_mask", "INT64", [-1, -1], True),
+]
+
+
+class SlowModel:
+    """Model "slow": one request at a time, ``service_s`` each (capacity 1 / service_s req/s)."""
+
+    def __init__(self, service_s: float) -> None:
+        self.service_s = service_s
+        self.lock = threading.Lock()
+
+    def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=request.name,
+            versions=["1"],
+            platform="test",
+            inputs=[tensor(name=name, datatype=datatype, shape=shape) for name, datatype, shape, _ in INPUTS],
+            outputs=[tensor(name="output", datatype="FP32", shape=[-1, 1])],
+        )
+
+    def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
+        inputs = [
+            pb.ModelInput(name=name, data_type=CONFIG_DATATYPES[datatype], dims=shape[1:], optional=optional)  # type: ignore[arg-type]
+            for name, datatype, shape, optional in INPUTS
+        ]
+        return pb.ModelConfigResponse(config=pb.ModelConfig(name=request.name, max_batch_size=8, input=inputs))
+
+    def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        with self.lock:
+            time.sleep(self.service_s)
+        rows = request.inputs[0].shape[0]
+        response = pb.ModelInferResponse(model_name=request.model_name)
+        response.outputs.add(name="output", datatype="FP32", shape=[rows, 1])
+        response.raw_output_contents.append(bytes(4 * rows))
+        return response
+
+
+def serve(
+    model: SlowModel, methods: tuple[str, ...] = ("ModelMetadata", "ModelConfig", "ModelInfer")
+) -> tuple[grpc.Server, str]:
+    """A gRPC server of ``methods`` of the OIP service (any other answers UNIMPLEMENTED)."""
+    messages: dict[str, tuple[Any, Any]] = {
+        "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+        "ModelConfig": (pb.ModelConfigRequest, pb.ModelConfigResponse),
+        "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse),
+    }
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            getattr(model, name),
+            request_deserializer=messages[name][0].FromString,
+            response_serializer=messages[name][1].SerializeToString,
+        )
+        for name in methods
+    }
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("inference.GRPCInferenceService", handlers)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def slow_target() -> Iterator[str]:
+    server, target = serve(SlowModel(SERVICE_S))
+    yield target
+    server.stop(grace=None)
+
+
+@pytest.fixture(scope="module")
+def no_config_target() -> Iterator[str]:
+    server, target = serve(SlowModel(0.0), ("ModelMetadata", "ModelInfer"))
+    yield target
+    server.stop(grace=None)
+
+
+# ---- running Locust ----
+
+
+def run_locust(target: str, prefix: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Headless locustfile run writing ``prefix``_stats.csv, ``prefix``.json and latency files."""
+    command = [
+        sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"),
+        "--headless", "--only-summary", "--host", target, "--csv", str(prefix),
+        "--json-file", str(prefix), "--latency-file", f"{prefix}-lat", *args,
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, check=False, cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def csv_totals(prefix: Path) -> dict[str, str]:
+    with open(f"{prefix}_stats.csv", newline="") as file:
+        return next(row for row in csv.DictReader(file) if row["Name"] == "Aggregated")
+
+
+def locust_count(prefix: Path) -> int:
+    """Requests Locust counted at the end (its CSV is rewritten once a second; the JSON is final)."""
+    return sum(entry["num_requests"] for entry in json.loads(Path(f"{prefix}.json").read_text()))
+
+
+def latencies(prefix: Path) -> dict[str, Any]:
+    """The latency files of a run, merged and sorted by start time (format: grpc_user.LatencyRecorder)."""
+    files = sorted(prefix.parent.glob(f"{prefix.name}-lat.*.npz"))
+    assert files, "no latency file written"
+    parts = [dict(np.load(path)) for path in files]
+    merged: dict[str, Any] = {key: np.concatenate([p[key] for p in parts]) for key in ("start_us", "latency_us", "ok")}
+    order = np.argsort(merged["start_us"], kind="stable")
+    merged = {key: value[order] for key, value in merged.items()}
+    merged["meta"] = [json.loads(str(p["meta"])) for p in parts]
+    return merged
+
+
+# ---- (a) both servers, closed loop ----
+
+
+@pytest.mark.parametrize("framework", ["torch", "tensorflow"])
+def test_headless_run_against_server(framework: str, tmp_path: Path) -> None:
+    with ServerProcess(framework, "mlp", ["--threads", "1"]) as server:
+        run_locust(server.target, tmp_path / "run", "-u", "4", "-r", "4", "-t", "4s")
+    totals = csv_totals(tmp_path / "run")
+    assert int(totals["Request Count"]) > 0
+    assert int(totals["Failure Count"]) == 0
+    samples = latencies(tmp_path / "run")
+    assert len(samples["latency_us"]) == locust_count(tmp_path / "run") >= int(totals["Request Count"])
+    assert samples["ok"].all()
+    assert (samples["latency_us"] > 0).all()
+    assert samples["meta"][0]["mode"] == "closed"
+
+
+# ---- (b) open loop shows the backlog, closed loop hides it ----
+
+
+def test_open_loop_latency_grows_with_backlog(slow_target: str, tmp_path: Path) -> None:
+    # Offered 150 req/s for 2 s to a server that serves 50 req/s: the queue grows all along.
+    arrivals = ["--arrival-rate", "150", "--arrival", "fixed", "--arrival-users", "2"]
+    run_locust(
+        slow_target, tmp_path / "open", "--model", "slow", "--load-shape", "rate", *arrivals,
+        "--deadline-ms", "30000", "-t", "2s",
+    )  # fmt: skip
+    run_locust(slow_target, tmp_path / "closed", "--model", "slow", "-u", "1", "-r", "1", "-t", "2s")
+
+    open_loop = latencies(tmp_path / "open")
+    assert len(open_loop["ok"]) == locust_count(tmp_path / "open") >= 250
+    assert open_loop["ok"].all()
+    open_ms = open_loop["latency_us"] / 1000
+    quarter = len(open_ms) // 4
+    assert np.percentile(open_ms, 99) > 5 * SERVICE_S * 1000
+    assert np.median(open_ms[-quarter:]) > 3 * np.median(open_ms[:quarter])
+    summary = open_loop["meta"][0]["openloop"]
+    assert summary["offered_rps"] > 120
+    assert summary["achieved_rps"] < 60
+
+    closed_loop = latencies(tmp_path / "closed")
+    closed_ms = closed_loop["latency_us"] / 1000
+    assert closed_loop["ok"].all()
+    assert len(closed_ms) == locust_count(tmp_path / "closed") > 20
+    assert np.median(closed_ms) < 2 * SERVICE_S * 1000
+
+
+# ---- (c) the input pool, checked in a child interpreter ----
+
+
+def run_check(name: str, *args: str) -> None:
+    code = f"import locust; import test_locust; test_locust.{name}(*{args!r})"
+    result = subprocess.run(
+        [sys.executable, "-c", code], check=False, cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _pool(target: str, **settings: Any) -> Any:
+    from loadtest.grpc_user import InputPool, LoadSettings
+
+    with grpc.insecure_channel(target) as channel:
+        return InputPool.from_server(channel, LoadSettings(model="slow", **settings))
+
+
+def check_pool_follows_metadata(target: str) -> None:
+    from serving.codec import request_inputs
+
+    pool = _pool(target, batch_size=3, seq_len=(5, 5), pool_size=4)
+    assert len(pool.requests) == 4
+    request = pool.next()
+    assert [t.name for t in request.inputs] == ["input", "ids", "flags"]  # the optional mask is left out
+    assert [t.datatype for t in request.inputs] == ["FP32", "INT64", "BOOL"]
+    assert [list(t.shape) for t in request.inputs] == [[3, 4], [3, 5], [3, 3]]
+    assert [len(raw) for raw in request.raw_input_contents] == [3 * 4 * 4, 3 * 5 * 8, 3 * 3]
+    arrays = request_inputs(request)
+    assert arrays["input"].dtype == np.float32
+    assert arrays["ids"].min() >= 1
+    assert arrays["ids"].max() < 1000
+    assert [pool.next() for _ in range(4)][-1] is request  # round robin
+
+
+def check_typed_matches_raw(target: str) -> None:
+    from serving.codec import request_inputs
+
+    raw, typed = _pool(target, batch_size=2, pool_size=2), _pool(target, batch_size=2, pool_size=2, encoding="typed")
+    request = typed.next()
+    assert not request.raw_input_contents
+    assert len(request.inputs[0].contents.fp32_contents) == 2 * 4
+    assert len(request.inputs[1].contents.int64_contents) == 2 * 16
+    for name, array in request_inputs(raw.next()).items():
+        np.testing.assert_array_equal(request_inputs(request)[name], array)
+
+
+def check_without_model_config(target: str) -> None:
+    from serving.codec import request_inputs
+
+    pool = _pool(target, batch_size=2, seq_len=(8, 32), pool_size=16)
+    assert pool.batched
+    lengths = set()
+    for request in pool.requests:
+        arrays = request_inputs(request)
+        assert list(arrays) == ["input", "ids", "flags", "attention_mask"]  # no config: every input
+        assert (arrays["attention_mask"] == 1).all()
+        assert arrays["ids"].shape == arrays["attention_mask"].shape
+        lengths.add(arrays["ids"].shape[1])
+    assert min(lengths) >= 8
+    assert max(lengths) <= 32
+    assert len(lengths) > 1
+
+
+def check_invalid_pools(target: str) -> None:
+    from loadtest.grpc_user import InputPool
+    from serving.datatypes import TensorSpec
+
+    for settings in ({"batch_size": 9}, {"encoding": "json"}):
+        try:
+            _pool(target, **settings)
+        except ValueError:
+            continue
+        raise AssertionError(f"{settings} accepted")
+    try:
+        InputPool("m", [TensorSpec("x", "FP16", (-1, 2))], encoding="typed")
+    except ValueError:
+        return
+    raise AssertionError("typed FP16 accepted")
+
+
+def check_latency_files(directory: str) -> None:
+    from loadtest.grpc_user import LatencyRecorder, load_latencies
+
+    prefix = Path(directory) / "lat"
+    recorder = LatencyRecorder()
+    now = time.perf_counter()
+    recorder.record((now + 0.002, 0.0015, True, 0.0))
+    recorder.record((now, 0.25, False, 0.001))
+    recorder.record((now + 0.001, -1.0, False, -1.0))
+    recorder.save(prefix, {"mode": "open"})
+    recorder.record((now + 0.003, 0.0005, True, 0.0))
+    recorder.save(prefix, {"mode": "open"})
+    arrays, metas = load_latencies(prefix)
+    assert [meta["pid"] for meta in metas] == [os.getpid()] * 2
+    assert arrays["latency_us"].tolist() == [250000, -1, 1500, 500]
+    assert arrays["ok"].tolist() == [False, False, True, True]
+    assert arrays["lag_us"].tolist() == [1000, -1, 0, 0]
+    assert abs(arrays["start_us"][0] / 1e6 - time.time()) < 5
+
+
+def test_input_pool_from_metadata(slow_target: str) -> None:
+    run_check("check_pool_follows_metadata", slow_target)
+
+
+def test_input_pool_typed_encoding(slow_target: str) -> None:
+    run_check("check_typed_matches_raw", slow_target)
+
+
+def test_input_pool_without_model_config(no_config_target: str) -> None:
+    run_check("check_without_model_config", no_config_target)
+
+
+def test_input_pool_rejects_invalid_settings(slow_target: str) -> None:
+    run_check("check_invalid_pools", slow_target)
+
+
+def test_latency_file_round_trip(tmp_path: Path) -> None:
+    run_check("check_latency_files", str(tmp_path))
