@@ -54,6 +54,7 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.servers import ROOT, ServerProcess, ServerStartError
+from serving.devices import cpu_model
 from serving.protocol import inference_pb2 as pb
 from serving.protocol import inference_pb2_grpc as pb_grpc
 
@@ -693,14 +694,6 @@ def _nvml_gpus() -> list[str]:
         pynvml.nvmlShutdown()
 
 
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
 def environment() -> dict[str, Any]:
     """The measuring host: Python, package versions, CPU, memory, GPUs."""
     versions = {}
@@ -711,7 +704,7 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "packages": versions,
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpus_available": sorted(os.sched_getaffinity(0)),
         "memory_total_bytes": psutil.virtual_memory().total,

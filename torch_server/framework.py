@@ -8,12 +8,11 @@ Devices are reported as ``"cpu"`` or ``"cuda:N"``, the same strings as tf_server
 from __future__ import annotations
 
 import logging
-import os
-import platform
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from serving.backend import Backend, FrameworkInfo
+from serving.devices import cpu_name, cuda_index
 
 if TYPE_CHECKING:
     from modelzoo.base import ModelDefinition
@@ -67,7 +66,7 @@ class TorchFramework:
             return "cuda:0" if torch.cuda.is_available() else "cpu"
         if wanted == "cpu":
             return "cpu"
-        index = _cuda_index(wanted)
+        index = cuda_index(wanted)
         if index is None:
             raise ValueError(f"unknown device {device!r}; expected auto, cpu, cuda, cuda:N or gpu")
         if not torch.cuda.is_available():
@@ -111,32 +110,8 @@ class TorchFramework:
             extra["cuda"] = str(torch.version.cuda)
             extra["cudnn"] = str(torch.backends.cudnn.version())
         else:
-            name = _cpu_name()
+            name = cpu_name()
         return FrameworkInfo(name=self.name, version=torch.__version__, device=name, extra=extra)
-
-
-def _cuda_index(device: str) -> int | None:
-    """GPU index of ``"cuda"``, ``"gpu"``, ``"cuda:N"`` or ``"gpu:N"``; None for anything else."""
-    kind, _, index = device.partition(":")
-    if kind not in ("cuda", "gpu"):
-        return None
-    if not index:
-        return 0
-    return int(index) if index.isdigit() else None
-
-
-def _cpu_name() -> str:
-    """The CPU model (from /proc/cpuinfo on Linux) and its logical core count."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model} ({os.cpu_count()} logical cores)"
 
 
 FRAMEWORK = TorchFramework()
