@@ -28,11 +28,7 @@ from typing import Any
 import numpy as np
 
 from loadtest.compare import metric_deltas, scrape
-from loadtest.servers import MODULES, ROOT, ServerProcess
-
-
-def _pinned(cpus: list[int] | None) -> Any:
-    return (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+from loadtest.servers import MODULES, ROOT, ServerProcess, pin_to
 
 
 def _run_json(command: list[str], cpus: list[int] | None, timeout: float) -> dict[str, Any]:
@@ -44,7 +40,7 @@ def _run_json(command: list[str], cpus: list[int] | None, timeout: float) -> dic
         timeout=timeout,
         env=env,
         cwd=ROOT,
-        preexec_fn=_pinned(cpus),
+        preexec_fn=pin_to(cpus),
         check=False,
     )
     if done.returncode != 0:

@@ -53,7 +53,7 @@ import numpy as np
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest.servers import ROOT, ServerProcess, ServerStartError
+from loadtest.servers import ROOT, ServerProcess, ServerStartError, pin_to
 from serving.devices import cpu_model
 from serving.protocol import inference_pb2 as pb
 from serving.protocol import inference_pb2_grpc as pb_grpc
@@ -486,10 +486,6 @@ class Sampler:
         self._thread.join()
 
 
-def _pin(cpus: list[int] | None) -> Callable[[], None] | None:
-    return None if cpus is None else lambda: os.sched_setaffinity(0, cpus)
-
-
 def locust_command(
     endpoint: Endpoint, scenario: Scenario, opts: Options, run_s: int, latencies: Path, stats: Path
 ) -> list[str]:
@@ -527,7 +523,7 @@ def run_locust(
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
-            preexec_fn=_pin(cpus),  # noqa: PLW1509 - only sched_setaffinity
+            preexec_fn=pin_to(cpus),  # noqa: PLW1509 - only sched_setaffinity
         )
         with contextlib.suppress(psutil.Error):
             sampler.generator = psutil.Process(process.pid)

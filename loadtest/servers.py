@@ -14,12 +14,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
 MODULES = {"torch": "torch_server", "tensorflow": "tf_server", "tf": "tf_server"}
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def pin_to(cpus: Sequence[int] | None) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that pins the child process to ``cpus`` (None: no pinning)."""
+    if not cpus:
+        return None
+    chosen = list(cpus)
+    return lambda: os.sched_setaffinity(0, chosen)
 
 
 class ServerStartError(RuntimeError):
@@ -95,7 +103,7 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             env=env,
             cwd=ROOT,
-            preexec_fn=self._pin if self.cpus else None,  # noqa: PLW1509 - only sched_setaffinity
+            preexec_fn=pin_to(self.cpus),  # noqa: PLW1509 - only sched_setaffinity
         )
         log.close()
         deadline = started + timeout
@@ -111,9 +119,6 @@ class ServerProcess:
             time.sleep(0.02)
         self.stop(timeout=5)
         raise ServerStartError(f"{self.module} not SERVING after {timeout:.0f} s:\n{self.log_tail()}")
-
-    def _pin(self) -> None:
-        os.sched_setaffinity(0, self.cpus or [])
 
     def log_tail(self, lines: int = 40) -> str:
         try:
