@@ -51,8 +51,6 @@ class _Request:
     deadline: float | None  # time.monotonic() by which the answer is due
     # Sizes of the variable (-1) non-batch dimensions, from the first ragged input.
     ragged_sizes: tuple[int, ...] = field(default=())
-    # Set on the event loop when the caller goes away; read by the workers.
-    cancelled: bool = False
 
 
 class DynamicBatcher:
@@ -130,13 +128,10 @@ class DynamicBatcher:
             self._queued_rows += rows
             self._cond.notify()
         self._metrics.queue_depth.set(len(self._queue))
-        try:
-            return await request.future
-        except asyncio.CancelledError:
-            # The caller went away (client cancel or deadline): if still queued, no
-            # worker computes it; if already computing, its rows are just discarded.
-            request.cancelled = True
-            raise
+        # If the caller goes away (client cancel or deadline), cancelling its task
+        # cancels request.future at once: a worker that has not taken the request yet
+        # skips it; one already computing it discards its rows.
+        return await request.future
 
     async def drain(self) -> None:
         """Stop accepting, then wait until every queued and running batch is done."""
@@ -208,7 +203,7 @@ class DynamicBatcher:
         rows = 0
         while self._queue:
             request = self._queue[0]
-            if request.cancelled:
+            if request.future.done():  # cancelled by its caller while queued
                 self._pop()
                 continue
             if request.deadline is not None and now >= request.deadline:
