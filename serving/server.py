@@ -30,6 +30,7 @@ from serving import repository
 from serving.backend import Framework
 from serving.metrics import ServerMetrics, register_gpu_collector
 from serving.protocol import inference_pb2 as pb
+from serving.protocol import inference_pb2_grpc as pb_grpc
 from serving.servicer import InferenceServicer, ModelRuntime
 from serving.settings import ServerSettings
 
@@ -122,8 +123,6 @@ class InferenceServer:
         ]
         interceptors = [TokenAuthInterceptor(settings.auth_token)] if settings.auth_token else []
         server = grpc.aio.server(options=options, interceptors=interceptors)
-        from serving.protocol import inference_pb2_grpc as pb_grpc
-
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         for service in ("", SERVICE_NAME):
