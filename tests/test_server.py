@@ -73,7 +73,7 @@ def test_drain_finishes_in_flight_and_refuses_new(tmp_path: Path) -> None:
         np.testing.assert_array_equal(codec.response_outputs(reply)["y"], X * 2)
         stop.result(20)
     assert controls.closed
-    server.loop.call_soon_threadsafe(server.loop.stop)
+    server.stop()  # already drained: stops the loop thread and closes the loop
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
