@@ -86,8 +86,8 @@ def served(
             steps.append(result)
             print(
                 f"  {framework:10s} batching={'on ' if batching else 'off'} c={concurrency:<3d} "
-                f"{result['requests_per_s']:8.0f} req/s  p50 {result['latency_us'].get('p50', 0):7.0f} µs  "
-                f"p99 {result['latency_us'].get('p99', 0):7.0f} µs  "
+                f"{result['requests_per_s']:8.0f} req/s  p50 {result['latency_us'].get('p50') or 0:7.0f} µs  "
+                f"p99 {result['latency_us'].get('p99') or 0:7.0f} µs  "
                 f"batch {result['server']['batch_size_mean'] or 0:5.1f}",
                 file=sys.stderr,
                 flush=True,
@@ -117,11 +117,11 @@ def table(results: dict[str, Any]) -> str:
         for run in data["served"]:
             for step in run["steps"]:
                 srv = step["server"]
-                eff = efficiency(forward, step)
+                eff = step.get("efficiency")
                 lines.append(
                     f"  {'on ' if run['batching'] else 'off':8s} {step['concurrency']:5d} {step['requests_per_s']:7.0f}"
-                    f" {step['rows_per_s']:8.0f} {step['latency_us'].get('p50', 0):8.0f} "
-                    f"{step['latency_us'].get('p99', 0):8.0f} {srv.get('batch_size_mean') or 0:11.2f}"
+                    f" {step['rows_per_s']:8.0f} {step['latency_us'].get('p50') or 0:8.0f} "
+                    f"{step['latency_us'].get('p99') or 0:8.0f} {srv.get('batch_size_mean') or 0:11.2f}"
                     f" {srv.get('queue_ms_mean') or 0:9.3f} {srv.get('compute_ms_mean') or 0:11.3f}"
                     f" {eff if eff is not None else float('nan'):11.2f} {step['generator_cpu']:8.2f}"
                 )

@@ -23,38 +23,22 @@ from typing import Any
 import grpc
 import numpy as np
 
+from client.cli import random_array
+from loadtest.compare import percentiles
 from serving import codec
-from serving.datatypes import NUMPY_DTYPES
 from serving.protocol import inference_pb2 as pb
 from serving.protocol import inference_pb2_grpc as pb_grpc
 
 
 def random_inputs(metadata: pb.ModelMetadataResponse, batch_size: int, seq_len: int, rng: np.random.Generator) -> dict:
-    """Random inputs from model metadata (ids in [1, 1000) for integer inputs)."""
+    """Random inputs from model metadata, as ``python -m client infer --random`` makes them."""
     arrays = {}
     for tensor in metadata.inputs:
         if tensor.name == "attention_mask":
-            continue
-        shape = [batch_size, *(seq_len if d == -1 else d for d in list(tensor.shape)[1:])]
-        dtype = NUMPY_DTYPES[tensor.datatype]
-        if dtype.kind == "f":
-            arrays[tensor.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype.kind in "iu":
-            arrays[tensor.name] = rng.integers(1, 1000, size=shape).astype(dtype)
-        else:
-            arrays[tensor.name] = rng.integers(0, 2, size=shape).astype(dtype)
+            continue  # optional: the model fills it in
+        shape = (batch_size, *(seq_len if d == -1 else d for d in list(tensor.shape)[1:]))
+        arrays[tensor.name] = random_array(tensor.datatype, shape, rng)
     return arrays
-
-
-def percentiles(latencies_us: np.ndarray) -> dict[str, float]:
-    if latencies_us.size == 0:
-        return {}
-    points = {"p50": 50, "p90": 90, "p99": 99, "p99.9": 99.9}
-    values = np.percentile(latencies_us, list(points.values()))
-    result = {name: float(v) for name, v in zip(points, values, strict=True)}
-    result["mean"] = float(latencies_us.mean())
-    result["max"] = float(latencies_us.max())
-    return result
 
 
 async def drive(

@@ -164,9 +164,11 @@ class InferenceServer:
             await asyncio.to_thread(backend.load)
             if settings.warmup:
                 await asyncio.to_thread(self._warm_up, model, backend)
+            # info.extra carries the resolved device ("cpu", "cuda:0"); its description
+            # (CPU model or GPU name) goes beside it rather than under the same key.
             parameters = {
                 "framework_version": info.version,
-                "device": info.device,
+                "device_name": info.device,
                 "threads": str(settings.threads or "default"),
                 **info.extra,
             }
