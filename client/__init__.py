@@ -28,7 +28,7 @@ from client.errors import (
     from_stream_error,
 )
 from client.sync import InferenceClient
-from serving.datatypes import TensorSpec
+from contract.datatypes import TensorSpec
 
 __all__ = [
     "AsyncInferenceClient",

@@ -20,10 +20,10 @@ import numpy as np
 from grpc_health.v1 import health_pb2
 
 from client.errors import DeadlineExceededError, InferenceServerError, InvalidResponseError, from_stream_error
-from serving.codec import build_request, response_outputs
-from serving.datatypes import TensorSpec
-from serving.errors import ServingError
-from serving.protocol import inference_pb2 as pb
+from contract.codec import build_request, response_outputs
+from contract.datatypes import TensorSpec
+from contract.errors import ServingError
+from contract.protocol import inference_pb2 as pb
 
 T = TypeVar("T")
 

@@ -37,7 +37,7 @@ from google.protobuf import json_format, text_format
 from client._common import DEFAULT_TIMEOUT, ModelMetadata
 from client.errors import InferenceServerError, UnimplementedError
 from client.sync import InferenceClient
-from serving.datatypes import NUMPY_DTYPES, TensorSpec, datatype_of
+from contract.datatypes import NUMPY_DTYPES, TensorSpec, datatype_of
 
 DEFAULT_DIM = 16
 _UNSAFE_IN_FILENAME = re.compile(r"[/\\]")

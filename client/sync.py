@@ -32,8 +32,8 @@ from client._common import (
     StreamRequests,
 )
 from client.errors import InferenceServerError, from_rpc_error
-from serving.protocol import inference_pb2 as pb
-from serving.protocol import inference_pb2_grpc as pb_grpc
+from contract.protocol import inference_pb2 as pb
+from contract.protocol import inference_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 

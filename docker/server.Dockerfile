@@ -14,6 +14,7 @@ WORKDIR /app
 
 COPY pyproject.toml README.md ./
 COPY proto ./proto
+COPY contract ./contract
 COPY serving ./serving
 COPY modelzoo ./modelzoo
 COPY torch_server ./torch_server

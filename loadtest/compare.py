@@ -53,10 +53,10 @@ import numpy as np
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
+from contract.protocol import inference_pb2 as pb
+from contract.protocol import inference_pb2_grpc as pb_grpc
 from loadtest.servers import ROOT, ServerProcess, ServerStartError, pin_to
 from serving.devices import cpu_model
-from serving.protocol import inference_pb2 as pb
-from serving.protocol import inference_pb2_grpc as pb_grpc
 
 FRAMEWORKS = ("torch", "tensorflow")
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"

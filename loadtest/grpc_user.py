@@ -41,10 +41,10 @@ import numpy as np
 from locust.env import Environment
 from locust.exception import LocustError
 
-from serving.codec import build_request
-from serving.datatypes import NUMPY_DTYPES, TensorSpec
-from serving.protocol import inference_pb2 as pb
-from serving.protocol import inference_pb2_grpc as pb_grpc
+from contract.codec import build_request
+from contract.datatypes import NUMPY_DTYPES, TensorSpec
+from contract.protocol import inference_pb2 as pb
+from contract.protocol import inference_pb2_grpc as pb_grpc
 
 _gevent_ready_pid: int | None = None
 

@@ -38,8 +38,8 @@ from gevent.pool import Pool
 from locust.env import Environment
 from locust.runners import MasterRunner
 
+from contract.protocol import inference_pb2 as pb
 from loadtest.grpc_user import ClientBacklog, GrpcUser, recorder_for, scheduled_start
-from serving.protocol import inference_pb2 as pb
 
 #: A send later than this after its scheduled time counts as late.
 LATE_S = 0.002

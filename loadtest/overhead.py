@@ -26,8 +26,8 @@ import grpc
 from locust.env import Environment
 from locust.event import Events
 
+from contract.protocol import inference_pb2_grpc as pb_grpc
 from loadtest.grpc_user import CHANNEL_OPTIONS, GrpcUser, LoadSettings, shared_pool
-from serving.protocol import inference_pb2_grpc as pb_grpc
 
 
 @dataclass(frozen=True)

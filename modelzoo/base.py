@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from functools import cached_property
 from typing import Any
 
 import numpy as np
 
-from serving.datatypes import TensorSpec
+from contract.datatypes import TensorSpec
 
 #: Seed of every canonical weight set.
 SEED = 20261126
@@ -95,31 +95,3 @@ def _coerce(default: Any, value: Any) -> Any:
     if isinstance(default, bool) and isinstance(value, str):
         return value.strip().lower() in ("1", "true", "yes", "on")
     return type(default)(value)
-
-
-_REGISTRY: dict[str, Callable[..., ModelDefinition]] = {}
-
-
-def register(cls: type[ModelDefinition]) -> type[ModelDefinition]:
-    """Class decorator adding a model to the zoo under its ``name``."""
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def names() -> list[str]:
-    _load_all()
-    return sorted(_REGISTRY)
-
-
-def get(name: str, **params: Any) -> ModelDefinition:
-    """A zoo model by name, with optional parameter overrides."""
-    _load_all()
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; the zoo has {sorted(_REGISTRY)}") from None
-    return factory(**params)
-
-
-def _load_all() -> None:
-    from modelzoo import encoder, mlp, resnet  # noqa: F401  (registration side effect)

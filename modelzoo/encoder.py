@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from modelzoo.base import ModelDefinition, register
-from serving.datatypes import TensorSpec
+from contract.datatypes import TensorSpec
+from modelzoo.base import ModelDefinition
 
 #: LayerNorm epsilon (BERT's), set explicitly on both sides.
 LAYER_NORM_EPS = 1e-12
@@ -30,7 +30,6 @@ LAYER_NORM_EPS = 1e-12
 MASK_VALUE = -1e9
 
 
-@register
 class Encoder(ModelDefinition):
     """``input_ids`` INT64 ``[-1, -1]`` (+ optional ``attention_mask``) -> hidden states and pooled vector."""
 

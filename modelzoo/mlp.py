@@ -12,11 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from modelzoo.base import ModelDefinition, register
-from serving.datatypes import TensorSpec
+from contract.datatypes import TensorSpec
+from modelzoo.base import ModelDefinition
 
 
-@register
 class MLP(ModelDefinition):
     """``input`` FP32 ``[-1, in_features]`` -> ``logits`` FP32 ``[-1, out_features]``."""
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from modelzoo.base import ModelDefinition, register
-from serving.datatypes import TensorSpec
+from contract.datatypes import TensorSpec
+from modelzoo.base import ModelDefinition
 
 #: BatchNorm epsilon used when folding the simulated BatchNorm statistics.
 BATCHNORM_EPS = 1e-5
@@ -42,7 +42,6 @@ class BasicBlock:
         return self.stride != 1 or self.in_channels != self.out_channels
 
 
-@register
 class ResNet(ModelDefinition):
     """``image`` FP32 ``[-1, S, S, 3]`` (NHWC) -> ``logits`` FP32 ``[-1, num_classes]``."""
 

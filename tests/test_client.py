@@ -49,9 +49,9 @@ from client import (
     from_stream_error,
 )
 from client.cli import main
-from serving import codec
-from serving.protocol import inference_pb2 as pb
-from serving.protocol import inference_pb2_grpc as pb_grpc
+from contract import codec
+from contract.protocol import inference_pb2 as pb
+from contract.protocol import inference_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving import codec
-from serving.datatypes import NUMPY_DTYPES, TensorSpec, datatype_of
-from serving.errors import InvalidInput
-from serving.protocol import inference_pb2 as pb
+from contract import codec
+from contract.datatypes import NUMPY_DTYPES, TensorSpec, datatype_of
+from contract.errors import InvalidInput
+from contract.protocol import inference_pb2 as pb
 
 
 def _sample(datatype: str, shape: tuple[int, ...] = (2, 3)) -> np.ndarray:

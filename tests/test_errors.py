@@ -12,9 +12,9 @@ import grpc
 import numpy as np
 import pytest
 
-from serving import codec
-from serving.protocol import inference_pb2 as pb
-from serving.protocol import inference_pb2_grpc as pb_grpc
+from contract import codec
+from contract.protocol import inference_pb2 as pb
+from contract.protocol import inference_pb2_grpc as pb_grpc
 from tests.conftest import BackgroundServer
 from tests.fakes import FakeFramework
 

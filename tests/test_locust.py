@@ -24,9 +24,9 @@ import grpc
 import numpy as np
 import pytest
 
+from contract.datatypes import CONFIG_DATATYPES
+from contract.protocol import inference_pb2 as pb
 from loadtest.servers import ServerProcess
-from serving.datatypes import CONFIG_DATATYPES
-from serving.protocol import inference_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(Path(__file__).parent)])}
@@ -219,7 +219,7 @@ def _pool(target: str, **settings: Any) -> Any:
 
 
 def check_pool_follows_metadata(target: str) -> None:
-    from serving.codec import request_inputs
+    from contract.codec import request_inputs
 
     pool = _pool(target, batch_size=3, seq_len=(5, 5), pool_size=4)
     assert len(pool.requests) == 4
@@ -236,7 +236,7 @@ def check_pool_follows_metadata(target: str) -> None:
 
 
 def check_typed_matches_raw(target: str) -> None:
-    from serving.codec import request_inputs
+    from contract.codec import request_inputs
 
     raw, typed = _pool(target, batch_size=2, pool_size=2), _pool(target, batch_size=2, pool_size=2, encoding="typed")
     request = typed.next()
@@ -248,7 +248,7 @@ def check_typed_matches_raw(target: str) -> None:
 
 
 def check_without_model_config(target: str) -> None:
-    from serving.codec import request_inputs
+    from contract.codec import request_inputs
 
     pool = _pool(target, batch_size=2, seq_len=(8, 32), pool_size=16)
     assert pool.batched
@@ -265,8 +265,8 @@ def check_without_model_config(target: str) -> None:
 
 
 def check_invalid_pools(target: str) -> None:
+    from contract.datatypes import TensorSpec
     from loadtest.grpc_user import InputPool
-    from serving.datatypes import TensorSpec
 
     for settings in ({"batch_size": 9}, {"encoding": "json"}):
         try:

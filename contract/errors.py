@@ -1,4 +1,4 @@
-"""The serving core's domain errors and their one mapping to gRPC status codes.
+"""The protocol's error vocabulary: each error names the gRPC status code it travels as.
 
     ServingError                 base; carries a one-line, client-safe message
     ├── InvalidInput             INVALID_ARGUMENT   shape, datatype, byte length,

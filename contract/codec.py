@@ -13,9 +13,9 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from serving.datatypes import NUMPY_DTYPES, datatype_of
-from serving.errors import InvalidInput
-from serving.protocol import inference_pb2 as pb
+from contract.datatypes import NUMPY_DTYPES, datatype_of
+from contract.errors import InvalidInput
+from contract.protocol import inference_pb2 as pb
 
 # OIP datatype -> the InferTensorContents field that carries it when typed.
 CONTENTS_FIELDS: dict[str, str] = {
