@@ -10,14 +10,14 @@ loads an artifact, runs a forward pass on numpy batches, and releases resources.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from serving.datatypes import TensorSpec
+from contract.datatypes import TensorSpec
 
 if TYPE_CHECKING:
     from modelzoo.base import ModelDefinition
@@ -69,6 +69,13 @@ class FrameworkInfo:
     extra: dict[str, str] = field(default_factory=dict)
 
 
+class Reference(Protocol):
+    """``reference(inputs)`` converts numpy inputs to the framework's own tensors once and
+    returns a callable that runs one forward pass on them."""
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> Callable[[], object]: ...
+
+
 class Framework(Protocol):
     """A framework package's entry points, as used by the shared CLI and core."""
 
@@ -96,3 +103,7 @@ class Framework(Protocol):
 
     def info(self, device: str) -> FrameworkInfo:
         """Framework version and device description."""
+
+    def reference(self, model: ModelDefinition, version_dir: Path, device: str) -> Reference:
+        """The fastest in-process call of this model that the framework offers, the yardstick
+        of ``predict`` (``python -m <server> forward``). Its docstring says what it runs."""

@@ -1,38 +1,48 @@
 """The dynamic batcher: one per served model, identical for every framework.
 
-Requests are queued and merged into one forward pass of up to ``max_batch_size``
-rows; the oldest queued request waits at most ``max_queue_delay`` for others to
-join. The queue is bounded (``max_queue_size`` requests): beyond it requests are
-shed with RESOURCE_EXHAUSTED. A request whose deadline passes while queued is
-answered DEADLINE_EXCEEDED and never computed; a cancelled one is dropped. An error
-in a forward pass reaches every request of that batch. Each request gets exactly its
-own rows back.
+Natural batching: a free model instance takes everything queued (up to
+``max_batch_size`` rows) at once; while it computes, newcomers queue and form the next
+batch. A lone request pays nothing, and under load batches form by themselves. An
+optional ``max_queue_delay`` makes the oldest queued request wait that long for company
+(fuller batches, at a latency cost); the default is 0, as in Triton.
 
-Inputs with variable dimensions beyond the batch dimension (token sequences) are
-padded to the batch's longest with the model's pad value; the k-th variable
-dimension of each output is cut back to the request's own k-th variable size.
-With preferred batch sizes, each batch is padded up to the next preferred size
-(repeating its last row), which keeps compiled graphs on a few shapes.
+There are no model threads: the calling threads take turns (leader/follower). A
+request that finds a free instance runs the batch itself, on its own gRPC thread, so a
+lone request crosses no thread boundary at all; requests that find every instance busy
+queue and wait. A leader that has its own answer hands the next batch to a waiting
+caller (one wake-up) and returns; it keeps leading only while nobody waits who could
+take over (stream requests carry a callback, not a thread). At most ``instances``
+leaders run at once.
 
-Forward passes run on ``instances`` worker threads, never on the event loop, so
-health and metadata RPCs stay responsive under load.
+The queue is bounded (``max_queue_size`` requests): beyond it requests are shed with
+RESOURCE_EXHAUSTED. A request whose deadline passes while queued is answered
+DEADLINE_EXCEEDED and never computed; a cancelled one is dropped. An error in a forward
+pass reaches every request of that batch and the batcher goes on; the leader that met
+it hands over as usual, so no failure leaves the model without a runner. Each request
+gets exactly its own rows back.
+
+Inputs with variable dimensions beyond the batch dimension (token sequences) are padded
+to the batch's longest with the model's pad value; the k-th variable dimension of each
+output is cut back to the request's own k-th variable size. With preferred batch sizes,
+each batch is padded up to the next preferred size (repeating its last row), which keeps
+compiled graphs on a few shapes.
 """
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import collections
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from serving.datatypes import TensorSpec
-from serving.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from contract.datatypes import TensorSpec
+from contract.errors import Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
 from serving.metrics import ModelMetrics
 from serving.settings import BatchingSettings
 
@@ -40,29 +50,58 @@ log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
 Predict = Callable[[Mapping[str, np.ndarray]], Arrays]
+Callback = Callable[["Request"], None]
+
+# Request states (changed under the batcher's lock only).
+QUEUED, RUNNING, FINISHED = 0, 1, 2
 
 
-@dataclass(eq=False)
-class _Request:
-    inputs: Mapping[str, np.ndarray]
-    rows: int
-    future: asyncio.Future[Arrays]
-    enqueued: float  # time.monotonic() when queued
-    deadline: float | None  # time.monotonic() by which the answer is due
-    # Sizes of the variable (-1) non-batch dimensions, from the first ragged input.
-    ragged_sizes: tuple[int, ...] = field(default=())
+class Request:
+    """One caller's rows, and their fate: ``outputs`` or ``error`` once FINISHED."""
+
+    __slots__ = (
+        "awake",
+        "callback",
+        "deadline",
+        "enqueued",
+        "error",
+        "inputs",
+        "outputs",
+        "ragged_sizes",
+        "rows",
+        "state",
+        "wake",
+    )
+
+    def __init__(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        rows: int,
+        deadline: float | None,
+        ragged_sizes: tuple[int, ...],
+        callback: Callback | None,
+    ) -> None:
+        self.inputs = inputs
+        self.rows = rows
+        #: time.monotonic() when queued, and by when the answer is due (None: no deadline).
+        self.enqueued = 0.0
+        self.deadline = deadline
+        #: Sizes of the variable (-1) non-batch dimensions, from the first ragged input.
+        self.ragged_sizes = ragged_sizes
+        self.state = QUEUED
+        self.outputs: Arrays | None = None
+        self.error: BaseException | None = None
+        #: A blocked caller waits on ``wake`` (held until it may go on); a streamed request
+        #: has a ``callback`` instead, called once with the finished request.
+        self.wake: Any = None
+        self.callback = callback
+        #: True while this request's caller runs batches (it led at once, or a leader handed
+        #: it the next batch); it then needs no wake-up and cannot be handed another.
+        self.awake = False
 
 
 class DynamicBatcher:
-    """Queue, merge, execute and split requests for one model.
-
-    ``submit`` runs on the event loop. Each model instance is a worker thread that
-    forms a batch (one worker at a time, so a batch is never split between two
-    half-empty passes), runs it, and hands every result back to the loop in one
-    callback. Waiting for a batch to fill uses a condition variable, so
-    ``max_queue_delay`` is honoured to the tens of microseconds, not to the event
-    loop's millisecond timer.
-    """
+    """Queue, merge, execute and split requests for one model (see the module docstring)."""
 
     def __init__(
         self,
@@ -80,204 +119,305 @@ class DynamicBatcher:
         self._metrics = metrics
         self._pad_values = dict(pad_values or {})
         self._ragged_inputs = [spec.name for spec in inputs if any(dim == -1 for dim in spec.shape[1:])]
+        self._ragged_axes = (
+            [axis for axis, dim in enumerate(self._input_specs[self._ragged_inputs[0]].shape) if axis and dim == -1]
+            if self._ragged_inputs
+            else []
+        )
+        self._all_padded = all(name in self._pad_values for name in self._ragged_inputs)
         self._preferred = sorted(set(settings.preferred_batch_sizes))
         self._limit = settings.max_batch_size if settings.dynamic_batching else 0
         self._delay = settings.max_queue_delay_us / 1e6 if settings.dynamic_batching else 0.0
-        self._queue: collections.deque[_Request] = collections.deque()
+        self._instances = settings.instances
+        self._max_queue = settings.max_queue_size
+        # Guards every field below; ``_changed`` wakes leaders waiting for a batch to fill
+        # and ``drain`` waiting for the batcher to go idle.
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._queue: collections.deque[Request] = collections.deque()
+        self._queued = 0  # requests in _queue still QUEUED (the rest are cancelled or expired)
         self._queued_rows = 0
-        self._cond = threading.Condition()
-        self._forming = threading.Lock()
-        self._busy = 0
-        self._stopping = False
+        self._busy = 0  # leaders running
+        self._filling = 0  # leaders waiting for a batch to fill (max_queue_delay)
         self._accepting = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._workers: list[threading.Thread] = []
+        metrics.bind_queue_depth(lambda: self._queued)
 
     @property
     def queue_depth(self) -> int:
-        return len(self._queue)
+        return self._queued
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
 
     def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._accepting = True
-        for index in range(self._settings.instances):
-            worker = threading.Thread(target=self._work, name=f"model-instance-{index}", daemon=True)
-            worker.start()
-            self._workers.append(worker)
+        with self._lock:
+            self._accepting = True
 
-    async def submit(self, inputs: Mapping[str, np.ndarray], rows: int, timeout: float | None = None) -> Arrays:
-        """Queue one validated request of ``rows`` rows; its outputs when computed.
+    # ---- callers ----
 
-        ``timeout``: seconds left until the caller's deadline (None: no deadline).
+    def infer(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        rows: int,
+        timeout: float | None = None,
+        on_queued: Callable[[Request], object] | None = None,
+    ) -> Arrays:
+        """Compute one validated request of ``rows`` rows and return its outputs.
+
+        ``timeout``: seconds left until the caller's deadline (None: no deadline). The
+        calling thread may run batches (its own and others') while it waits.
+        ``on_queued(request)`` runs when the request has to wait its turn, e.g. to
+        ``cancel`` it if the client goes away.
         """
-        if not self._accepting:
-            raise Unavailable("server is shutting down; not accepting new requests")
-        if len(self._queue) >= self._settings.max_queue_size:
-            raise ResourceExhausted(f"queue full ({self._settings.max_queue_size} requests waiting); retry later")
-        now = time.monotonic()
-        request = _Request(
-            inputs=inputs,
-            rows=rows,
-            future=asyncio.get_running_loop().create_future(),
-            enqueued=now,
-            deadline=None if timeout is None else now + timeout,
-            ragged_sizes=self._ragged_sizes(inputs),
-        )
-        with self._cond:
-            self._queue.append(request)
-            self._queued_rows += rows
-            self._cond.notify()
-        self._metrics.queue_depth.set(len(self._queue))
-        # If the caller goes away (client cancel or deadline), cancelling its task
-        # cancels request.future at once: a worker that has not taken the request yet
-        # skips it; one already computing it discards its rows.
-        return await request.future
+        request = self._request(inputs, rows, timeout, None)
+        request.wake = threading.Lock()
+        request.wake.acquire()
+        if self._enqueue(request):
+            self._lead(request)
+        elif on_queued is not None:
+            on_queued(request)
+        self._await(request)
+        if request.error is not None:
+            raise request.error
+        assert request.outputs is not None
+        return request.outputs
 
-    async def drain(self) -> None:
-        """Stop accepting, then wait until every queued and running batch is done."""
-        self._accepting = False
-        while self._queue or self._busy:
-            await asyncio.sleep(0.005)
+    def submit(self, inputs: Mapping[str, np.ndarray], rows: int, timeout: float | None, callback: Callback) -> Request:
+        """Queue one validated request; ``callback(request)`` runs once it is finished.
 
-    async def close(self) -> None:
-        await self.drain()
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        for worker in self._workers:
-            await asyncio.to_thread(worker.join)
+        Does not wait for the answer, but when an instance is free the calling thread runs
+        the batch at once (it is the leader), so the callback may run before this returns.
+        """
+        request = self._request(inputs, rows, timeout, callback)
+        if self._enqueue(request):
+            self._lead(request)
+        return request
 
-    def _ragged_sizes(self, inputs: Mapping[str, np.ndarray]) -> tuple[int, ...]:
-        if not self._ragged_inputs:
-            return ()
-        name = self._ragged_inputs[0]
-        spec = self._input_specs[name]
-        shape = inputs[name].shape
-        return tuple(shape[axis] for axis in range(1, len(spec.shape)) if spec.shape[axis] == -1)
-
-    # ---- worker threads ----
-
-    def _work(self) -> None:
-        while True:
-            with self._forming:
-                batch, expired = self._next_batch()
-            if batch is None:
+    def cancel(self, request: Request) -> None:
+        """The caller went away: drop the request if it is still queued."""
+        with self._lock:
+            if request.state != QUEUED:
                 return
-            if expired:
-                self._post(self._fail_expired, expired)
-            if not batch:
-                self._done()
-                continue
-            try:
-                results: list[Arrays] | BaseException = self._run(batch)
-            except Exception as err:  # one failure reaches every request of the batch
-                results = err
-            self._post(self._deliver, batch, results)
-            self._done()
+            self._unqueue(request)
+            request.error = Cancelled("the client cancelled the request")
+            notify = self._notifiable(request)
+        if notify:
+            self._finish(request)
 
-    def _next_batch(self) -> tuple[list[_Request] | None, list[_Request]]:
-        """Wait for work, then for the batch to fill or the oldest request's delay
-        to pass; pop it. (None, []) when stopping with nothing left."""
-        with self._cond:
-            while not self._queue:
-                if self._stopping:
-                    return None, []
-                self._cond.wait()
-            if self._delay > 0:
-                flush_at = self._queue[0].enqueued + self._delay
-                while self._queued_rows < self._limit and not self._stopping:
+    def drain(self, timeout: float | None = None) -> bool:
+        """Stop accepting, then wait until every queued and running batch is done.
+
+        True when idle; False if ``timeout`` (seconds) ran out first.
+        """
+        with self._changed:
+            self._accepting = False
+            return self._changed.wait_for(lambda: not self._queued and not self._busy, timeout)
+
+    # ---- queueing ----
+
+    def _request(
+        self, inputs: Mapping[str, np.ndarray], rows: int, timeout: float | None, callback: Callback | None
+    ) -> Request:
+        ragged: tuple[int, ...] = ()
+        if self._ragged_axes:
+            shape = inputs[self._ragged_inputs[0]].shape
+            ragged = tuple(shape[axis] for axis in self._ragged_axes)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return Request(inputs, rows, deadline, ragged, callback)
+
+    def _enqueue(self, request: Request) -> bool:
+        """Queue ``request``; True when its caller must lead (an instance was free)."""
+        with self._lock:
+            if not self._accepting:
+                raise Unavailable("server is shutting down; not accepting new requests")
+            if self._queued >= self._max_queue:
+                raise ResourceExhausted(f"queue full ({self._max_queue} requests waiting); retry later")
+            request.enqueued = time.monotonic()
+            self._queue.append(request)
+            self._queued += 1
+            self._queued_rows += request.rows
+            if self._filling:
+                self._changed.notify_all()
+            if self._busy < self._instances:
+                self._busy += 1
+                request.awake = True
+                return True
+            return False
+
+    def _unqueue(self, request: Request) -> None:
+        """Mark a QUEUED request finished (under the lock); it stays in the deque, skipped."""
+        request.state = FINISHED
+        self._queued -= 1
+        self._queued_rows -= request.rows
+
+    def _await(self, request: Request) -> None:
+        """Block until ``request`` is FINISHED; lead when handed a batch; give up at its
+        deadline while it is still queued (answered DEADLINE_EXCEEDED, never computed).
+
+        ``wake`` is held whenever the caller runs, so each wake-up (answer or promotion)
+        releases it exactly once.
+        """
+        wake = request.wake
+        while request.state != FINISHED:
+            timeout = -1.0 if request.deadline is None else max(request.deadline - time.monotonic(), 0.0)
+            if wake.acquire(timeout=timeout):
+                if request.awake:  # promoted: a leader handed over its instance
+                    self._lead(request)
+                continue
+            with self._lock:
+                promoted = request.awake
+                if not promoted and request.state == QUEUED:
+                    self._unqueue(request)
+                    request.error = self._expired(request, time.monotonic())
+                    return
+            wake.acquire()  # the promotion's or the answer's wake-up, imminent
+            if promoted:
+                self._lead(request)
+
+    # ---- leading ----
+
+    def _lead(self, own: Request) -> None:
+        """Run batches until ``own`` is finished and a waiting caller can take over, or
+        nothing is queued. The caller holds one of the ``instances`` slots (``_busy``),
+        which it hands over or gives back."""
+        successor: Request | None = None
+        try:
+            while True:
+                os.sched_yield()
+                with self._lock:
+                    batch, expired = self._next_batch()
+                    if not batch and not expired:
+                        return
+                    expired = [request for request in expired if self._notifiable(request)]
+                for request in expired:
+                    self._finish(request)
+                if batch:
+                    self._run(batch)
+                if own.state == FINISHED:
+                    with self._lock:
+                        successor = self._successor()
+                        if successor is not None:
+                            successor.awake = True
+                    if successor is not None:
+                        successor.wake.release()
+                        return
+        finally:
+            with self._lock:
+                own.awake = False
+                if successor is None:
+                    self._busy -= 1
+                    if not self._busy and not self._queued:
+                        self._changed.notify_all()
+
+    @staticmethod
+    def _notifiable(request: Request) -> bool:
+        """Whether a request just FINISHED needs telling (under the lock): a caller that is
+        awake (leading) finds its request finished when it looks."""
+        return request.callback is not None or (request.wake is not None and not request.awake)
+
+    def _successor(self) -> Request | None:
+        """The oldest queued request whose caller is blocked and can lead (under the lock)."""
+        for request in self._queue:
+            if request.state == QUEUED and request.wake is not None and not request.awake:
+                return request
+        return None
+
+    def _next_batch(self) -> tuple[list[Request], list[Request]]:
+        """(batch, expired) popped from the queue (under the lock); waits for the batch to
+        fill when a queue delay is set. Both empty: nothing left to run."""
+        if self._delay > 0 and self._queued and self._queued_rows < self._limit:
+            flush_at = self._oldest_enqueued() + self._delay
+            self._filling += 1
+            try:
+                while self._queued and self._queued_rows < self._limit:
                     remaining = flush_at - time.monotonic()
                     if remaining <= 0:
                         break
-                    self._cond.wait(remaining)
-            batch, expired = self._take_batch(time.monotonic())
-            self._busy += 1
-        self._metrics.queue_depth.set(len(self._queue))
-        return batch, expired
-
-    def _take_batch(self, now: float) -> tuple[list[_Request], list[_Request]]:
-        """Pop the next batch: FIFO, whole requests; drops cancelled requests and
-        returns the expired ones separately (never computed)."""
-        batch: list[_Request] = []
-        expired: list[_Request] = []
+                    self._changed.wait(remaining)
+            finally:
+                self._filling -= 1
+        now = time.monotonic()
+        batch: list[Request] = []
+        expired: list[Request] = []
         rows = 0
-        while self._queue:
-            request = self._queue[0]
-            if request.future.done():  # cancelled by its caller while queued
-                self._pop()
+        queue = self._queue
+        while queue:
+            request = queue[0]
+            if request.state != QUEUED:  # cancelled or expired while queued
+                queue.popleft()
                 continue
             if request.deadline is not None and now >= request.deadline:
-                self._pop()
+                queue.popleft()
+                self._unqueue(request)
+                request.error = self._expired(request, now)
                 expired.append(request)
                 continue
             if batch and (rows + request.rows > self._limit or not self._compatible(batch[0], request)):
                 break
-            self._pop()
+            queue.popleft()
+            request.state = RUNNING
+            self._queued -= 1
+            self._queued_rows -= request.rows
             batch.append(request)
             rows += request.rows
         return batch, expired
 
-    def _pop(self) -> None:
-        request = self._queue.popleft()
-        self._queued_rows -= request.rows
+    def _oldest_enqueued(self) -> float:
+        for request in self._queue:
+            if request.state == QUEUED:
+                return request.enqueued
+        return time.monotonic()
 
-    def _compatible(self, first: _Request, other: _Request) -> bool:
-        """Requests with different variable sizes merge only when the model pads."""
-        if first.ragged_sizes == other.ragged_sizes:
-            return True
-        return all(name in self._pad_values for name in self._ragged_inputs)
+    def _compatible(self, first: Request, other: Request) -> bool:
+        """Requests with different variable sizes merge only when the model pads them."""
+        return first.ragged_sizes == other.ragged_sizes or self._all_padded
 
-    def _done(self) -> None:
-        with self._cond:
-            self._busy -= 1
+    @staticmethod
+    def _expired(request: Request, now: float) -> DeadlineExceeded:
+        waited_ms = (now - request.enqueued) * 1e3
+        return DeadlineExceeded(f"deadline expired after {waited_ms:.1f} ms in the queue; not computed")
 
-    def _run(self, batch: list[_Request]) -> list[Arrays]:
-        """Merge, forward, split; records the batch's timings."""
+    def _run(self, batch: list[Request]) -> None:
+        """Merge, forward, split, deliver; one failure reaches every request of the batch."""
         t0 = time.perf_counter_ns()
-        now = time.monotonic()
-        for request in batch:
-            self._metrics.queued(int((now - request.enqueued) * 1e9))
-        merged, rows = merge(batch, self._input_specs, self._pad_values, self._preferred)
-        t1 = time.perf_counter_ns()
-        outputs = self._predict(merged)
-        t2 = time.perf_counter_ns()
-        results = split(outputs, batch, self._output_specs)
-        t3 = time.perf_counter_ns()
-        self._metrics.batch_done(rows, len(batch), t1 - t0, t2 - t1, t3 - t2)
-        return results
-
-    # ---- back on the event loop ----
-
-    def _post(self, callback: Callable[..., None], *args: object) -> None:
-        assert self._loop is not None
+        started = time.monotonic()
         try:
-            self._loop.call_soon_threadsafe(callback, *args)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            log.debug("event loop closed; dropping a batch's results")
+            merged, rows = merge(batch, self._input_specs, self._pad_values, self._preferred)
+            t1 = time.perf_counter_ns()
+            outputs = self._predict(merged)
+            t2 = time.perf_counter_ns()
+            results = split(outputs, batch, self._output_specs)
+            t3 = time.perf_counter_ns()
+            self._metrics.batch_done(rows, [started - r.enqueued for r in batch], t1 - t0, t2 - t1, t3 - t2)
+        except BaseException as err:
+            error = err if isinstance(err, Exception) else RuntimeError(f"forward pass aborted by {err!r}")
+            for request in batch:
+                request.error = error
+        else:
+            for request, result in zip(batch, results, strict=True):
+                request.outputs = result
+        with self._lock:
+            for request in batch:
+                request.state = FINISHED
+            notify = [request for request in batch if self._notifiable(request)]
+        for request in notify:
+            self._finish(request)
 
     @staticmethod
-    def _deliver(batch: list[_Request], results: list[Arrays] | BaseException) -> None:
-        for index, request in enumerate(batch):
-            if request.future.done():
-                continue
-            if isinstance(results, BaseException):
-                request.future.set_exception(results)
-            else:
-                request.future.set_result(results[index])
-
-    @staticmethod
-    def _fail_expired(expired: list[_Request]) -> None:
-        now = time.monotonic()
-        for request in expired:
-            if not request.future.done():
-                waited_ms = (now - request.enqueued) * 1e3
-                request.future.set_exception(
-                    DeadlineExceeded(f"deadline expired after {waited_ms:.1f} ms in the queue; not computed")
-                )
+    def _finish(request: Request) -> None:
+        """Tell a finished request's caller: wake its thread or run its callback."""
+        if request.callback is not None:
+            try:
+                request.callback(request)
+            except Exception:
+                log.exception("a request's completion callback failed")
+        elif request.wake is not None:
+            request.wake.release()
 
 
 def merge(
-    batch: Sequence[_Request],
+    batch: Sequence[Request],
     specs: Mapping[str, TensorSpec],
     pad_values: Mapping[str, int | float],
     preferred: Sequence[int] = (),
@@ -294,6 +434,8 @@ def merge(
         index = bisect.bisect_left(preferred, rows)
         if index < len(preferred):
             target = preferred[index]
+    if len(batch) == 1 and target == rows:
+        return dict(batch[0].inputs), rows
     merged: Arrays = {}
     for name, spec in specs.items():
         parts = [request.inputs[name] for request in batch]
@@ -318,10 +460,11 @@ def _pad_to(array: np.ndarray, axes: Sequence[int], sizes: Sequence[int], value:
     return np.pad(array, widths, constant_values=value) if needs else array
 
 
-def split(
-    outputs: Mapping[str, np.ndarray], batch: Sequence[_Request], specs: Mapping[str, TensorSpec]
-) -> list[Arrays]:
+def split(outputs: Mapping[str, np.ndarray], batch: Sequence[Request], specs: Mapping[str, TensorSpec]) -> list[Arrays]:
     """Each request's own rows of every output, variable dims cut to its sizes."""
+    if len(batch) == 1 and not batch[0].ragged_sizes:
+        rows = batch[0].rows
+        return [{name: array if array.shape[0] == rows else array[:rows] for name, array in outputs.items()}]
     results: list[Arrays] = [{} for _ in batch]
     for name, array in outputs.items():
         spec = specs.get(name)

@@ -7,12 +7,13 @@ export  write the native serving artifact(s) into a repository folder
 from __future__ import annotations
 
 import argparse
-import asyncio
+import functools
 import json
 import logging
+import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import modelzoo
@@ -40,7 +41,8 @@ def build_parser(framework: Framework) -> argparse.ArgumentParser:
     forward = commands.add_parser(
         "forward",
         help="time the model's own forward pass in-process (the serving ceiling), print JSON",
-        description="Loads the artifact exactly as `serve` does and times backend.predict per batch size.",
+        description="Loads the artifact exactly as `serve` does and times backend.predict per batch size, beside "
+        "the framework's fastest in-process call of the same model (the reference).",
     )
     forward.add_argument("--model", default="mlp")
     forward.add_argument("--model-arg", default="", help="zoo model parameters as KEY=VALUE, comma-separated")
@@ -52,34 +54,58 @@ def build_parser(framework: Framework) -> argparse.ArgumentParser:
     return parser
 
 
+FORWARD_ROUNDS = 4
+
+
+def _median_us(run: Callable[[], object], seconds: float) -> float:
+    """Median wall time of ``run()`` in µs: at least 20 calls, for about ``seconds``."""
+    timings: list[float] = []
+    budget_end = time.perf_counter() + seconds
+    while time.perf_counter() < budget_end or len(timings) < 20:
+        started = time.perf_counter()
+        run()
+        timings.append(time.perf_counter() - started)
+    return statistics.median(timings) * 1e6
+
+
 def forward_benchmark(framework: Framework, args: argparse.Namespace) -> dict[str, object]:
-    """Median latency and rows/s of backend.predict at each batch size."""
+    """Median latency and rows/s of backend.predict at each batch size, beside the framework's
+    fastest in-process call of the same model (``Framework.reference``), timed alternately."""
     import numpy as np
 
     framework.configure(args.threads, args.device)
     device = framework.resolve_device(args.device)
     model = modelzoo.get(args.model, **parse_model_args(args.model_arg))
     root = args.model_dir or repository.default_root(framework)
-    backend = framework.create_backend(model, repository.ensure(framework, model, root), device)
+    version_dir = repository.ensure(framework, model, root)
+    backend = framework.create_backend(model, version_dir, device)
     backend.load()
+    reference = framework.reference(model, version_dir, device)
     rng = np.random.default_rng(0)
     results = []
     for size in (int(part) for part in args.batch_sizes.split(",") if part.strip()):
         inputs = model.complete_inputs(model.example_inputs(size, rng, seq_len=16))
+        served = functools.partial(backend.predict, inputs)
+        fastest = reference(inputs)
         for _ in range(5):
-            backend.predict(inputs)
-        timings: list[float] = []
-        budget_end = time.perf_counter() + args.seconds
-        while time.perf_counter() < budget_end or len(timings) < 20:
-            started = time.perf_counter()
-            backend.predict(inputs)
-            timings.append(time.perf_counter() - started)
-        median = float(np.median(timings))
-        results.append({"batch_size": size, "median_us": median * 1e6, "rows_per_s": size / median})
+            served()
+            fastest()
+        served_runs, reference_runs = [], []
+        for _ in range(FORWARD_ROUNDS):  # alternating, so drift on a shared machine hits both
+            served_runs.append(_median_us(served, args.seconds / FORWARD_ROUNDS))
+            reference_runs.append(_median_us(fastest, args.seconds / FORWARD_ROUNDS))
+        served_us, reference_us = statistics.median(served_runs), statistics.median(reference_runs)
+        results.append({
+            "batch_size": size,
+            "median_us": served_us,
+            "rows_per_s": size / served_us * 1e6,
+            "reference_us": reference_us,
+            "vs_reference": served_us / reference_us,
+        })  # fmt: skip
     backend.close()
     info = framework.info(device)
     return {"framework": framework.name, "version": info.version, "device": info.device, "model": args.model,
-            "threads": args.threads, "results": results}  # fmt: skip
+            "threads": args.threads, "reference": reference.__doc__, "results": results}  # fmt: skip
 
 
 def main(framework: Framework, argv: Sequence[str] | None = None) -> int:
@@ -113,4 +139,4 @@ def main(framework: Framework, argv: Sequence[str] | None = None) -> int:
     framework.configure(settings.threads, settings.device)
     from serving.server import run
 
-    return asyncio.run(run(settings, framework))
+    return run(settings, framework)

@@ -31,7 +31,9 @@ class BatchingSettings:
         "Merge concurrent requests into one forward pass (off: one request per pass).", default=True
     )
     max_queue_delay_us: int = _doc(
-        "How long the oldest queued request may wait for more to join its batch (µs).", default=2000
+        "How long the oldest queued request may wait for more to join its batch (µs); 0: natural batching, a free "
+        "model takes whatever is queued at once.",
+        default=0,
     )
     max_queue_size: int = _doc(
         "Most requests waiting per model; beyond it requests get RESOURCE_EXHAUSTED.", default=1024
@@ -55,6 +57,10 @@ class ServerSettings(BatchingSettings):
         "Model repository (<model>/<version>/); exported there on first use if missing.", default=None
     )
     host: str = _doc("Address to bind.", default="0.0.0.0")
+    grpc_threads: int = _doc(
+        "gRPC handler threads: the most RPCs handled at once (a request waiting for its batch holds one).",
+        default=256,
+    )
     port: int = _doc("gRPC port; 0 picks a free one (printed and written to --port-file).", default=8001)
     metrics_port: int = _doc("Prometheus metrics HTTP port; 0 picks a free one, -1 disables.", default=8002)
     port_file: Path | None = _doc("Write the bound gRPC and metrics ports here as JSON once SERVING.", default=None)
@@ -79,6 +85,8 @@ class ServerSettings(BatchingSettings):
             raise ValueError("max_batch_size must be >= 1")
         if self.max_queue_size < 1 or self.instances < 1 or self.max_queue_delay_us < 0:
             raise ValueError("max_queue_size and instances must be >= 1, max_queue_delay_us >= 0")
+        if self.grpc_threads < 2:
+            raise ValueError("grpc_threads must be >= 2")
         if any(size < 1 or size > self.max_batch_size for size in self.preferred_batch_sizes):
             raise ValueError("preferred_batch_sizes must lie in 1..max_batch_size")
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import concurrent.futures
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from modelzoo import MODELS
 from serving.backend import Framework
 from serving.server import InferenceServer
 from serving.settings import ServerSettings
-from tests.fakes import FakeFramework
+from tests.fakes import ZOO, FakeFramework
 
 FRAMEWORKS = ("torch", "tensorflow")
 
@@ -30,7 +31,7 @@ def framework_for(name: str) -> Framework:
 
 
 class BackgroundServer:
-    """An InferenceServer on its own event loop thread; tests talk to it over gRPC."""
+    """An InferenceServer in this process on a free port; tests talk to it over gRPC."""
 
     def __init__(self, framework: Any, load: bool = True, **settings: Any) -> None:
         settings.setdefault("host", "127.0.0.1")
@@ -40,19 +41,22 @@ class BackgroundServer:
         self.settings = ServerSettings(**settings)
         self.framework = framework
         self.registry = CollectorRegistry()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = InferenceServer(self.settings, framework, registry=self.registry)
-        self.call(self.server.start())
-        self.loading: Any = None
+        zoo = {**MODELS, **ZOO} if isinstance(framework, FakeFramework) else MODELS
+        self.server = InferenceServer(self.settings, framework, registry=self.registry, zoo=zoo)
+        self.server.start()
+        self.loading: concurrent.futures.Future[None] = concurrent.futures.Future()
         if load:
-            self.call(self.server.load_models(), timeout=600)
+            self.server.load_models()
+            self.loading.set_result(None)
         else:
-            self.loading = asyncio.run_coroutine_threadsafe(self.server.load_models(), self.loop)
+            threading.Thread(target=self._load, daemon=True).start()
 
-    def call(self, coro: Any, timeout: float = 60) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+    def _load(self) -> None:
+        try:
+            self.server.load_models()
+            self.loading.set_result(None)
+        except BaseException as err:
+            self.loading.set_exception(err)
 
     @property
     def target(self) -> str:
@@ -63,11 +67,7 @@ class BackgroundServer:
         return f"http://127.0.0.1:{self.server.metrics_port}/metrics"
 
     def stop(self, grace: float = 5.0) -> None:
-        if self.thread.is_alive():
-            self.call(self.server.stop(grace))
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
-            self.loop.close()
+        self.server.stop(grace)
 
 
 @pytest.fixture(scope="session")

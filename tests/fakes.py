@@ -15,12 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from modelzoo.base import ModelDefinition, register
+from contract.datatypes import TensorSpec
+from modelzoo.base import ModelDefinition
 from serving.backend import Backend, FrameworkInfo
-from serving.datatypes import TensorSpec
 
 
-@register
 class Double(ModelDefinition):
     name = "double"
     defaults: Mapping[str, Any] = {"width": 4}
@@ -38,6 +37,10 @@ class Double(ModelDefinition):
 
     def example_inputs(self, batch_size: int, rng: np.random.Generator, **kwargs: Any) -> dict[str, np.ndarray]:
         return {"x": rng.standard_normal((batch_size, self.params["width"])).astype(np.float32)}
+
+
+#: The models a FakeFramework serves (``InferenceServer(..., zoo=ZOO)``).
+ZOO: dict[str, type[ModelDefinition]] = {"double": Double}
 
 
 class Controls:

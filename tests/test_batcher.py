@@ -1,22 +1,22 @@
-"""The dynamic batcher on its own: merge/split, flush triggers, shedding, deadlines,
-cancellation, error fan-out, padding of ragged inputs, draining."""
+"""The dynamic batcher on its own: natural batching, merge/split, flush triggers,
+shedding, deadlines, cancellation, error fan-out, padding of ragged inputs, draining,
+and the leader/follower hand-off under many concurrent callers."""
 
 from __future__ import annotations
 
-import asyncio
+import concurrent.futures
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry
 
-from serving.batcher import DynamicBatcher
-from serving.datatypes import TensorSpec
-from serving.errors import DeadlineExceeded, ResourceExhausted, Unavailable
-from serving.metrics import ServerMetrics
+from contract.datatypes import TensorSpec
+from contract.errors import Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
+from serving.batcher import DynamicBatcher, Request
+from serving.metrics import ModelMetrics
 from serving.settings import BatchingSettings
 
 INPUTS = (TensorSpec("x", "FP32", (-1, 2)),)
@@ -24,30 +24,46 @@ OUTPUTS = (TensorSpec("y", "FP32", (-1, 2)),)
 
 
 class Model:
-    """Records every batch; y = 2x. Can be gated (blocks until released) or made to fail."""
+    """Records every batch and the thread that ran it; y = 2x. Can be gated (blocks until
+    released), slowed down, or made to fail."""
 
-    def __init__(self, fail: bool = False) -> None:
+    def __init__(self, fail: BaseException | None = None) -> None:
         self.batches: list[dict[str, np.ndarray]] = []
+        self.threads: list[threading.Thread] = []
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Event()
         self.fail = fail
+        self.delay_s = 0.0
+        self.running = 0
+        self.most_running = 0
+        self._lock = threading.Lock()
 
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.entered.set()
-        assert self.gate.wait(10)
-        self.batches.append({k: np.array(v) for k, v in inputs.items()})
-        if self.fail:
-            raise ValueError("boom")
-        return {"y": inputs["x"] * 2}
+        with self._lock:
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+        try:
+            self.entered.set()
+            assert self.gate.wait(10)
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            self.batches.append({k: np.array(v) for k, v in inputs.items()})
+            self.threads.append(threading.current_thread())
+            if self.fail is not None:
+                raise self.fail
+            return {"y": inputs["x"] * 2}
+        finally:
+            with self._lock:
+                self.running -= 1
+
+    @property
+    def sizes(self) -> list[int]:
+        return [batch["x"].shape[0] for batch in self.batches]
 
 
-def make(
-    model: Model, inputs: Any = INPUTS, outputs: Any = OUTPUTS, pad: Any = None, **settings: Any
-) -> DynamicBatcher:
-    registry = CollectorRegistry()
-    metrics = ServerMetrics(registry).for_model("m")
-    batcher = DynamicBatcher(model, inputs, outputs, BatchingSettings(**settings), metrics, pad_values=pad)
+def make(model: Any, inputs: Any = INPUTS, outputs: Any = OUTPUTS, pad: Any = None, **settings: Any) -> DynamicBatcher:
+    batcher = DynamicBatcher(model, inputs, outputs, BatchingSettings(**settings), ModelMetrics("m"), pad_values=pad)
     batcher.start()
     return batcher
 
@@ -56,157 +72,187 @@ def rows(start: int, count: int) -> dict[str, np.ndarray]:
     return {"x": np.arange(start * 2, (start + count) * 2, dtype=np.float32).reshape(count, 2)}
 
 
-def run(coro: Any) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 30))
+@pytest.fixture
+def pool() -> Iterator[concurrent.futures.ThreadPoolExecutor]:
+    with concurrent.futures.ThreadPoolExecutor(32) as executor:
+        yield executor
 
 
-def test_merge_and_split_are_exact() -> None:
-    async def main() -> None:
-        model = Model()
-        batcher = make(model, max_batch_size=16, max_queue_delay_us=200_000)
-        sizes = [1, 3, 2, 4, 1]
-        starts = np.cumsum([0, *sizes[:-1]])
-        results = await asyncio.gather(*(batcher.submit(rows(s, n), n) for s, n in zip(starts, sizes, strict=True)))
-        for start, size, result in zip(starts, sizes, results, strict=True):
-            np.testing.assert_array_equal(result["y"], rows(start, size)["x"] * 2)
-        assert len(model.batches) == 1
-        assert model.batches[0]["x"].shape == (11, 2)
-        await batcher.close()
-
-    run(main())
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.002)
 
 
-def test_size_flush_does_not_wait_for_delay() -> None:
-    async def main() -> None:
-        model = Model()
-        batcher = make(model, max_batch_size=4, max_queue_delay_us=10_000_000)
-        started = time.monotonic()
-        await asyncio.gather(*(batcher.submit(rows(i, 1), 1) for i in range(4)))
-        assert time.monotonic() - started < 2.0
-        assert [b["x"].shape[0] for b in model.batches] == [4]
-        await batcher.close()
-
-    run(main())
+def test_lone_request_runs_on_the_callers_thread() -> None:
+    model = Model()
+    batcher = make(model, max_batch_size=8)
+    result = batcher.infer(rows(0, 3), 3)
+    np.testing.assert_array_equal(result["y"], rows(0, 3)["x"] * 2)
+    assert model.threads == [threading.current_thread()]
 
 
-def test_timeout_flush_after_max_queue_delay() -> None:
-    async def main() -> None:
-        model = Model()
-        batcher = make(model, max_batch_size=64, max_queue_delay_us=100_000)
-        started = time.monotonic()
-        await asyncio.gather(batcher.submit(rows(0, 1), 1), batcher.submit(rows(1, 2), 2))
-        elapsed = time.monotonic() - started
-        assert 0.09 <= elapsed < 2.0
-        assert [b["x"].shape[0] for b in model.batches] == [3]
-        await batcher.close()
-
-    run(main())
-
-
-def test_batching_off_runs_one_request_per_pass() -> None:
-    async def main() -> None:
-        model = Model()
-        batcher = make(model, max_batch_size=8, dynamic_batching=False)
-        await asyncio.gather(*(batcher.submit(rows(i, 2), 2) for i in range(3)))
-        assert [b["x"].shape[0] for b in model.batches] == [2, 2, 2]
-        await batcher.close()
-
-    run(main())
+def test_natural_batching_takes_everything_queued_while_busy(pool: concurrent.futures.ThreadPoolExecutor) -> None:
+    model = Model()
+    model.gate.clear()
+    batcher = make(model, max_batch_size=16)  # no queue delay: the default
+    first = pool.submit(batcher.infer, rows(0, 1), 1)
+    assert model.entered.wait(5)
+    queued = [pool.submit(batcher.infer, rows(i, 1), 1) for i in range(1, 6)]
+    wait_until(lambda: batcher.queue_depth == 5)
+    model.gate.set()
+    for i, future in enumerate([first, *queued]):
+        np.testing.assert_array_equal(future.result(5)["y"], rows(i, 1)["x"] * 2)
+    assert model.sizes == [1, 5]
 
 
-def test_batches_never_exceed_max_batch_size() -> None:
-    async def main() -> None:
-        model = Model()
-        model.gate.clear()
-        batcher = make(model, max_batch_size=4, max_queue_delay_us=0)
-        tasks = [asyncio.ensure_future(batcher.submit(rows(i, 3), 3)) for i in range(5)]
-        await asyncio.sleep(0.05)
-        model.gate.set()
-        await asyncio.gather(*tasks)
-        assert all(b["x"].shape[0] <= 4 for b in model.batches)
-        assert sum(b["x"].shape[0] for b in model.batches) == 15
-        await batcher.close()
-
-    run(main())
+def test_merge_and_split_are_exact(pool: concurrent.futures.ThreadPoolExecutor) -> None:
+    model = Model()
+    batcher = make(model, max_batch_size=16, max_queue_delay_us=300_000)
+    sizes = [1, 3, 2, 4, 1]
+    starts = np.cumsum([0, *sizes[:-1]])
+    futures = [pool.submit(batcher.infer, rows(s, n), n) for s, n in zip(starts, sizes, strict=True)]
+    for start, size, future in zip(starts, sizes, futures, strict=True):
+        np.testing.assert_array_equal(future.result(5)["y"], rows(start, size)["x"] * 2)
+    assert model.sizes == [11]
 
 
-def test_full_queue_sheds_with_resource_exhausted() -> None:
-    async def main() -> None:
-        model = Model()
-        model.gate.clear()
-        batcher = make(model, max_batch_size=1, max_queue_size=2, max_queue_delay_us=0)
-        first = asyncio.ensure_future(batcher.submit(rows(0, 1), 1))
-        await asyncio.to_thread(model.entered.wait, 5)  # first is computing, queue empty
-        queued = [asyncio.ensure_future(batcher.submit(rows(i, 1), 1)) for i in (1, 2)]
-        await asyncio.sleep(0.01)
-        with pytest.raises(ResourceExhausted, match="queue full"):
-            await batcher.submit(rows(3, 1), 1)
-        model.gate.set()
-        await asyncio.gather(first, *queued)
-        await batcher.close()
-
-    run(main())
+def test_size_flush_does_not_wait_for_delay(pool: concurrent.futures.ThreadPoolExecutor) -> None:
+    model = Model()
+    batcher = make(model, max_batch_size=4, max_queue_delay_us=10_000_000)
+    started = time.monotonic()
+    futures = [pool.submit(batcher.infer, rows(i, 1), 1) for i in range(4)]
+    for future in futures:
+        future.result(5)
+    assert time.monotonic() - started < 2.0
+    assert model.sizes == [4]
 
 
-def test_expired_deadline_is_never_computed() -> None:
-    async def main() -> None:
-        model = Model()
-        model.gate.clear()
-        batcher = make(model, max_batch_size=8, max_queue_delay_us=0)
-        first = asyncio.ensure_future(batcher.submit(rows(0, 1), 1))
-        await asyncio.to_thread(model.entered.wait, 5)
-        late = asyncio.ensure_future(batcher.submit(rows(50, 1), 1, timeout=0.05))
-        await asyncio.sleep(0.15)
-        model.gate.set()
-        await first
-        with pytest.raises(DeadlineExceeded, match="not computed"):
-            await late
-        assert all(100.0 not in b["x"] for b in model.batches)
-        await batcher.close()
-
-    run(main())
+def test_timeout_flush_after_max_queue_delay(pool: concurrent.futures.ThreadPoolExecutor) -> None:
+    model = Model()
+    batcher = make(model, max_batch_size=64, max_queue_delay_us=100_000)
+    started = time.monotonic()
+    futures = [pool.submit(batcher.infer, rows(0, 1), 1), pool.submit(batcher.infer, rows(1, 2), 2)]
+    for future in futures:
+        future.result(5)
+    assert 0.09 <= time.monotonic() - started < 2.0
+    assert model.sizes == [3]
 
 
-def test_cancelled_request_is_dropped() -> None:
-    async def main() -> None:
-        model = Model()
-        model.gate.clear()
-        batcher = make(model, max_batch_size=8, max_queue_delay_us=0)
-        first = asyncio.ensure_future(batcher.submit(rows(0, 1), 1))
-        await asyncio.to_thread(model.entered.wait, 5)
-        doomed = asyncio.ensure_future(batcher.submit(rows(50, 1), 1))
-        kept = asyncio.ensure_future(batcher.submit(rows(60, 1), 1))
-        await asyncio.sleep(0.01)
-        doomed.cancel()
-        model.gate.set()
-        await asyncio.gather(first, kept)
-        assert doomed.cancelled()
-        computed = np.concatenate([b["x"] for b in model.batches])
-        assert 100.0 not in computed
-        assert 120.0 in computed
-        await batcher.close()
-
-    run(main())
+def test_batching_off_runs_one_request_per_pass(pool: concurrent.futures.ThreadPoolExecutor) -> None:
+    model = Model()
+    model.gate.clear()
+    batcher = make(model, max_batch_size=8, dynamic_batching=False)
+    futures = [pool.submit(batcher.infer, rows(i, 2), 2) for i in range(3)]
+    wait_until(lambda: model.entered.is_set() and batcher.queue_depth == 2)
+    model.gate.set()
+    for future in futures:
+        future.result(5)
+    assert model.sizes == [2, 2, 2]
 
 
-def test_error_reaches_every_request_of_the_batch() -> None:
-    async def main() -> None:
-        model = Model(fail=True)
-        batcher = make(model, max_batch_size=8, max_queue_delay_us=100_000)
-        results = await asyncio.gather(*(batcher.submit(rows(i, 1), 1) for i in range(3)), return_exceptions=True)
-        assert len(model.batches) == 1
-        assert all(isinstance(r, ValueError) for r in results)
-        # The batcher keeps serving after a failed batch.
-        model.fail = False
-        np.testing.assert_array_equal((await batcher.submit(rows(7, 1), 1))["y"], rows(7, 1)["x"] * 2)
-        await batcher.close()
-
-    run(main())
+def test_batches_never_exceed_max_batch_size(pool: concurrent.futures.ThreadPoolExecutor) -> None:
+    model = Model()
+    model.gate.clear()
+    batcher = make(model, max_batch_size=4)
+    futures = [pool.submit(batcher.infer, rows(3 * i, 3), 3) for i in range(5)]
+    wait_until(lambda: model.entered.is_set() and batcher.queue_depth == 4)
+    model.gate.set()
+    for i, future in enumerate(futures):
+        np.testing.assert_array_equal(future.result(5)["y"], rows(3 * i, 3)["x"] * 2)
+    assert all(size <= 4 for size in model.sizes)
+    assert sum(model.sizes) == 15
 
 
-def test_ragged_inputs_are_padded_and_outputs_cut_back() -> None:
+def test_full_queue_sheds_with_resource_exhausted(pool: concurrent.futures.ThreadPoolExecutor) -> None:
+    model = Model()
+    model.gate.clear()
+    batcher = make(model, max_batch_size=1, max_queue_size=2)
+    first = pool.submit(batcher.infer, rows(0, 1), 1)
+    assert model.entered.wait(5)  # first is computing, queue empty
+    queued = [pool.submit(batcher.infer, rows(i, 1), 1) for i in (1, 2)]
+    wait_until(lambda: batcher.queue_depth == 2)
+    with pytest.raises(ResourceExhausted, match="queue full"):
+        batcher.infer(rows(3, 1), 1)
+    model.gate.set()
+    for future in (first, *queued):
+        future.result(5)
+
+
+def test_expired_deadline_is_never_computed(pool: concurrent.futures.ThreadPoolExecutor) -> None:
+    model = Model()
+    model.gate.clear()
+    batcher = make(model, max_batch_size=8)
+    first = pool.submit(batcher.infer, rows(0, 1), 1)
+    assert model.entered.wait(5)
+    late = pool.submit(batcher.infer, rows(50, 1), 1, 0.05)
+    with pytest.raises(DeadlineExceeded, match="not computed"):
+        late.result(5)  # answered at its deadline, while the model is still busy
+    assert batcher.queue_depth == 0
+    model.gate.set()
+    first.result(5)
+    assert all(100.0 not in batch["x"] for batch in model.batches)
+
+
+def test_expired_while_queued_behind_a_batch_is_never_computed() -> None:
+    """A streamed request (no waiting thread) whose deadline passes in the queue is failed by
+    the leader that finds it, not computed."""
+    model = Model()
+    batcher = make(model, max_batch_size=8)
+    done: list[Request] = []
+    model.delay_s = 0.1
+    threading.Thread(target=batcher.infer, args=(rows(0, 1), 1)).start()
+    assert model.entered.wait(5)
+    batcher.submit(rows(50, 1), 1, 0.02, done.append)
+    wait_until(lambda: bool(done))
+    assert isinstance(done[0].error, DeadlineExceeded)
+    assert all(100.0 not in batch["x"] for batch in model.batches)
+
+
+def test_cancelled_request_is_dropped(pool: concurrent.futures.ThreadPoolExecutor) -> None:
+    model = Model()
+    model.gate.clear()
+    batcher = make(model, max_batch_size=8)
+    first = pool.submit(batcher.infer, rows(0, 1), 1)
+    assert model.entered.wait(5)
+    queued: list[Request] = []
+    doomed = pool.submit(batcher.infer, rows(50, 1), 1, None, queued.append)
+    wait_until(lambda: bool(queued))
+    kept = pool.submit(batcher.infer, rows(60, 1), 1)
+    wait_until(lambda: batcher.queue_depth == 2)
+    batcher.cancel(queued[0])
+    with pytest.raises(Cancelled):
+        doomed.result(5)
+    model.gate.set()
+    first.result(5)
+    np.testing.assert_array_equal(kept.result(5)["y"], rows(60, 1)["x"] * 2)
+    computed = np.concatenate([batch["x"] for batch in model.batches])
+    assert 100.0 not in computed
+    assert 120.0 in computed
+
+
+@pytest.mark.parametrize("error", [ValueError("boom"), KeyboardInterrupt()])
+def test_error_reaches_every_request_of_the_batch(
+    pool: concurrent.futures.ThreadPoolExecutor, error: BaseException
+) -> None:
+    model = Model(fail=error)
+    batcher = make(model, max_batch_size=8, max_queue_delay_us=100_000)
+    futures = [pool.submit(batcher.infer, rows(i, 1), 1) for i in range(3)]
+    errors = [future.exception(5) for future in futures]
+    assert len(model.batches) == 1
+    expected = ValueError if isinstance(error, Exception) else RuntimeError
+    assert all(isinstance(err, expected) for err in errors), errors
+    # The batcher keeps serving after a failed batch: no instance was lost.
+    model.fail = None
+    np.testing.assert_array_equal(batcher.infer(rows(7, 1), 1)["y"], rows(7, 1)["x"] * 2)
+    assert batcher.drain(1.0)
+
+
+def test_ragged_inputs_are_padded_and_outputs_cut_back(pool: concurrent.futures.ThreadPoolExecutor) -> None:
     specs = (TensorSpec("ids", "INT64", (-1, -1)), TensorSpec("mask", "INT64", (-1, -1)))
     outputs = (TensorSpec("hidden", "FP32", (-1, -1, 2)), TensorSpec("pooled", "FP32", (-1, 2)))
+    seen: list[tuple[int, ...]] = []
 
     def predict(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         seen.append(inputs["ids"].shape)
@@ -215,59 +261,94 @@ def test_ragged_inputs_are_padded_and_outputs_cut_back() -> None:
         pooled = (hidden * mask[..., None]).sum(axis=1) / mask.sum(axis=1, keepdims=True)
         return {"hidden": hidden, "pooled": pooled.astype(np.float32)}
 
-    seen: list[tuple[int, ...]] = []
-
-    async def main() -> None:
-        batcher = DynamicBatcher(
-            predict,
-            specs,
-            outputs,
-            BatchingSettings(max_batch_size=8, max_queue_delay_us=100_000),
-            ServerMetrics(CollectorRegistry()).for_model("enc"),
-            pad_values={"ids": 0, "mask": 0},
-        )
-        batcher.start()
-        requests = [np.arange(1, 1 + n, dtype=np.int64)[None].repeat(r, 0) for n, r in ((3, 1), (7, 2), (5, 1))]
-        calls = [batcher.submit({"ids": ids, "mask": np.ones_like(ids)}, ids.shape[0]) for ids in requests]
-        results = await asyncio.gather(*calls)
-        assert seen == [(4, 7)]
-        for ids, result in zip(requests, results, strict=True):
-            alone = predict({"ids": ids, "mask": np.ones_like(ids)})
-            assert result["hidden"].shape == (*ids.shape, 2)
-            np.testing.assert_array_equal(result["hidden"], alone["hidden"])
-            np.testing.assert_allclose(result["pooled"], alone["pooled"])
-        await batcher.close()
-
-    run(main())
+    batcher = make(predict, specs, outputs, pad={"ids": 0, "mask": 0}, max_batch_size=8, max_queue_delay_us=200_000)
+    requests = [np.arange(1, 1 + n, dtype=np.int64)[None].repeat(r, 0) for n, r in ((3, 1), (7, 2), (5, 1))]
+    futures = [pool.submit(batcher.infer, {"ids": ids, "mask": np.ones_like(ids)}, ids.shape[0]) for ids in requests]
+    for ids, future in zip(requests, futures, strict=True):
+        result = future.result(5)
+        alone = predict({"ids": ids, "mask": np.ones_like(ids)})
+        assert result["hidden"].shape == (*ids.shape, 2)
+        np.testing.assert_array_equal(result["hidden"], alone["hidden"])
+        np.testing.assert_allclose(result["pooled"], alone["pooled"])
+    assert seen[0] == (4, 7)
 
 
-def test_preferred_batch_sizes_pad_rows() -> None:
-    async def main() -> None:
-        model = Model()
-        batcher = make(model, max_batch_size=8, max_queue_delay_us=50_000, preferred_batch_sizes=[4, 8])
-        results = await asyncio.gather(*(batcher.submit(rows(i, 1), 1) for i in range(3)))
-        assert [b["x"].shape[0] for b in model.batches] == [4]
-        for i, result in enumerate(results):
-            np.testing.assert_array_equal(result["y"], rows(i, 1)["x"] * 2)
-        await batcher.close()
-
-    run(main())
+def test_preferred_batch_sizes_pad_rows(pool: concurrent.futures.ThreadPoolExecutor) -> None:
+    model = Model()
+    batcher = make(model, max_batch_size=8, max_queue_delay_us=100_000, preferred_batch_sizes=[4, 8])
+    futures = [pool.submit(batcher.infer, rows(i, 1), 1) for i in range(3)]
+    for i, future in enumerate(futures):
+        np.testing.assert_array_equal(future.result(5)["y"], rows(i, 1)["x"] * 2)
+    assert model.sizes == [4]
 
 
-def test_drain_finishes_queued_work_then_refuses() -> None:
-    async def main() -> None:
-        model = Model()
-        model.gate.clear()
-        batcher = make(model, max_batch_size=1, max_queue_delay_us=0)
-        pending = [asyncio.ensure_future(batcher.submit(rows(i, 1), 1)) for i in range(3)]
-        await asyncio.sleep(0.01)
-        drain = asyncio.ensure_future(batcher.drain())
-        await asyncio.sleep(0.01)
-        with pytest.raises(Unavailable):
-            await batcher.submit(rows(9, 1), 1)
-        model.gate.set()
-        await drain
-        assert all(task.done() and task.exception() is None for task in pending)
-        await batcher.close()
+def test_instances_run_batches_concurrently(pool: concurrent.futures.ThreadPoolExecutor) -> None:
+    model = Model()
+    model.delay_s = 0.05
+    batcher = make(model, max_batch_size=1, instances=2)
+    futures = [pool.submit(batcher.infer, rows(i, 1), 1) for i in range(6)]
+    for i, future in enumerate(futures):
+        np.testing.assert_array_equal(future.result(5)["y"], rows(i, 1)["x"] * 2)
+    assert model.most_running == 2
 
-    run(main())
+
+def test_streamed_and_blocking_requests_batch_together(pool: concurrent.futures.ThreadPoolExecutor) -> None:
+    model = Model()
+    model.gate.clear()
+    batcher = make(model, max_batch_size=8)
+    first = pool.submit(batcher.infer, rows(0, 1), 1)
+    assert model.entered.wait(5)
+    done: list[Request] = []
+    for i in (1, 2):
+        batcher.submit(rows(i, 1), 1, None, done.append)  # queued: returns at once
+    blocked = pool.submit(batcher.infer, rows(3, 1), 1)
+    wait_until(lambda: batcher.queue_depth == 3)
+    model.gate.set()
+    first.result(5)
+    np.testing.assert_array_equal(blocked.result(5)["y"], rows(3, 1)["x"] * 2)
+    wait_until(lambda: len(done) == 2)
+    for i, request in zip((1, 2), done, strict=True):
+        assert request.outputs is not None
+        np.testing.assert_array_equal(request.outputs["y"], rows(i, 1)["x"] * 2)
+    assert model.sizes == [1, 3]
+
+
+def test_many_concurrent_callers_each_get_their_own_rows(pool: concurrent.futures.ThreadPoolExecutor) -> None:
+    model = Model()
+    batcher = make(model, max_batch_size=8)
+    sizes = [1 + i % 3 for i in range(400)]
+    starts = np.cumsum([0, *sizes[:-1]])
+    futures = [pool.submit(batcher.infer, rows(s, n), n) for s, n in zip(starts, sizes, strict=True)]
+    for start, size, future in zip(starts, sizes, futures, strict=True):
+        np.testing.assert_array_equal(future.result(10)["y"], rows(start, size)["x"] * 2)
+    assert sum(model.sizes) == sum(sizes)
+    assert max(model.sizes) > 1  # batches formed while the callers raced
+    assert batcher.drain(1.0)
+
+
+def test_drain_finishes_queued_work_then_refuses(pool: concurrent.futures.ThreadPoolExecutor) -> None:
+    model = Model()
+    model.gate.clear()
+    batcher = make(model, max_batch_size=1)
+    pending = [pool.submit(batcher.infer, rows(i, 1), 1) for i in range(3)]
+    wait_until(lambda: model.entered.is_set() and batcher.queue_depth == 2)
+    drained = pool.submit(batcher.drain, 10.0)
+    wait_until(lambda: not batcher.accepting)
+    with pytest.raises(Unavailable):
+        batcher.infer(rows(9, 1), 1)
+    assert not drained.done()
+    model.gate.set()
+    assert drained.result(5) is True
+    assert all(future.result(5)["y"].shape == (1, 2) for future in pending)
+
+
+def test_drain_times_out_while_a_batch_hangs(pool: concurrent.futures.ThreadPoolExecutor) -> None:
+    model = Model()
+    model.gate.clear()
+    batcher = make(model, max_batch_size=1)
+    pending = pool.submit(batcher.infer, rows(0, 1), 1)
+    assert model.entered.wait(5)
+    assert batcher.drain(0.05) is False
+    model.gate.set()
+    pending.result(5)
+    assert batcher.drain(1.0) is True

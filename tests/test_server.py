@@ -4,7 +4,7 @@ transitions, graceful drain, metrics and ModelStatistics, reflection, settings."
 from __future__ import annotations
 
 import argparse
-import asyncio
+import concurrent.futures
 import time
 import urllib.request
 from pathlib import Path
@@ -16,9 +16,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving import codec
-from serving.protocol import inference_pb2 as pb
-from serving.protocol import inference_pb2_grpc as pb_grpc
+from contract import codec
+from contract.protocol import inference_pb2 as pb
+from contract.protocol import inference_pb2_grpc as pb_grpc
 from serving.settings import add_arguments, from_namespace
 from tests.conftest import BackgroundServer
 from tests.fakes import FakeFramework
@@ -59,7 +59,7 @@ def test_drain_finishes_in_flight_and_refuses_new(tmp_path: Path) -> None:
         controls.gate.clear()
         in_flight = stub.ModelInfer.future(codec.build_request("double", {"x": X}), timeout=30)
         assert controls.entered.wait(10)
-        stop = asyncio.run_coroutine_threadsafe(server.server.stop(10), server.loop)
+        stop = concurrent.futures.ThreadPoolExecutor(1).submit(server.server.stop, 10)
         deadline = time.monotonic() + 10
         while health_status(channel) != health_pb2.HealthCheckResponse.NOT_SERVING:
             assert time.monotonic() < deadline
@@ -73,7 +73,7 @@ def test_drain_finishes_in_flight_and_refuses_new(tmp_path: Path) -> None:
         np.testing.assert_array_equal(codec.response_outputs(reply)["y"], X * 2)
         stop.result(20)
     assert controls.closed
-    server.stop()  # already drained: stops the loop thread and closes the loop
+    server.stop()  # already stopped: a no-op
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -133,7 +133,7 @@ def test_metadata_config_and_reflection(fake_server: BackgroundServer) -> None:
         config = stub.ModelConfig(pb.ModelConfigRequest(name="double"), timeout=10).config
         assert config.max_batch_size == 8
         assert list(config.input[0].dims) == [4]
-        assert config.dynamic_batching.max_queue_delay_microseconds == 2000
+        assert config.dynamic_batching.max_queue_delay_microseconds == 0
         assert config.dynamic_batching.default_queue_policy.max_queue_size == 1024
         assert config.instance_group[0].count == 1
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)

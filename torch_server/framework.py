@@ -8,13 +8,16 @@ Devices are reported as ``"cpu"`` or ``"cuda:N"``, the same strings as tf_server
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from serving.backend import Backend, FrameworkInfo
+from serving.backend import Backend, FrameworkInfo, Reference
 from serving.devices import cpu_name, cuda_index
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from modelzoo.base import ModelDefinition
 
 log = logging.getLogger(__name__)
@@ -94,6 +97,30 @@ class TorchFramework:
         from torch_server.backend import TorchBackend
 
         return TorchBackend(model, Path(version_dir), self.resolve_device(device))
+
+    def reference(self, model: ModelDefinition, version_dir: Path, device: str) -> Reference:
+        """The eager ``nn.Module`` of the same layers and weights (torch_server.model.build) on
+        torch tensors, under ``torch.inference_mode``."""
+        import numpy as np
+        import torch
+
+        from torch_server.model import build
+
+        module = build(model).to(self.resolve_device(device))
+        names = [spec.name for spec in model.inputs]
+
+        def prepare(inputs: Mapping[str, np.ndarray]) -> Callable[[], object]:
+            tensors = [torch.from_numpy(np.array(inputs[name])).to(module_device) for name in names]
+
+            def run() -> object:
+                with torch.inference_mode():
+                    return module(*tensors)
+
+            return run
+
+        module_device = self.resolve_device(device)
+        prepare.__doc__ = self.reference.__doc__
+        return prepare
 
     def info(self, device: str) -> FrameworkInfo:
         """torch version; device name (the GPU's for CUDA) and thread counts in ``extra``."""

@@ -1,0 +1,198 @@
+"""ModelRuntime: one served model's dataplane, free of any transport.
+
+Request in, response out: decode and validate (``RequestDecoder``), compute through
+the model's dynamic batcher, encode the reply (always raw contents, outputs in the
+order asked for), and record the outcome in the model's metrics, once per request.
+It also describes the model: ModelMetadata and Triton's ModelConfig.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from contract.codec import array_to_raw
+from contract.datatypes import CONFIG_DATATYPES, TensorSpec
+from contract.errors import ServingError, Unavailable
+from contract.protocol import inference_pb2 as pb
+from modelzoo.base import ModelDefinition
+from serving.backend import Backend
+from serving.batcher import DynamicBatcher, Request
+from serving.metrics import ModelMetrics
+from serving.settings import BatchingSettings
+from serving.validation import RequestDecoder
+
+VERSION = "1"
+
+#: Called with the reply of a streamed request, or the error it met.
+Reply = Callable[[pb.ModelInferResponse | None, BaseException | None], None]
+
+
+class ModelRuntime:
+    """One served model: its backend, batcher, request decoder and metrics."""
+
+    def __init__(
+        self,
+        model: ModelDefinition,
+        backend: Backend,
+        batching: BatchingSettings,
+        metrics: ModelMetrics,
+        framework: str,
+        parameters: Mapping[str, str],
+    ) -> None:
+        self.model = model
+        self.backend = backend
+        self.batching = batching
+        self.metrics = metrics
+        self.framework = framework
+        self.parameters = dict(parameters)
+        #: None while serving; otherwise why requests are refused (UNAVAILABLE).
+        self.unavailable: str | None = f"model {model.name!r} is not ready"
+        self.decoder = RequestDecoder(model, batching.max_batch_size)
+        self.batcher = DynamicBatcher(
+            backend.predict, model.inputs, model.outputs, batching, metrics, pad_values=model.pad_values
+        )
+        self._datatypes = {spec.name: spec.datatype for spec in model.outputs}
+
+    @property
+    def ready(self) -> bool:
+        return self.unavailable is None
+
+    def start(self) -> None:
+        self.batcher.start()
+        self.unavailable = None
+
+    def infer(
+        self, request: pb.ModelInferRequest, timeout: float | None, on_queued: Callable[[Request], object] | None = None
+    ) -> pb.ModelInferResponse:
+        """Answer one request; ``timeout``: seconds left until its deadline (None: none)."""
+        metrics = self.metrics
+        started = time.perf_counter_ns()
+        metrics.request_started()
+        code = "INTERNAL"
+        try:
+            if self.unavailable is not None:
+                raise Unavailable(self.unavailable)
+            arrays, rows = self.decoder.inputs(request)
+            names = self.decoder.outputs(request)
+            outputs = self.batcher.infer(arrays, rows, timeout, on_queued)
+            response = self.encode(request, outputs, names)
+            code = "OK"
+            return response
+        except ServingError as err:
+            code = err.code.name
+            raise
+        finally:
+            metrics.request_done(code, time.perf_counter_ns() - started)
+
+    def submit(self, request: pb.ModelInferRequest, timeout: float | None, reply: Reply) -> None:
+        """Answer one request without waiting for it: ``reply(response, error)`` runs once
+        (maybe before this returns: the calling thread may run the batch)."""
+        metrics = self.metrics
+        started = time.perf_counter_ns()
+        metrics.request_started()
+        try:
+            if self.unavailable is not None:
+                raise Unavailable(self.unavailable)
+            arrays, rows = self.decoder.inputs(request)
+            names = self.decoder.outputs(request)
+        except Exception as err:
+            self._replied(started, err)
+            reply(None, err)
+            return
+
+        def finished(done: Request) -> None:
+            error = done.error
+            response = None
+            if error is None:
+                assert done.outputs is not None
+                try:
+                    response = self.encode(request, done.outputs, names)
+                except Exception as err:
+                    error = err
+            self._replied(started, error)
+            reply(response, error)
+
+        try:
+            self.batcher.submit(arrays, rows, timeout, finished)
+        except ServingError as err:
+            self._replied(started, err)
+            reply(None, err)
+
+    def _replied(self, started: int, error: BaseException | None) -> None:
+        code = "OK" if error is None else error.code.name if isinstance(error, ServingError) else "INTERNAL"
+        self.metrics.request_done(code, time.perf_counter_ns() - started)
+
+    def encode(
+        self, request: pb.ModelInferRequest, outputs: Mapping[str, np.ndarray], names: Sequence[str]
+    ) -> pb.ModelInferResponse:
+        """The reply to ``request``: the named outputs in order, as raw contents."""
+        response = pb.ModelInferResponse(model_name=request.model_name, model_version=VERSION, id=request.id)
+        add = response.outputs.add
+        contents = response.raw_output_contents
+        for name in names:
+            array = outputs[name]
+            datatype = self._datatypes[name]
+            add(name=name, datatype=datatype, shape=array.shape)
+            contents.append(array_to_raw(array, datatype))
+        return response
+
+    def metadata(self) -> pb.ModelMetadataResponse:
+        def tensors(specs: Sequence[TensorSpec]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+            return [
+                pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape) for s in specs
+            ]
+
+        return pb.ModelMetadataResponse(
+            name=self.model.name,
+            versions=[VERSION],
+            platform=self.backend.platform,
+            inputs=tensors(self.model.inputs),
+            outputs=tensors(self.model.outputs),
+        )
+
+    def config(self) -> pb.ModelConfig:
+        batching = self.batching
+        datatype: Any = CONFIG_DATATYPES  # proto enum values, typed as plain ints here
+        config = pb.ModelConfig(
+            name=self.model.name,
+            platform=self.backend.platform,
+            backend=self.framework,
+            max_batch_size=batching.max_batch_size,
+            input=[
+                pb.ModelInput(
+                    name=s.name,
+                    data_type=datatype[s.datatype],
+                    dims=s.shape[1:],
+                    optional=s.optional,
+                    allow_ragged_batch=s.name in self.model.pad_values,
+                )
+                for s in self.model.inputs
+            ],
+            output=[
+                pb.ModelOutput(name=s.name, data_type=datatype[s.datatype], dims=s.shape[1:])
+                for s in self.model.outputs
+            ],
+            instance_group=[
+                pb.ModelInstanceGroup(
+                    name=self.model.name,
+                    count=batching.instances,
+                    kind=pb.ModelInstanceGroup.KIND_GPU
+                    if self.backend.device.startswith("cuda")
+                    else pb.ModelInstanceGroup.KIND_CPU,
+                )
+            ],
+            parameters={key: pb.ModelParameter(string_value=value) for key, value in self.parameters.items()},
+        )
+        if batching.dynamic_batching:
+            config.dynamic_batching.CopyFrom(
+                pb.ModelDynamicBatching(
+                    preferred_batch_size=batching.preferred_batch_sizes,
+                    max_queue_delay_microseconds=batching.max_queue_delay_us,
+                    default_queue_policy=pb.ModelQueuePolicy(max_queue_size=batching.max_queue_size),
+                )
+            )
+        return config
