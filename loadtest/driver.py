@@ -55,6 +55,7 @@ async def drive(
         stop_at = measure_from + seconds
         latencies: list[float] = []
         errors: dict[str, int] = {}
+        completed = [0]
 
         async def worker(index: int) -> None:
             i = index
@@ -64,6 +65,7 @@ async def drive(
                     return
                 try:
                     await stub.ModelInfer(pool[i % len(pool)], timeout=30)
+                    completed[0] += 1
                     if sent >= measure_from:
                         latencies.append(time.perf_counter() - sent)
                 except grpc.aio.AioRpcError as err:
@@ -83,6 +85,7 @@ async def drive(
         "batch_size": batch_size,
         "seconds": seconds,
         "requests": len(latencies),
+        "requests_all": completed[0],
         "errors": errors,
         "requests_per_s": len(latencies) / seconds,
         "rows_per_s": len(latencies) * batch_size / seconds,

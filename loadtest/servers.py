@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
-MODULES = {"torch": "torch_server", "tensorflow": "tf_server", "tf": "tf_server"}
+MODULES = {"torch": "torch_server", "tensorflow": "tf_server", "tf": "tf_server", "bare": "loadtest.bare"}
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -68,6 +68,9 @@ class ServerProcess:
 
     @property
     def command(self) -> list[str]:
+        if self.framework == "bare":  # the identity server: no subcommand, no metrics
+            return [sys.executable, "-m", self.module, "--model", self.model, "--host", self.host, "--port", "0",
+                    "--port-file", str(self.port_file), *self.args]  # fmt: skip
         return [
             sys.executable, "-m", self.module, "serve",
             "--model", self.model,

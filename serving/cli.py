@@ -104,8 +104,9 @@ def forward_benchmark(framework: Framework, args: argparse.Namespace) -> dict[st
         })  # fmt: skip
     backend.close()
     info = framework.info(device)
+    described = " ".join((reference.__doc__ or "").split())
     return {"framework": framework.name, "version": info.version, "device": info.device, "model": args.model,
-            "threads": args.threads, "reference": reference.__doc__, "results": results}  # fmt: skip
+            "threads": args.threads, "reference": described, "results": results}  # fmt: skip
 
 
 def main(framework: Framework, argv: Sequence[str] | None = None) -> int:
