@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 EXTENSIONS = ("model_configuration", "statistics")
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+#: Deadlines further away than this (a year) count as none.
+MAX_DEADLINE_S = 365 * 24 * 3600.0
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -83,7 +85,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             # Called on every termination of the RPC; only a client's cancel finds it still queued.
             context.add_callback(functools.partial(runtime.batcher.cancel, queued))
 
-        return runtime.infer(request, context.time_remaining(), on_queued)
+        return runtime.infer(request, time_left(context), on_queued)
 
     def ModelStreamInfer(
         self, request_iterator: Iterator[pb.ModelInferRequest], context: grpc.ServicerContext
@@ -113,7 +115,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     except ServingError as err:
                         reply_to(request)(None, err)
                         continue
-                    runtime.submit(request, context.time_remaining(), reply_to(request))
+                    runtime.submit(request, time_left(context), reply_to(request))
             except Exception as err:  # the client went away mid-stream
                 log.debug("stream reader stopped: %r", err)
             finally:
@@ -132,6 +134,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 continue
             received += 1
             yield reply
+
+
+def time_left(context: grpc.ServicerContext) -> float | None:
+    """Seconds until the call's deadline; None when the client set none (grpcio then reports
+    the time left until a deadline centuries away, too far for any timer)."""
+    left = context.time_remaining()
+    return None if left is None or left > MAX_DEADLINE_S else left
 
 
 def _stream_error(request: pb.ModelInferRequest, error: BaseException) -> pb.ModelStreamInferResponse:

@@ -197,6 +197,26 @@ def test_deadline_expired_in_queue_is_never_computed(fake_server: BackgroundServ
         assert 3 not in controls.batches[batches_before:]
 
 
+def test_request_without_deadline_waits_for_its_batch(fake_server: BackgroundServer) -> None:
+    """grpcio reports "no deadline" as a deadline centuries away: a queued request must
+    still wait for its turn, not fail on a timer it cannot set."""
+    controls = fake_server.framework.controls
+    with grpc.insecure_channel(fake_server.target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        controls.entered.clear()
+        controls.gate.clear()
+        leader = stub.ModelInfer.future(codec.build_request("double", {"x": X[:1]}), timeout=20)
+        assert controls.entered.wait(10)
+        follower = stub.ModelInfer.future(codec.build_request("double", {"x": X}))  # no deadline
+        deadline = time.monotonic() + 10
+        while fake_server.server.servicer.models["double"].batcher.queue_depth < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        controls.gate.set()
+        leader.result(timeout=10)
+        np.testing.assert_array_equal(codec.response_outputs(follower.result(timeout=10))["y"], X * 2)
+
+
 def test_auth_token_required_but_health_open(tmp_path: Path) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
