@@ -297,8 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if target.startswith("bare-"):
                     raw[target].append(bare(target.removeprefix("bare-"), opts, server_cpus, driver_cpus))
                     continue
-                forward = in_process(target, opts.model, opts.max_batch_size, opts.threads, server_cpus, model_dir)
-                runs = [served(target, on, opts, server_cpus, driver_cpus, model_dir) for on in modes]
+                models = model_dir / target  # one repository per framework
+                forward = in_process(target, opts.model, opts.max_batch_size, opts.threads, server_cpus, models)
+                runs = [served(target, on, opts, server_cpus, driver_cpus, models) for on in modes]
                 raw[target].append({"in_process": forward, "served": runs})
     results: dict[str, Any] = {
         "model": opts.model,

@@ -52,6 +52,9 @@ Arrays = dict[str, np.ndarray]
 Predict = Callable[[Mapping[str, np.ndarray]], Arrays]
 Callback = Callable[["Request"], None]
 
+#: Give the core to other ready threads (a no-op where the OS offers no sched_yield).
+_yield_cpu: Callable[[], None] = getattr(os, "sched_yield", lambda: None)
+
 # Request states (changed under the batcher's lock only).
 QUEUED, RUNNING, FINISHED = 0, 1, 2
 
@@ -282,9 +285,14 @@ class DynamicBatcher:
         nothing is queued. The caller holds one of the ``instances`` slots (``_busy``),
         which it hands over or gives back."""
         successor: Request | None = None
+        # Let the threads that are ready to run go first: on a busy core they are mostly
+        # requests being decoded, which then join this batch instead of waiting for the
+        # next one. With nothing else ready this returns at once. (Only on taking over:
+        # a leader that yields before every batch starves some callers; mlp at c=8:
+        # p99 3.8 ms once, 11 ms every time.)
+        _yield_cpu()
         try:
             while True:
-                os.sched_yield()
                 with self._lock:
                     batch, expired = self._next_batch()
                     if not batch and not expired:
