@@ -36,8 +36,12 @@ class ModelDefinition(ABC):
             raise ValueError(
                 f"model {self.name!r} has no parameter(s) {sorted(unknown)}; known: {sorted(self.defaults)}"
             )
-        merged = {**self.defaults, **params}
-        self.params: dict[str, Any] = {key: _coerce(self.defaults[key], value) for key, value in merged.items()}
+        self.params: dict[str, Any] = {}
+        for key, value in {**self.defaults, **params}.items():
+            try:
+                self.params[key] = _coerce(self.defaults[key], value)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"model {self.name!r}: parameter {key}={value!r} is not valid ({err})") from None
 
     @property
     @abstractmethod

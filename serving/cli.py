@@ -128,16 +128,27 @@ def main(framework: Framework, argv: Sequence[str] | None = None) -> int:
             framework.env_prefix,
             defaults={"port": framework.default_port, "metrics_port": framework.default_port + 1},
         )
-        for name in settings.model:
-            modelzoo.get(name, **settings.model_params())
+        models = [modelzoo.get(name, **settings.model_params()) for name in settings.model]
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _refuse(err)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    # Thread settings must precede the framework's first op.
-    framework.configure(settings.threads, settings.device)
-    from serving.server import run
+    from serving.server import StartupError, run
 
-    return run(settings, framework)
+    try:
+        # Thread settings must precede the framework's first op.
+        framework.configure(settings.threads, settings.device)
+    except ValueError as err:
+        return _refuse(ValueError(f"--device {settings.device}: {err}"))
+    try:
+        repository.check(framework, models, settings.model_dir or repository.default_root(framework))
+        return run(settings, framework)
+    except (ValueError, StartupError) as err:
+        return _refuse(err)
+
+
+def _refuse(error: Exception) -> int:
+    """An operator error: one line on stderr, exit status 2."""
+    print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+    return 2

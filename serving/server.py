@@ -17,6 +17,7 @@ import gc
 import json
 import logging
 import signal
+import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -47,6 +48,28 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = SERVICE.full_name
 SERVER_VERSION = "0.1.0"
 REFLECTION_SERVICE = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
+
+
+class StartupError(Exception):
+    """The server cannot start as configured; the message is one line naming the option."""
+
+
+def _check_port_free(host: str, port: int, flag: str) -> None:
+    """Refuse, in one line, a port that something else listens on (grpcio would log a
+    multi-line error of its own first)."""
+    if port == 0:
+        return
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise StartupError(f"--host {host}: not an address here ({err.strerror})") from None
+    for family, kind, protocol, _, address in addresses:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as err:
+                raise StartupError(f"{flag} {port}: cannot listen on {host}:{port} ({err.strerror or err})") from None
 
 
 def _reflection_pool() -> Any:
@@ -100,7 +123,7 @@ class InferenceServer:
         ]
         pool = futures.ThreadPoolExecutor(max_workers=settings.grpc_threads, thread_name_prefix="grpc")
         server = grpc.server(pool, options=options)
-        token = settings.auth_token
+        token = settings.token()
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(guard(self.servicer, SERVICE, token), server)  # type: ignore[arg-type]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         for service in ("", SERVICE_NAME):
@@ -109,23 +132,45 @@ class InferenceServer:
         reflector = reflection.ReflectionServicer(names, pool=_reflection_pool())
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(guard(reflector, REFLECTION_SERVICE, token), server)
         address = f"{settings.host}:{settings.port}"
-        if settings.tls_cert and settings.tls_key:
-            credentials = grpc.ssl_server_credentials([(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())])
-            self.port = server.add_secure_port(address, credentials)
-        else:
-            self.port = server.add_insecure_port(address)
+        _check_port_free(settings.host, settings.port, "--port")
+        try:
+            if settings.tls_cert and settings.tls_key:
+                self.port = server.add_secure_port(address, self._credentials())
+            else:
+                self.port = server.add_insecure_port(address)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"could not bind {address}")
+            raise StartupError(f"--port {settings.port}: cannot listen on {address} (in use, or not an address here)")
         server.start()
         self._server = server
         if settings.metrics_port >= 0:
             register_gpu_collector(self.registry, self.device)
-            http_server, _thread = start_http_server(settings.metrics_port, settings.host, registry=self.registry)
+            try:
+                http_server, _thread = start_http_server(settings.metrics_port, settings.host, registry=self.registry)
+            except OSError as err:
+                server.stop(0)
+                raise StartupError(
+                    f"--metrics-port {settings.metrics_port}: cannot listen on {settings.host}:{settings.metrics_port}"
+                    f" ({err.strerror or err})"
+                ) from None
             self._metrics_http = http_server
             self.metrics_port = int(http_server.server_address[1])
         log.info("%s listening on %s:%d (metrics: %s)", self.framework.server_name, settings.host, self.port,
                  self.metrics_port)  # fmt: skip
         return self.port
+
+    def _credentials(self) -> grpc.ServerCredentials:
+        """TLS credentials; with a client CA, clients must present a certificate it signed."""
+        settings = self.settings
+        assert settings.tls_cert is not None
+        assert settings.tls_key is not None
+        pair = [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())]
+        if settings.tls_client_ca is None:
+            return grpc.ssl_server_credentials(pair)
+        return grpc.ssl_server_credentials(
+            pair, root_certificates=settings.tls_client_ca.read_bytes(), require_client_auth=True
+        )
 
     def load_models(self) -> None:
         """Export if needed, load and warm up every model, then report SERVING."""
@@ -213,30 +258,38 @@ class InferenceServer:
         return self._stopped.wait(timeout)
 
 
-def run(settings: ServerSettings, framework: Framework) -> int:
-    """Serve until SIGTERM/SIGINT, then drain and return the exit code (0; 1 if loading failed)."""
-    server = InferenceServer(settings, framework)
+def run(
+    settings: ServerSettings, framework: Framework, zoo: Mapping[str, type[ModelDefinition]] = modelzoo.MODELS
+) -> int:
+    """Serve until SIGTERM/SIGINT, then drain and return the exit code (0; 1 if loading failed).
+
+    Raises StartupError (before serving anything) when the server cannot listen as configured.
+    """
+    server = InferenceServer(settings, framework, zoo=zoo)
     stop_requested = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop_requested.set())
-    server.start()
-    print(f"{framework.server_name} listening on port {server.port}", flush=True)
-    failure: list[BaseException] = []
+    previous = {sig: signal.signal(sig, lambda *_: stop_requested.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.start()
+        print(f"{framework.server_name} listening on port {server.port}", flush=True)
+        failure: list[BaseException] = []
 
-    def load() -> None:
-        try:
-            server.load_models()
-        except BaseException as err:
-            failure.append(err)
-            stop_requested.set()
+        def load() -> None:
+            try:
+                server.load_models()
+            except BaseException as err:
+                failure.append(err)
+                stop_requested.set()
 
-    threading.Thread(target=load, name="loader", daemon=True).start()
-    while not stop_requested.wait(1.0):
-        pass
-    if failure:
-        log.error("model loading failed: %s", failure[0])
-        server.stop(0)
-        return 1
-    log.info("signal received: draining for up to %.1f s", settings.grace_period_s)
-    server.stop()
-    return 0
+        threading.Thread(target=load, name="loader", daemon=True).start()
+        while not stop_requested.wait(1.0):
+            pass
+        if failure:
+            log.error("model loading failed: %s", " ".join(str(failure[0]).split()) or repr(failure[0]))
+            server.stop(0)
+            return 1
+        log.info("signal received: draining for up to %.1f s", settings.grace_period_s)
+        server.stop()
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import os
 import re
+import ssl
 import types
 import typing
 from dataclasses import dataclass, field
@@ -69,9 +70,17 @@ class ServerSettings(BatchingSettings):
     warmup: bool = _doc("Run warm-up passes at each batch size bucket before reporting SERVING.", default=True)
     grace_period_s: float = _doc("On SIGTERM/SIGINT, how long in-flight requests may take to finish.", default=10.0)
     max_message_bytes: int = _doc("Largest gRPC message accepted or sent.", default=64 * 1024 * 1024)
-    auth_token: str | None = _doc("When set, every RPC but health needs 'authorization: Bearer <token>'.", default=None)
+    auth_token: str | None = _doc(
+        "When set, every RPC but health needs 'authorization: Bearer <token>' (prefer the environment variable or "
+        "--auth-token-file: a flag shows in the process list).",
+        default=None,
+    )
+    auth_token_file: Path | None = _doc("Read the bearer token from this file (its first line).", default=None)
     tls_cert: Path | None = _doc("PEM certificate chain; with --tls-key, serve TLS.", default=None)
     tls_key: Path | None = _doc("PEM private key for --tls-cert.", default=None)
+    tls_client_ca: Path | None = _doc(
+        "PEM CA certificates; with TLS on, clients must present a certificate they signed (mutual TLS).", default=None
+    )
     log_level: str = _doc("Python logging level.", default="INFO")
 
     def batching(self) -> BatchingSettings:
@@ -81,16 +90,72 @@ class ServerSettings(BatchingSettings):
         return parse_model_args(self.model_arg)
 
     def validate(self) -> None:
+        """Raise ValueError with one line naming the flag when a value cannot work."""
         if self.max_batch_size < 1:
-            raise ValueError("max_batch_size must be >= 1")
-        if self.max_queue_size < 1 or self.instances < 1 or self.max_queue_delay_us < 0:
-            raise ValueError("max_queue_size and instances must be >= 1, max_queue_delay_us >= 0")
+            raise ValueError(f"--max-batch-size {self.max_batch_size}: must be >= 1")
+        for name in ("max_queue_size", "instances"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{_flag(name)} {getattr(self, name)}: must be >= 1")
+        if self.max_queue_delay_us < 0:
+            raise ValueError(f"--max-queue-delay-us {self.max_queue_delay_us}: must be >= 0")
         if self.grpc_threads < 2:
-            raise ValueError("grpc_threads must be >= 2")
+            raise ValueError(f"--grpc-threads {self.grpc_threads}: must be >= 2")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads {self.threads}: must be >= 1")
         if any(size < 1 or size > self.max_batch_size for size in self.preferred_batch_sizes):
-            raise ValueError("preferred_batch_sizes must lie in 1..max_batch_size")
+            raise ValueError(f"--preferred-batch-sizes {self.preferred_batch_sizes}: must lie in 1..--max-batch-size")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port {self.port}: must be a port number in 0..65535 (0: any free port)")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ValueError(f"--metrics-port {self.metrics_port}: must be in 0..65535, or -1 to disable")
+        if self.grace_period_s < 0:
+            raise ValueError(f"--grace-period-s {self.grace_period_s}: must be >= 0")
         if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("tls_cert and tls_key go together")
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+        if self.auth_token is not None and self.auth_token_file is not None:
+            raise ValueError("--auth-token and --auth-token-file: give one, not both")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
+            path = getattr(self, name)
+            if path is not None and not os.access(path, os.R_OK):
+                reason = "no such file" if not Path(path).exists() else "not readable"
+                raise ValueError(f"{_flag(name)} {path}: {reason}")
+        if self.tls_cert is not None and self.tls_key is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            try:
+                context.load_cert_chain(self.tls_cert, self.tls_key)
+            except (ssl.SSLError, OSError) as err:
+                pair = f"--tls-cert {self.tls_cert} / --tls-key {self.tls_key}"
+                raise ValueError(f"{pair}: not a usable PEM certificate and key ({err})") from None
+            if self.tls_client_ca is not None:
+                try:
+                    context.load_verify_locations(cafile=self.tls_client_ca)
+                except (ssl.SSLError, OSError) as err:
+                    raise ValueError(f"--tls-client-ca {self.tls_client_ca}: not PEM CA certificates ({err})") from None
+        if self.auth_token_file is not None:
+            lines = Path(self.auth_token_file).read_text().splitlines()
+            if not lines or not lines[0].strip():
+                raise ValueError(f"--auth-token-file {self.auth_token_file}: empty")
+        if self.auth_token is not None and not self.auth_token.strip():
+            raise ValueError("--auth-token: empty")
+
+    def token(self) -> str | None:
+        """The bearer token every RPC but health must carry (None: no authentication)."""
+        if self.auth_token_file is not None:
+            return Path(self.auth_token_file).read_text().splitlines()[0].strip()
+        return self.auth_token
+
+    def __repr__(self) -> str:
+        # Settings may be logged or shown in a traceback: never with the token.
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if shown["auth_token"] is not None:
+            shown["auth_token"] = "<hidden>"
+        return f"{type(self).__name__}({', '.join(f'{key}={value!r}' for key, value in shown.items())})"
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def parse_model_args(text: str) -> dict[str, str]:

@@ -52,6 +52,7 @@ class Controls:
         self.entered = threading.Event()
         self.load_gate = threading.Event()
         self.load_gate.set()
+        self.load_error: Exception | None = None
         self.delay_s = 0.0
         self.fail = False
         self.batches: list[int] = []
@@ -67,6 +68,8 @@ class FakeBackend(Backend):
 
     def load(self) -> None:
         assert self.controls.load_gate.wait(30)
+        if self.controls.load_error is not None:
+            raise self.controls.load_error
 
     def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.controls.entered.set()

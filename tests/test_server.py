@@ -168,7 +168,7 @@ def test_settings_precedence_flag_env_default() -> None:
     assert (settings.port, settings.max_batch_size, settings.dynamic_batching, settings.threads) == (9100, 16, False, 3)
     settings = from_namespace(parser.parse_args([]), "X_", {}, defaults={"port": 1})
     assert (settings.port, settings.max_batch_size, settings.dynamic_batching) == (1, 32, True)
-    with pytest.raises(ValueError, match="preferred_batch_sizes"):
+    with pytest.raises(ValueError, match="--preferred-batch-sizes"):
         from_namespace(parser.parse_args(["--preferred-batch-sizes", "64"]), "X_", {})
     with pytest.raises(ValueError, match="X_MAX_BATCH_SIZE"):
         from_namespace(parser.parse_args([]), "X_", {"X_MAX_BATCH_SIZE": "many"})
