@@ -1,0 +1,166 @@
+"""TLS, mutual TLS and bearer tokens on our own server, with certificates made at test time."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from contract import codec
+from contract.protocol import inference_pb2 as pb
+from contract.protocol import inference_pb2_grpc as pb_grpc
+from serving.settings import ServerSettings
+from tests.conftest import BackgroundServer
+from tests.fakes import FakeFramework
+
+X = np.ones((1, 4), np.float32)
+TOKEN = "s3cret-token-value"
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=30)
+
+
+class Pki:
+    """A test CA, a server certificate for 127.0.0.1 and client certificates (one from the CA, one not)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.ca_key, self.ca = directory / "ca.key", directory / "ca.pem"
+        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
+                 "-keyout", str(self.ca_key), "-out", str(self.ca))  # fmt: skip
+        self.server_key, self.server_cert = self._signed("server", "subjectAltName=IP:127.0.0.1,DNS:localhost")
+        self.client_key, self.client_cert = self._signed("client", "extendedKeyUsage=clientAuth")
+        self.stranger_key, self.stranger_cert = directory / "stranger.key", directory / "stranger.pem"
+        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=stranger",
+                 "-keyout", str(self.stranger_key), "-out", str(self.stranger_cert))  # fmt: skip
+
+    def _signed(self, name: str, extension: str) -> tuple[Path, Path]:
+        key, request, cert, ext = (self.dir / f"{name}{suffix}" for suffix in (".key", ".csr", ".pem", ".ext"))
+        ext.write_text(extension + "\n")
+        _openssl(
+            "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", str(key), "-out", str(request)
+        )
+        _openssl("x509", "-req", "-in", str(request), "-CA", str(self.ca), "-CAkey", str(self.ca_key),
+                 "-CAcreateserial", "-days", "1", "-extfile", str(ext), "-out", str(cert))  # fmt: skip
+        return key, cert
+
+    def channel(self, target: str, client: tuple[Path, Path] | None = None) -> grpc.Channel:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=self.ca.read_bytes(),
+            private_key=client[0].read_bytes() if client else None,
+            certificate_chain=client[1].read_bytes() if client else None,
+        )
+        return grpc.secure_channel(target, credentials)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    try:
+        return Pki(tmp_path_factory.mktemp("pki"))
+    except (OSError, subprocess.SubprocessError) as err:
+        pytest.fail(f"openssl cannot make test certificates: {err}")
+
+
+def _infer(channel: grpc.Channel, metadata: tuple[tuple[str, str], ...] = ()) -> pb.ModelInferResponse:
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    return stub.ModelInfer(codec.build_request("double", {"x": X}), timeout=10, metadata=metadata)
+
+
+@pytest.fixture
+def tls_server(pki: Pki, tmp_path: Path) -> Iterator[BackgroundServer]:
+    server = BackgroundServer(
+        FakeFramework(), model=["double"], model_dir=tmp_path, tls_cert=pki.server_cert, tls_key=pki.server_key
+    )
+    yield server
+    server.stop()
+
+
+def test_tls_serves_encrypted_and_refuses_plaintext(pki: Pki, tls_server: BackgroundServer) -> None:
+    with pki.channel(tls_server.target) as channel:
+        np.testing.assert_array_equal(codec.response_outputs(_infer(channel))["y"], X * 2)
+    with grpc.insecure_channel(tls_server.target) as plain, pytest.raises(grpc.RpcError) as info:
+        _infer(plain)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_mutual_tls_needs_a_certificate_from_the_client_ca(pki: Pki, tmp_path: Path) -> None:
+    server = BackgroundServer(
+        FakeFramework(),
+        model=["double"],
+        model_dir=tmp_path,
+        tls_cert=pki.server_cert,
+        tls_key=pki.server_key,
+        tls_client_ca=pki.ca,
+    )
+    try:
+        with pki.channel(server.target, (pki.client_key, pki.client_cert)) as channel:
+            np.testing.assert_array_equal(codec.response_outputs(_infer(channel))["y"], X * 2)
+        for client in (None, (pki.stranger_key, pki.stranger_cert)):
+            with pki.channel(server.target, client) as channel, pytest.raises(grpc.RpcError) as info:
+                _infer(channel)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["flag", "file"])
+def token_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BackgroundServer]:
+    if request.param == "file":
+        token_file = tmp_path / "token"
+        token_file.write_text(TOKEN + "\n")
+        server = BackgroundServer(FakeFramework(), model=["double"], model_dir=tmp_path, auth_token_file=token_file)
+    else:
+        server = BackgroundServer(FakeFramework(), model=["double"], model_dir=tmp_path, auth_token=TOKEN)
+    yield server
+    server.stop()
+
+
+def test_token_guards_every_rpc_but_health(token_server: BackgroundServer) -> None:
+    good = (("authorization", f"Bearer {TOKEN}"),)
+    with grpc.insecure_channel(token_server.target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        calls = {
+            "unary": lambda metadata: stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=10, metadata=metadata),
+            "infer": lambda metadata: _infer(channel, metadata),
+            "stream": lambda metadata: list(
+                stub.ModelStreamInfer(iter([codec.build_request("double", {"x": X})]), timeout=10, metadata=metadata)
+            ),
+            "reflection": lambda metadata: list(
+                reflection.ServerReflectionInfo(
+                    iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10, metadata=metadata
+                )
+            ),
+        }
+        for name, call in calls.items():
+            for metadata in ((), (("authorization", "Bearer wrong"),), (("authorization", TOKEN),)):
+                with pytest.raises(grpc.RpcError) as info:
+                    call(metadata)
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
+                assert TOKEN not in (info.value.details() or "")
+            assert call(good), name
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_the_token_never_reaches_logs_or_settings_text(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    settings = ServerSettings(auth_token=TOKEN)
+    assert TOKEN not in repr(settings)
+    assert TOKEN not in str(settings)
+    with caplog.at_level(logging.DEBUG):
+        server = BackgroundServer(FakeFramework(), model=["double"], model_dir=tmp_path, auth_token=TOKEN)
+        try:
+            with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError):
+                _infer(channel, (("authorization", "Bearer nope"),))
+        finally:
+            server.stop()
+    assert caplog.records
+    assert all(TOKEN not in record.getMessage() for record in caplog.records)
