@@ -4,12 +4,15 @@
     with InferenceClient("localhost:8001", timeout=5.0) as c:
         outputs = c.infer("mlp", {"input": batch})
 
-``AsyncInferenceClient`` offers the same API as coroutines (grpc.aio). Every failure
-raises an ``InferenceServerError`` subclass chosen by the gRPC status code (see
-``client.errors``). ``python -m client --help`` is the command-line interface.
+``AsyncInferenceClient`` offers the same API as coroutines (grpc.aio). Every call has a
+deadline (the client's ``timeout`` by default); UNAVAILABLE is retried with backoff when
+that cannot run a call twice (``RetryPolicy``). Every failure raises an
+``InferenceServerError`` subclass chosen by the gRPC status code (see ``client.errors``);
+a server that cannot be reached raises ``UnavailableError`` naming the target.
+``python -m client --help`` is the command-line interface.
 """
 
-from client._common import ModelMetadata, ServerMetadata
+from client._common import ModelMetadata, RetryPolicy, ServerMetadata
 from client.aio import AsyncInferenceClient
 from client.errors import (
     CancelledError,
@@ -43,6 +46,7 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "ResourceExhaustedError",
+    "RetryPolicy",
     "ServerMetadata",
     "TensorSpec",
     "UnauthenticatedError",

@@ -2,8 +2,9 @@
 
 Each RPC is described once as a ``Call`` (which stub and method, the request, how to
 parse the reply, whether it may be retried); the two clients only send it. Also here:
-channel settings, the auth metadata, the retry/deadline bookkeeping, the metadata
-dataclasses, and streams (lazy request encoding, replies put back in request order).
+channel settings, the auth metadata, the retry policy and deadline bookkeeping, the
+metadata dataclasses, and streams (lazy request encoding, replies put back in request
+order).
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2
 
-from client.errors import DeadlineExceededError, InferenceServerError, InvalidResponseError, from_stream_error
+from client.errors import (
+    DeadlineExceededError,
+    InferenceServerError,
+    InvalidResponseError,
+    UnavailableError,
+    from_stream_error,
+)
 from contract.codec import build_request, response_outputs
 from contract.datatypes import TensorSpec
 from contract.errors import ServingError
@@ -28,10 +35,17 @@ from contract.protocol import inference_pb2 as pb
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 10.0
-DEFAULT_RETRIES = 2
-DEFAULT_BACKOFF = 0.1
-MAX_BACKOFF = 2.0
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+#: How grpc's own messages begin for a call that was never sent: no connection to the
+#: target, or its name did not resolve.
+_NOT_CONNECTED = ("failed to connect to all addresses", "errors resolving", "DNS resolution failed")
+#: What our servers answer when they refuse an inference before accepting it: loading
+#: (serving/runtime.py) or draining (serving/batcher.py, serving/server.py). Such a
+#: request was never queued, so sending it again cannot run it twice.
+_REFUSED = ("is not ready", "not accepting new requests")
+#: grpc's own text for a deadline that passed on the client's side.
+_LOCAL_DEADLINE = "Deadline Exceeded"
 
 INFERENCE = "inference"
 HEALTH = "health"
@@ -62,26 +76,87 @@ class ModelMetadata:
 
 
 @dataclass(frozen=True)
+class RetryPolicy:
+    """When a failed call is sent again, and how long the client waits before it does.
+
+    Only UNAVAILABLE is retried, never another status code (INVALID_ARGUMENT, NOT_FOUND,
+    RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED ... would fail again or may already have run).
+    Calls that only read (health, readiness, metadata, config, statistics) are retried
+    on any UNAVAILABLE. An inference is retried only when the failure shows that it was
+    never run: the client could not connect to the server, or the server refused it
+    before accepting it (loading or draining). An UNAVAILABLE that ends a call the server
+    may have been computing (the connection dropped, the server stopped mid-call) is
+    raised at once, unless ``retry_unsafe_infer`` accepts that it may run twice. Streams
+    are never retried.
+
+    The n-th retry waits ``backoff * multiplier**(n-1)`` seconds, capped at
+    ``max_backoff``, less a random share of up to ``jitter`` of it (so that clients
+    refused together do not come back together). Attempts stop after ``attempts`` tries
+    or when the next pause would reach past the call's deadline: the deadline (the
+    client's ``timeout`` unless the call passes its own) bounds all tries together.
+    """
+
+    #: Tries in all, the first included (1: never retry).
+    attempts: int = 3
+    #: Pause before the first retry, seconds.
+    backoff: float = 0.1
+    #: Longest pause between two tries, seconds.
+    max_backoff: float = 2.0
+    #: Each pause is this many times the previous one.
+    multiplier: float = 2.0
+    #: Share of each pause drawn at random: a pause of p lasts between p * (1 - jitter) and p.
+    jitter: float = 0.5
+    #: Also retry an inference after an UNAVAILABLE that may have ended it mid-run.
+    retry_unsafe_infer: bool = False
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"retry attempts must be at least 1, got {self.attempts}")
+        if self.backoff < 0 or self.max_backoff < self.backoff:
+            raise ValueError(f"retry backoff must satisfy 0 <= backoff <= max_backoff, got {self}")
+        if self.multiplier < 1:
+            raise ValueError(f"retry multiplier must be at least 1, got {self.multiplier}")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError(f"retry jitter must lie in [0, 1], got {self.jitter}")
+
+    def pause(self, retry: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait before retry number ``retry`` (1 for the first)."""
+        full = min(self.backoff * self.multiplier ** (retry - 1), self.max_backoff)
+        return full * (1.0 - self.jitter * (rng or random).random())
+
+    def may_retry(self, error: InferenceServerError, call_reads_only: bool) -> bool:
+        """Whether a call that failed with ``error`` may be sent again."""
+        if error.code is not grpc.StatusCode.UNAVAILABLE:
+            return False
+        return call_reads_only or self.retry_unsafe_infer or never_ran(error)
+
+
+NO_RETRY = RetryPolicy(attempts=1)
+
+
+def never_ran(error: InferenceServerError) -> bool:
+    """An UNAVAILABLE that proves the server did not run the call: it was never sent
+    (no connection), or our server refused it before accepting it."""
+    return error.message.startswith(_NOT_CONNECTED) or any(phrase in error.message for phrase in _REFUSED)
+
+
+@dataclass(frozen=True)
 class ClientOptions:
     """A client's validated settings, turned into what grpc wants."""
 
     target: str
-    timeout: float | None = DEFAULT_TIMEOUT
+    timeout: float = DEFAULT_TIMEOUT
     tls: bool = False
     root_certificates: bytes | None = None
     token: str | None = None
-    retries: int = DEFAULT_RETRIES
-    retry_infer: bool = False
-    backoff: float = DEFAULT_BACKOFF
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
     def __post_init__(self) -> None:
         if not self.target:
             raise ValueError("target must be HOST:PORT")
-        if self.timeout is not None and self.timeout <= 0:
-            raise ValueError(f"timeout must be positive or None, got {self.timeout}")
-        if self.retries < 0 or self.backoff < 0:
-            raise ValueError("retries and backoff must not be negative")
+        if self.timeout is None or not 0 < self.timeout < float("inf"):
+            raise ValueError(f"timeout must be a positive number of seconds (every call has one), got {self.timeout}")
         if self.max_message_bytes <= 0:
             raise ValueError("max_message_bytes must be positive")
 
@@ -94,9 +169,16 @@ class ClientOptions:
 
     @property
     def channel_options(self) -> list[tuple[str, Any]]:
+        # grpc waits 1 s (growing to 120 s) before reconnecting after a failed connection,
+        # failing every call at once meanwhile: reconnect on the retry policy's schedule
+        # instead, so that a retry can find a server that has just come up.
+        backoff_ms = max(int(self.retry.backoff * 1000), 10)
         return [
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.initial_reconnect_backoff_ms", backoff_ms),
+            ("grpc.min_reconnect_backoff_ms", backoff_ms),
+            ("grpc.max_reconnect_backoff_ms", max(int(self.retry.max_backoff * 1000), backoff_ms)),
         ]
 
     @property
@@ -104,42 +186,71 @@ class ClientOptions:
         """Sent with every call. Without TLS a token travels in clear text."""
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
 
-    def deadline(self, timeout: float | None) -> float | None:
-        """The seconds a call may take: its own timeout, else the client's default (None: no deadline)."""
-        return self.timeout if timeout is None else timeout
+    def deadline(self, timeout: float | None) -> float:
+        """The seconds a call may take: its own timeout, else the client's default."""
+        if timeout is None:
+            return self.timeout
+        if not 0 < timeout < float("inf"):
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
+        return timeout
 
-    def attempts(self, timeout: float | None, idempotent: bool) -> Attempts:
-        return Attempts(self.deadline(timeout), self.retries if idempotent else 0, self.backoff)
+    def attempts(self, call: Call[Any], timeout: float | None) -> Attempts:
+        policy = self.retry if call.retry else NO_RETRY
+        return Attempts(self.target, call.method, self.deadline(timeout), policy, call.idempotent)
+
+    def stream_attempt(self, timeout: float | None) -> Attempts:
+        """A stream's one try (streams are never retried)."""
+        return Attempts(self.target, "ModelStreamInfer", self.deadline(timeout), NO_RETRY, False)
 
 
 class Attempts:
-    """One call's tries: the time left for each, and whether to try again after a failure.
+    """One call's tries: the time left for each, whether to try again, and its final error.
 
-    Only UNAVAILABLE is retried (the request never reached a server that could act on
-    it, or it refused to start), with exponential backoff and jitter, and never past the
-    call's overall deadline.
+    See ``RetryPolicy``: only UNAVAILABLE, only when it cannot run a call twice, with
+    exponential backoff and jitter, never past the call's deadline.
     """
 
-    def __init__(self, timeout: float | None, retries: int, backoff: float) -> None:
-        self._deadline = None if timeout is None else time.monotonic() + timeout
-        self._left = retries
-        self._backoff = backoff
+    def __init__(self, target: str, method: str, timeout: float, policy: RetryPolicy, reads_only: bool) -> None:
+        self._target = target
+        self._method = method
+        self._timeout = timeout
+        self._policy = policy
+        self._reads_only = reads_only
+        self._started = time.monotonic()
+        self._deadline = self._started + timeout
+        self.tries = 0
 
-    def timeout(self) -> float | None:
-        if self._deadline is None:
-            return None
+    def timeout(self) -> float:
+        """Seconds left for the next try (counts it)."""
+        self.tries += 1
         return max(self._deadline - time.monotonic(), 0.0)
 
     def retry_after(self, error: InferenceServerError) -> float | None:
-        """Seconds to wait before the next try, or None to give up and raise ``error``."""
-        if self._left <= 0 or error.code is not grpc.StatusCode.UNAVAILABLE:
+        """Seconds to wait before the next try, or None to give up (then raise ``final(error)``)."""
+        if self.tries >= self._policy.attempts or not self._policy.may_retry(error, self._reads_only):
             return None
-        delay = self._backoff * random.uniform(0.5, 1.0)
-        if self._deadline is not None and time.monotonic() + delay >= self._deadline:
+        delay = self._policy.pause(self.tries)
+        if time.monotonic() + delay >= self._deadline:
             return None
-        self._left -= 1
-        self._backoff = min(self._backoff * 2, MAX_BACKOFF)
         return delay
+
+    def final(self, error: InferenceServerError) -> InferenceServerError:
+        """The error to raise: a failure to reach the server, or a deadline that passed
+        without a word from it, names the target, the tries and the time they took."""
+        elapsed = time.monotonic() - self._started
+        tries = f"{self.tries} attempt{'s' if self.tries != 1 else ''} over {elapsed:.1f} s"
+        target = self._target
+        if error.code is grpc.StatusCode.UNAVAILABLE and error.message.startswith(_NOT_CONNECTED):
+            reason = error.message.rsplit(": ", 1)[-1].strip("[] ")
+            return UnavailableError(
+                f"cannot reach the server at {target}: {reason} ({tries})", details=error.details or error.message
+            )
+        if error.code is grpc.StatusCode.DEADLINE_EXCEEDED and error.message == _LOCAL_DEADLINE:
+            return DeadlineExceededError(
+                f"no reply from {target} to {self._method} within the deadline of {self._timeout:g} s ({tries})",
+                details=error.details or error.message,
+            )
+        return error
 
 
 class ReadinessPoll:
@@ -173,7 +284,10 @@ class Call(Generic[T]):
     method: str
     request: Any
     parse: Callable[[Any], T]
+    #: The call only reads: running it twice changes nothing.
     idempotent: bool = True
+    #: Whether the retry policy applies at all (readiness polls pace themselves).
+    retry: bool = True
     # Results to return instead of raising for these status codes.
     fallback: Mapping[grpc.StatusCode, T] = field(default_factory=dict)
 
@@ -282,8 +396,8 @@ class InferEncoder:
         )
 
 
-def infer(encoder: InferEncoder, inputs: Mapping[str, np.ndarray], idempotent: bool) -> Call[dict[str, np.ndarray]]:
-    return Call(INFERENCE, "ModelInfer", encoder(inputs), decode_outputs, idempotent=idempotent)
+def infer(encoder: InferEncoder, inputs: Mapping[str, np.ndarray]) -> Call[dict[str, np.ndarray]]:
+    return Call(INFERENCE, "ModelInfer", encoder(inputs), decode_outputs, idempotent=False)
 
 
 class StreamRequests:

@@ -20,9 +20,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from client import _common
 from client._common import (
-    DEFAULT_BACKOFF,
     DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_RETRIES,
     DEFAULT_TIMEOUT,
     AsyncStreamRequests,
     Call,
@@ -30,6 +28,7 @@ from client._common import (
     InferEncoder,
     ModelMetadata,
     ReadinessPoll,
+    RetryPolicy,
     ServerMetadata,
     StreamRequests,
 )
@@ -50,17 +49,15 @@ class AsyncInferenceClient:
         self,
         target: str,
         *,
-        timeout: float | None = DEFAULT_TIMEOUT,
+        timeout: float = DEFAULT_TIMEOUT,
         tls: bool = False,
         root_certificates: bytes | None = None,
         token: str | None = None,
-        retries: int = DEFAULT_RETRIES,
-        retry_infer: bool = False,
-        backoff: float = DEFAULT_BACKOFF,
+        retry: RetryPolicy | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self._options = ClientOptions(
-            target, timeout, tls, root_certificates, token, retries, retry_infer, backoff, max_message_bytes
+            target, timeout, tls, root_certificates, token, retry or RetryPolicy(), max_message_bytes
         )
         options = self._options.channel_options
         self._channel = (
@@ -78,7 +75,7 @@ class AsyncInferenceClient:
         return self._options.target
 
     @property
-    def timeout(self) -> float | None:
+    def timeout(self) -> float:
         """The default deadline of each call, seconds."""
         return self._options.timeout
 
@@ -94,7 +91,7 @@ class AsyncInferenceClient:
         await self.close()
 
     async def _call(self, call: Call[T], timeout: float | None, *, wait_for_ready: bool | None = None) -> T:
-        attempts = self._options.attempts(timeout, call.idempotent)
+        attempts = self._options.attempts(call, timeout)
         method = getattr(self._stubs[call.service], call.method)
         while True:
             try:
@@ -110,7 +107,7 @@ class AsyncInferenceClient:
                 if delay is None:
                     if error.code in call.fallback:
                         return call.fallback[error.code]
-                    raise error from err
+                    raise attempts.final(error) from err
                 await asyncio.sleep(delay)
             else:
                 return call.parse(response)
@@ -157,7 +154,7 @@ class AsyncInferenceClient:
     ) -> dict[str, np.ndarray]:
         """Run one inference; see ``InferenceClient.infer``."""
         encoder = InferEncoder(model, outputs, version, request_id, raw, datatypes)
-        return await self._call(_common.infer(encoder, inputs, self._options.retry_infer), timeout)
+        return await self._call(_common.infer(encoder, inputs), timeout)
 
     async def stream_infer(
         self,
@@ -180,15 +177,16 @@ class AsyncInferenceClient:
             if isinstance(requests, AsyncIterable)
             else StreamRequests(encoder, requests)
         )
+        attempt = self._options.stream_attempt(timeout)
         call = self._stubs[_common.INFERENCE].ModelStreamInfer(
-            source, timeout=self._options.deadline(timeout), metadata=self._options.metadata
+            source, timeout=attempt.timeout(), metadata=self._options.metadata
         )
         try:
             async for response in call:
                 for reply in source.replies(response):
                     yield reply
         except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+            raise attempt.final(from_rpc_error(err)) from err
         finally:
             call.cancel()
         source.finish()
@@ -196,17 +194,16 @@ class AsyncInferenceClient:
     async def wait_until_ready(self, timeout: float = 30.0, *, model: str = "", interval: float = 0.1) -> None:
         """Poll until ready; see ``InferenceClient.wait_until_ready``."""
         poll = ReadinessPoll(timeout, interval)
-        call = dataclasses.replace(
-            _common.model_ready(model, "") if model else _common.server_ready(), idempotent=False
-        )
-        while True:
+        call = dataclasses.replace(_common.model_ready(model, "") if model else _common.server_ready(), retry=False)
+        while (remaining := poll.remaining()) > 0:
             try:
-                if await self._call(call, poll.remaining(), wait_for_ready=True):
+                if await self._call(call, remaining, wait_for_ready=True):
                     return
                 poll.last = "not ready"
             except InferenceServerError as error:
                 poll.last = str(error)
             pause = poll.pause()
             if pause is None:
-                raise poll.expired()
+                break
             await asyncio.sleep(pause)
+        raise poll.expired()

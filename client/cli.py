@@ -1,4 +1,8 @@
-"""Command line: ``python -m client --target HOST:PORT [--timeout S] [--tls] [--token T] {health,metadata,infer}``.
+"""Command line: ``python -m client --target HOST:PORT [--timeout S] [--attempts N] [--tls] [--token T] CMD``.
+
+Commands: health, metadata, infer. Every call has the deadline ``--timeout`` (10 s);
+a call that finds the server unavailable is tried up to ``--attempts`` times (3) when
+that cannot run it twice (``client.RetryPolicy``).
 
 health
     Prints liveness, readiness and the grpc.health.v1 status; exits 0 when SERVING, 1 otherwise.
@@ -17,7 +21,9 @@ infer --model M [--input NAME=FILE.npy ...] [--random] [--batch-size N] [--dim N
     stderr names what was skipped).
 
 Every failure prints ``error: <CODE>: <message>`` on stderr (``error: <message>`` for
-local problems such as an unreadable file) and exits 2, without a traceback.
+local problems such as an unreadable file) and exits 2, without a traceback; a server
+that is down or unreachable reads ``error: UNAVAILABLE: cannot reach the server at
+HOST:PORT: <reason> (<n> attempts over <s> s)``.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from typing import Any
 import numpy as np
 from google.protobuf import json_format, text_format
 
-from client._common import DEFAULT_TIMEOUT, ModelMetadata
+from client._common import DEFAULT_TIMEOUT, ModelMetadata, RetryPolicy
 from client.errors import InferenceServerError, UnimplementedError
 from client.sync import InferenceClient
 from contract.datatypes import NUMPY_DTYPES, TensorSpec, datatype_of
@@ -52,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m client", description="Open Inference Protocol gRPC client.")
     parser.add_argument("--target", required=True, help="server address, HOST:PORT")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="deadline per call, seconds")
+    parser.add_argument(
+        "--attempts",
+        type=int,
+        default=RetryPolicy.attempts,
+        help="tries per call when the server is unavailable (1: no retry; see client.RetryPolicy)",
+    )
     parser.add_argument("--tls", action="store_true", help="use TLS (system roots unless --root-certs)")
     parser.add_argument("--root-certs", metavar="PEM", help="trust these root certificates (implies --tls)")
     parser.add_argument("--token", help="bearer token sent as 'authorization' metadata")
@@ -99,7 +111,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         root_certificates = Path(args.root_certs).read_bytes() if args.root_certs else None
         with InferenceClient(
-            args.target, timeout=args.timeout, tls=args.tls, root_certificates=root_certificates, token=args.token
+            args.target,
+            timeout=args.timeout,
+            tls=args.tls,
+            root_certificates=root_certificates,
+            token=args.token,
+            retry=RetryPolicy(attempts=args.attempts),
         ) as client:
             status: int = args.handler(client, args)
             return status

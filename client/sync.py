@@ -1,8 +1,9 @@
 """Blocking client for the Open Inference Protocol servers: numpy in, numpy out.
 
 One channel per client. Every call has a deadline (the client's ``timeout`` unless the
-call passes its own), failures raise ``client.errors.InferenceServerError`` subclasses,
-and idempotent calls are retried on UNAVAILABLE (see ``client._common.Attempts``).
+call passes its own; a stream's covers the whole stream), failures raise
+``client.errors.InferenceServerError`` subclasses, and a call that failed with UNAVAILABLE
+is retried when that cannot run it twice (see ``client.RetryPolicy``).
 """
 
 from __future__ import annotations
@@ -19,15 +20,14 @@ from grpc_health.v1 import health_pb2_grpc
 
 from client import _common
 from client._common import (
-    DEFAULT_BACKOFF,
     DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_RETRIES,
     DEFAULT_TIMEOUT,
     Call,
     ClientOptions,
     InferEncoder,
     ModelMetadata,
     ReadinessPoll,
+    RetryPolicy,
     ServerMetadata,
     StreamRequests,
 )
@@ -43,13 +43,13 @@ class InferenceClient:
 
     Args:
         target: ``HOST:PORT``.
-        timeout: default deadline of every call, seconds (None: no deadline).
+        timeout: deadline of every call that passes none of its own, seconds (every call has one).
         tls: use TLS (system roots unless ``root_certificates`` is given; giving it implies TLS).
         root_certificates: PEM roots to trust.
         token: sent as ``authorization: Bearer <token>`` metadata on every call.
-        retries: extra tries on UNAVAILABLE for idempotent calls (everything but
-            inference), with exponential backoff from ``backoff`` seconds.
-        retry_infer: retry inference too (it may then run twice on the server).
+        retry: when and how calls that failed with UNAVAILABLE are tried again
+            (default ``RetryPolicy()``: 3 tries, backoff from 0.1 s; ``RetryPolicy(attempts=1)``
+            never retries).
         max_message_bytes: largest message sent or received.
     """
 
@@ -57,17 +57,15 @@ class InferenceClient:
         self,
         target: str,
         *,
-        timeout: float | None = DEFAULT_TIMEOUT,
+        timeout: float = DEFAULT_TIMEOUT,
         tls: bool = False,
         root_certificates: bytes | None = None,
         token: str | None = None,
-        retries: int = DEFAULT_RETRIES,
-        retry_infer: bool = False,
-        backoff: float = DEFAULT_BACKOFF,
+        retry: RetryPolicy | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self._options = ClientOptions(
-            target, timeout, tls, root_certificates, token, retries, retry_infer, backoff, max_message_bytes
+            target, timeout, tls, root_certificates, token, retry or RetryPolicy(), max_message_bytes
         )
         options = self._options.channel_options
         self._channel = (
@@ -85,7 +83,7 @@ class InferenceClient:
         return self._options.target
 
     @property
-    def timeout(self) -> float | None:
+    def timeout(self) -> float:
         """The default deadline of each call, seconds."""
         return self._options.timeout
 
@@ -101,7 +99,7 @@ class InferenceClient:
         self.close()
 
     def _call(self, call: Call[T], timeout: float | None, *, wait_for_ready: bool | None = None) -> T:
-        attempts = self._options.attempts(timeout, call.idempotent)
+        attempts = self._options.attempts(call, timeout)
         method = getattr(self._stubs[call.service], call.method)
         while True:
             try:
@@ -117,7 +115,7 @@ class InferenceClient:
                 if delay is None:
                     if error.code in call.fallback:
                         return call.fallback[error.code]
-                    raise error from err
+                    raise attempts.final(error) from err
                 time.sleep(delay)
             else:
                 return call.parse(response)
@@ -168,7 +166,7 @@ class InferenceClient:
         overrides the datatype inferred from an input's dtype (e.g. ``{"x": "BF16"}``).
         """
         encoder = InferEncoder(model, outputs, version, request_id, raw, datatypes)
-        return self._call(_common.infer(encoder, inputs, self._options.retry_infer), timeout)
+        return self._call(_common.infer(encoder, inputs), timeout)
 
     def stream_infer(
         self,
@@ -192,14 +190,15 @@ class InferenceClient:
         before it. Never retried.
         """
         source = StreamRequests(InferEncoder(model, outputs, version, "", raw, datatypes), requests)
+        attempt = self._options.stream_attempt(timeout)
         call = self._stubs[_common.INFERENCE].ModelStreamInfer(
-            source, timeout=self._options.deadline(timeout), metadata=self._options.metadata
+            source, timeout=attempt.timeout(), metadata=self._options.metadata
         )
         try:
             for response in call:
                 yield from source.replies(response)
         except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+            raise attempt.final(from_rpc_error(err)) from err
         finally:
             call.cancel()
         source.finish()
@@ -210,17 +209,16 @@ class InferenceClient:
         Polls wait for the channel to connect, so a server that is still starting is fine.
         """
         poll = ReadinessPoll(timeout, interval)
-        call = dataclasses.replace(
-            _common.model_ready(model, "") if model else _common.server_ready(), idempotent=False
-        )
-        while True:
+        call = dataclasses.replace(_common.model_ready(model, "") if model else _common.server_ready(), retry=False)
+        while (remaining := poll.remaining()) > 0:
             try:
-                if self._call(call, poll.remaining(), wait_for_ready=True):
+                if self._call(call, remaining, wait_for_ready=True):
                     return
                 poll.last = "not ready"
             except InferenceServerError as error:
                 poll.last = str(error)
             pause = poll.pause()
             if pause is None:
-                raise poll.expired()
+                break
             time.sleep(pause)
+        raise poll.expired()

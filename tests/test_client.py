@@ -1,4 +1,6 @@
-"""The client library and CLI against an in-process fake server on 127.0.0.1, port 0.
+"""The client library and CLI against an in-process fake server on 127.0.0.1, port 0,
+and their resilience (retries, backoff, deadlines, unreachable servers) against the real
+serving core too (``fake_server``: the framework-free ``double`` model behind it).
 
 The fake speaks the real protocol over real gRPC: model "double" doubles every input
 (BOOL: negated, BYTES: repeated), "fail:<CODE>" aborts with that status code, "slow"
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import socket
 import subprocess
 import sys
@@ -41,6 +44,7 @@ from client import (
     NotFoundError,
     PermissionDeniedError,
     ResourceExhaustedError,
+    RetryPolicy,
     ServerMetadata,
     TensorSpec,
     UnauthenticatedError,
@@ -52,6 +56,8 @@ from client.cli import main
 from contract import codec
 from contract.protocol import inference_pb2 as pb
 from contract.protocol import inference_pb2_grpc as pb_grpc
+from tests.conftest import BackgroundServer
+from tests.fakes import FakeFramework
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -63,6 +69,8 @@ SPECS = (
     TensorSpec("text", "BYTES", (-1,)),
 )
 MODELS = ("double", "noconfig")
+FAST_RETRY = RetryPolicy(backoff=0.01, max_backoff=0.05)
+NO_RETRY = RetryPolicy(attempts=1)
 
 
 class Failure(Exception):
@@ -212,7 +220,9 @@ class Fake:
     servicer: FakeServicer
 
 
-def _start(servicer: FakeServicer, credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.Server, int]:
+def _start(
+    servicer: FakeServicer, credentials: grpc.ServerCredentials | None = None, address: str = "127.0.0.1:0"
+) -> tuple[grpc.Server, int]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
@@ -220,10 +230,8 @@ def _start(servicer: FakeServicer, credentials: grpc.ServerCredentials | None = 
     health_servicer.set("inference.GRPCInferenceService", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("down", health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if credentials is None:
-        port = server.add_insecure_port("127.0.0.1:0")
-    else:
-        port = server.add_secure_port("127.0.0.1:0", credentials)
+    secure = credentials is not None
+    port = server.add_secure_port(address, credentials) if secure else server.add_insecure_port(address)
     server.start()
     return server, port
 
@@ -244,7 +252,7 @@ def fake(server: Fake) -> Fake:
 
 @pytest.fixture
 def client(fake: Fake) -> Iterator[InferenceClient]:
-    with InferenceClient(fake.target, timeout=5.0, backoff=0.01) as c:
+    with InferenceClient(fake.target, timeout=5.0, retry=FAST_RETRY) as c:
         yield c
 
 
@@ -386,7 +394,7 @@ def test_unknown_model_is_not_found(client: InferenceClient) -> None:
 
 
 def test_unreachable_server_is_unavailable() -> None:
-    with InferenceClient(unused_target(), retries=0, timeout=5.0) as c, pytest.raises(UnavailableError) as caught:
+    with InferenceClient(unused_target(), retry=NO_RETRY, timeout=5.0) as c, pytest.raises(UnavailableError) as caught:
         c.server_live()
     assert caught.value.details
 
@@ -419,7 +427,8 @@ def test_metadata_is_retried_on_unavailable(client: InferenceClient, fake: Fake)
 
 def test_retries_are_bounded(fake: Fake) -> None:
     fake.servicer.metadata_failures = 5
-    with InferenceClient(fake.target, retries=1, backoff=0.01) as c, pytest.raises(UnavailableError, match="warming"):
+    retry = RetryPolicy(attempts=2, backoff=0.01)
+    with InferenceClient(fake.target, retry=retry) as c, pytest.raises(UnavailableError, match="warming"):
         c.server_metadata()
     assert fake.servicer.calls["ServerMetadata"] == 2
 
@@ -430,8 +439,9 @@ def test_infer_is_not_retried_by_default(client: InferenceClient, fake: Fake) ->
     assert fake.servicer.calls["ModelInfer:fail:UNAVAILABLE"] == 1
 
 
-def test_infer_retried_when_asked(fake: Fake) -> None:
-    with InferenceClient(fake.target, retry_infer=True, backoff=0.01) as c, pytest.raises(UnavailableError):
+def test_infer_that_may_have_run_is_retried_only_when_asked(fake: Fake) -> None:
+    retry = RetryPolicy(backoff=0.01, retry_unsafe_infer=True)
+    with InferenceClient(fake.target, retry=retry) as c, pytest.raises(UnavailableError):
         c.infer("fail:UNAVAILABLE", {"x": np.ones(1, np.float32)})
     assert fake.servicer.calls["ModelInfer:fail:UNAVAILABLE"] == 3
 
@@ -459,8 +469,14 @@ def test_per_call_timeout_overrides_default(client: InferenceClient) -> None:
 def test_invalid_options_are_refused() -> None:
     with pytest.raises(ValueError, match="timeout"):
         InferenceClient("127.0.0.1:1", timeout=0)
-    with pytest.raises(ValueError, match="retries"):
-        InferenceClient("127.0.0.1:1", retries=-1)
+    with pytest.raises(ValueError, match="timeout"):
+        InferenceClient("127.0.0.1:1", timeout=None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="attempts"):
+        RetryPolicy(attempts=0)
+    with pytest.raises(ValueError, match="backoff"):
+        RetryPolicy(backoff=3.0, max_backoff=1.0)
+    with pytest.raises(ValueError, match="jitter"):
+        RetryPolicy(jitter=1.5)
 
 
 # ---- metadata, health, readiness, auth ----
@@ -566,6 +582,291 @@ def test_stream_infer_deadline(client: InferenceClient) -> None:
         list(client.stream_infer("slow", [{"x": np.ones(1, np.float32)}], timeout=0.2))
 
 
+# ---- resilience: retries, backoff, deadlines, unreachable servers ----
+
+ROW = {"x": np.ones((1, 4), np.float32)}
+
+
+def handled(server: BackgroundServer, code: str | None = None) -> int:
+    """Inference requests the real server answered (with ``code``), from its own metrics."""
+    total = 0.0
+    for family in server.registry.collect():
+        for sample in family.samples:
+            if sample.name == "inference_requests_total" and code in (None, sample.labels["code"]):
+                total += sample.value
+    return int(total)
+
+
+def wait_until(condition: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def test_backoff_is_exponential_capped_and_jittered() -> None:
+    policy = RetryPolicy(attempts=10, backoff=0.1, max_backoff=0.5, multiplier=2.0, jitter=0.5)
+    rng = random.Random(7)
+    for retry, full in enumerate([0.1, 0.2, 0.4, 0.5, 0.5], start=1):
+        pauses = [policy.pause(retry, rng) for _ in range(500)]
+        assert full * 0.5 <= min(pauses) <= max(pauses) <= full
+        assert max(pauses) - min(pauses) > 0.4 * full  # spread over the jitter band
+    assert RetryPolicy(backoff=0.1, jitter=0.0).pause(3) == pytest.approx(0.4)
+
+
+def test_refused_inference_is_retried_counted_on_the_real_server(fake_server: BackgroundServer) -> None:
+    """A draining server refuses new inference UNAVAILABLE before accepting it: the client
+    tries again, each try reaching the server (its own count), up to ``attempts``."""
+    controls = fake_server.framework.controls
+    controls.gate.clear()
+    controls.entered.clear()
+    with futures.ThreadPoolExecutor(2) as pool, InferenceClient(fake_server.target, timeout=20) as busy:
+        running = pool.submit(busy.infer, "double", ROW)
+        try:
+            assert controls.entered.wait(10)
+            stopping = pool.submit(fake_server.stop, 20.0)
+            wait_until(lambda: busy.health() == "NOT_SERVING")
+            with InferenceClient(fake_server.target, timeout=0.5, retry=NO_RETRY) as probe:
+                wait_until(lambda: _refused(probe))
+            before = handled(fake_server, "UNAVAILABLE")
+            retry = RetryPolicy(attempts=4, backoff=0.01, max_backoff=0.02)
+            with (
+                InferenceClient(fake_server.target, timeout=5, retry=retry) as c,
+                pytest.raises(UnavailableError, match="not accepting new requests"),
+            ):
+                c.infer("double", ROW)
+            assert handled(fake_server, "UNAVAILABLE") - before == 4
+        finally:
+            controls.gate.set()
+        np.testing.assert_array_equal(running.result(10)["y"], 2 * ROW["x"])
+        stopping.result(20)
+
+
+def _refused(client: InferenceClient) -> bool:
+    try:
+        client.infer("double", ROW)
+    except UnavailableError:
+        return True
+    except DeadlineExceededError:
+        return False
+    raise AssertionError("a draining server answered an inference")
+
+
+def test_invalid_argument_and_queue_full_are_never_retried(tmp_path: Path) -> None:
+    """Even with the most eager policy, each non-UNAVAILABLE failure reaches the real
+    server exactly once (counted by the server)."""
+    server = BackgroundServer(FakeFramework(), model=["double"], model_dir=tmp_path, max_batch_size=8,
+                              max_queue_size=1)  # fmt: skip
+    eager = RetryPolicy(attempts=5, backoff=0.01, retry_unsafe_infer=True)
+    controls = server.framework.controls
+    try:
+        with InferenceClient(server.target, timeout=10, retry=eager) as c:
+            with pytest.raises(InvalidArgumentError, match="shape"):
+                c.infer("double", {"x": np.ones((1, 3), np.float32)})
+            assert (handled(server), handled(server, "INVALID_ARGUMENT")) == (1, 1)
+            controls.gate.clear()
+            with futures.ThreadPoolExecutor(2) as pool:
+                running = [pool.submit(c.infer, "double", ROW)]
+                assert controls.entered.wait(10)
+                running.append(pool.submit(c.infer, "double", ROW))  # queued: the queue is full
+                wait_until(lambda: server.registry.get_sample_value("inference_queue_depth", {"model": "double"}) == 1)
+                with pytest.raises(ResourceExhaustedError, match="queue full"):
+                    c.infer("double", ROW)
+                assert handled(server, "RESOURCE_EXHAUSTED") == 1
+                controls.gate.set()
+                assert [len(f.result(10)["y"]) for f in running] == [1, 1]
+            assert handled(server) == 4
+    finally:
+        controls.gate.set()
+        server.stop()
+
+
+@pytest.mark.parametrize("code", sorted(set(ERROR_CLASSES) - {"UNAVAILABLE"}))
+def test_no_other_code_is_retried(fake: Fake, code: str) -> None:
+    eager = RetryPolicy(attempts=5, backoff=0.01, retry_unsafe_infer=True)
+    with InferenceClient(fake.target, retry=eager) as c, pytest.raises(InferenceServerError):
+        c.infer(f"fail:{code}", ROW)
+    assert fake.servicer.calls[f"ModelInfer:fail:{code}"] == 1
+
+
+def test_inference_cut_off_mid_call_is_not_retried() -> None:
+    """A server that stops while computing ends the call UNAVAILABLE: the request may have
+    run, so it is not sent again (reads are)."""
+    servicer = FakeServicer()
+    grpc_server, port = _start(servicer)
+    retry = RetryPolicy(attempts=5, backoff=0.01)
+    threading.Timer(0.3, lambda: grpc_server.stop(grace=None)).start()
+    with InferenceClient(f"127.0.0.1:{port}", timeout=5, retry=retry) as c, pytest.raises(UnavailableError) as caught:
+        c.infer("slow", ROW)
+    assert "cannot reach" not in caught.value.message  # not retried into the closed port
+    assert servicer.calls["ModelInfer:slow"] == 1
+
+
+def test_retries_reach_a_server_that_comes_up_late() -> None:
+    """Connection refused: the call never left, so even inference is retried, and the
+    channel reconnects on the policy's schedule (grpc alone would wait 1 s)."""
+    target = unused_target()
+    servicer = FakeServicer()
+    started: list[grpc.Server] = []
+    timer = threading.Timer(0.3, lambda: started.append(_start(servicer, address=target)[0]))
+    # Pauses of 0.05 s then 0.1 s: 0.75 s in all, less than grpc's own 1 s (+-20 %) wait.
+    retry = RetryPolicy(attempts=9, backoff=0.05, max_backoff=0.1, jitter=0.0)
+    try:
+        with InferenceClient(target, timeout=10, retry=retry) as c:
+            timer.start()
+            begun = time.monotonic()
+            np.testing.assert_array_equal(c.infer("double", ROW)["x"], 2 * ROW["x"])
+            assert time.monotonic() - begun < 1.5
+        assert servicer.calls["ModelInfer:double"] == 1
+    finally:
+        timer.join()
+        for grpc_server in started:
+            grpc_server.stop(grace=None)
+
+
+def test_retries_stop_after_attempts_and_at_the_deadline() -> None:
+    target = unused_target()
+    policy = RetryPolicy(attempts=4, backoff=0.1, max_backoff=0.2, jitter=0.5)
+    begun = time.monotonic()
+    with InferenceClient(target, timeout=10, retry=policy) as c, pytest.raises(UnavailableError) as caught:
+        c.infer("double", ROW)
+    elapsed = time.monotonic() - begun
+    assert "(4 attempts over" in caught.value.message
+    assert 0.05 + 0.1 + 0.1 <= elapsed < 0.1 + 0.2 + 0.2 + 1.0  # three pauses, each in [p/2, p]
+    endless = RetryPolicy(attempts=10_000, backoff=0.05, max_backoff=0.05)
+    begun = time.monotonic()
+    with InferenceClient(target, timeout=0.6, retry=endless) as c, pytest.raises(UnavailableError) as caught:
+        c.server_live()
+    assert 0.4 < time.monotonic() - begun < 1.2  # the deadline bounds all tries together
+    assert "attempts over 0." in caught.value.message
+
+
+def test_server_down_is_one_clear_line_naming_the_target(capsys: pytest.CaptureFixture[str]) -> None:
+    target = unused_target()
+    retry = RetryPolicy(attempts=2, backoff=0.01)
+    with InferenceClient(target, retry=retry) as c, pytest.raises(UnavailableError) as caught:
+        c.infer("mlp", ROW)
+    assert str(caught.value).startswith(
+        f"UNAVAILABLE: cannot reach the server at {target}: Connection refused (2 attempts"
+    )
+    assert "\n" not in str(caught.value)
+    assert isinstance(caught.value.__cause__, grpc.RpcError)
+    assert main(["--target", target, "--attempts", "2", "metadata"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: UNAVAILABLE: cannot reach the server at {target}: Connection refused (2 attempts")
+    assert err.count("\n") == 1
+    assert "Traceback" not in err
+
+    async def scenario() -> None:
+        async with AsyncInferenceClient(target, retry=NO_RETRY) as ac:
+            with pytest.raises(UnavailableError, match=f"cannot reach the server at {target}: Connection refused"):
+                await ac.infer("mlp", ROW)
+
+    asyncio.run(scenario())
+
+
+class Hang(grpc.GenericRpcHandler):
+    """Accepts every call and never answers: only the client's deadline ends it."""
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        def hang(request: Any, context: grpc.ServicerContext) -> None:
+            while context.is_active():
+                time.sleep(0.01)
+
+        def hang_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[bytes]:
+            hang(None, context)
+            yield from ()
+
+        if handler_call_details.method.endswith("/ModelStreamInfer"):
+            return grpc.stream_stream_rpc_method_handler(hang_stream)
+        return grpc.unary_unary_rpc_method_handler(hang)
+
+
+@pytest.fixture
+def hanging_target() -> Iterator[str]:
+    grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), handlers=[Hang()])
+    port = grpc_server.add_insecure_port("127.0.0.1:0")
+    grpc_server.start()
+    yield f"127.0.0.1:{port}"
+    grpc_server.stop(grace=None)
+
+
+#: Every RPC of the client, as (name, call); the test checks that none is missing.
+RPCS: list[tuple[str, Any]] = [
+    ("server_live", lambda c: c.server_live()),
+    ("server_ready", lambda c: c.server_ready()),
+    ("model_ready", lambda c: c.model_ready("m")),
+    ("server_metadata", lambda c: c.server_metadata()),
+    ("model_metadata", lambda c: c.model_metadata("m")),
+    ("model_config", lambda c: c.model_config("m")),
+    ("model_statistics", lambda c: c.model_statistics()),
+    ("health", lambda c: c.health()),
+    ("infer", lambda c: c.infer("m", ROW)),
+    ("stream_infer", lambda c: list(c.stream_infer("m", [ROW]))),
+]
+
+
+def test_every_call_has_the_default_deadline(hanging_target: str) -> None:
+    public = {
+        name for name in dir(InferenceClient) if not name.startswith("_") and callable(getattr(InferenceClient, name))
+    }
+    assert {name for name, _ in RPCS} == public - {"close", "wait_until_ready"}
+    with InferenceClient(hanging_target, timeout=0.3, retry=FAST_RETRY) as c:
+        for name, rpc in RPCS:
+            begun = time.monotonic()
+            with pytest.raises(
+                DeadlineExceededError, match=f"no reply from {hanging_target} to .* within the deadline of 0.3 s"
+            ):
+                rpc(c)
+            assert 0.25 < time.monotonic() - begun < 1.5, name
+
+
+def test_every_async_call_has_the_default_deadline(hanging_target: str) -> None:
+    async def scenario() -> None:
+        async with AsyncInferenceClient(hanging_target, timeout=0.3, retry=FAST_RETRY) as c:
+            calls: list[Any] = [c.server_live(), c.server_ready(), c.model_ready("m"), c.server_metadata(),
+                                c.model_metadata("m"), c.model_config("m"), c.model_statistics(), c.health(),
+                                c.infer("m", ROW), _drain(c.stream_infer("m", [ROW]))]  # fmt: skip
+            for call in calls:
+                begun = time.monotonic()
+                with pytest.raises(DeadlineExceededError, match=r"within the deadline of 0\.3 s"):
+                    await call
+                assert 0.25 < time.monotonic() - begun < 1.5
+
+    asyncio.run(scenario())
+
+
+async def _drain(stream: AsyncIterator[dict[str, np.ndarray]]) -> None:
+    async for _ in stream:
+        pass
+
+
+def test_deadline_honoured_by_the_real_server_path(fake_server: BackgroundServer) -> None:
+    """A forward pass slower than the deadline: the call ends at the deadline, unary and
+    streamed, sync and asyncio (the per-call timeout overrides the default)."""
+    fake_server.framework.controls.delay_s = 1.0
+    with InferenceClient(fake_server.target, timeout=0.3) as c:
+        for call in (lambda: c.infer("double", ROW), lambda: list(c.stream_infer("double", [ROW]))):
+            begun = time.monotonic()
+            with pytest.raises(DeadlineExceededError):
+                call()
+            assert 0.25 < time.monotonic() - begun < 0.9
+        begun = time.monotonic()
+        with pytest.raises(DeadlineExceededError):
+            c.infer("double", ROW, timeout=0.15)
+        assert 0.1 < time.monotonic() - begun < 0.7
+
+    async def scenario() -> None:
+        async with AsyncInferenceClient(fake_server.target, timeout=0.3) as ac:
+            begun = time.monotonic()
+            with pytest.raises(DeadlineExceededError):
+                await ac.infer("double", ROW)
+            assert 0.25 < time.monotonic() - begun < 0.9
+
+    asyncio.run(scenario())
+    fake_server.framework.controls.delay_s = 0.0
+
+
 # ---- TLS ----
 
 
@@ -594,7 +895,7 @@ def test_tls_with_root_certificates(certificate: tuple[bytes, bytes]) -> None:
             assert c.server_live() is True
             out = c.infer("double", {"x": np.ones(2, np.float32)})
             np.testing.assert_array_equal(out["x"], [2, 2])
-        with InferenceClient(f"127.0.0.1:{port}", retries=0) as plain, pytest.raises(UnavailableError):
+        with InferenceClient(f"127.0.0.1:{port}", retry=NO_RETRY) as plain, pytest.raises(UnavailableError):
             plain.server_live()
     finally:
         grpc_server.stop(grace=None)
@@ -605,7 +906,7 @@ def test_tls_with_root_certificates(certificate: tuple[bytes, bytes]) -> None:
 
 def test_async_client_essentials(fake: Fake) -> None:
     async def scenario() -> None:
-        async with AsyncInferenceClient(fake.target, token="tok", backoff=0.01, timeout=5.0) as c:
+        async with AsyncInferenceClient(fake.target, token="tok", retry=FAST_RETRY, timeout=5.0) as c:
             assert await c.server_live() is True
             assert await c.server_ready() is True
             assert await c.model_ready("double") is True
@@ -631,7 +932,7 @@ def test_async_client_essentials(fake: Fake) -> None:
 
 def test_async_retries_and_deadline(fake: Fake) -> None:
     async def scenario() -> None:
-        async with AsyncInferenceClient(fake.target, backoff=0.01, timeout=0.3) as c:
+        async with AsyncInferenceClient(fake.target, retry=FAST_RETRY, timeout=0.3) as c:
             fake.servicer.metadata_failures = 2
             assert (await c.server_metadata()).name == "fake"
             assert fake.servicer.calls["ServerMetadata"] == 3
