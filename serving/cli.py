@@ -13,10 +13,11 @@ import logging
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import modelzoo
+from modelzoo.base import ModelDefinition
 from serving import repository
 from serving.backend import Framework
 from serving.settings import add_arguments, from_namespace, parse_model_args
@@ -109,7 +110,11 @@ def forward_benchmark(framework: Framework, args: argparse.Namespace) -> dict[st
             "threads": args.threads, "reference": described, "results": results}  # fmt: skip
 
 
-def main(framework: Framework, argv: Sequence[str] | None = None) -> int:
+def main(
+    framework: Framework,
+    argv: Sequence[str] | None = None,
+    zoo: Mapping[str, type[ModelDefinition]] = modelzoo.MODELS,
+) -> int:
     args = build_parser(framework).parse_args(argv)
     if args.command == "forward":
         print(json.dumps(forward_benchmark(framework, args)))
@@ -128,7 +133,7 @@ def main(framework: Framework, argv: Sequence[str] | None = None) -> int:
             framework.env_prefix,
             defaults={"port": framework.default_port, "metrics_port": framework.default_port + 1},
         )
-        models = [modelzoo.get(name, **settings.model_params()) for name in settings.model]
+        models = [modelzoo.lookup(name, zoo)(**settings.model_params()) for name in settings.model]
     except ValueError as err:
         return _refuse(err)
     logging.basicConfig(
@@ -143,7 +148,7 @@ def main(framework: Framework, argv: Sequence[str] | None = None) -> int:
         return _refuse(ValueError(f"--device {settings.device}: {err}"))
     try:
         repository.check(framework, models, settings.model_dir or repository.default_root(framework))
-        return run(settings, framework)
+        return run(settings, framework, zoo)
     except (ValueError, StartupError) as err:
         return _refuse(err)
 

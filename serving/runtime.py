@@ -51,6 +51,8 @@ class ModelRuntime:
         self.parameters = dict(parameters)
         #: None while serving; otherwise why requests are refused (UNAVAILABLE).
         self.unavailable: str | None = f"model {model.name!r} is not ready"
+        #: time.monotonic() of the last request refused as unavailable.
+        self.last_refused = 0.0
         self.decoder = RequestDecoder(model, batching.max_batch_size)
         self.batcher = DynamicBatcher(
             backend.predict, model.inputs, model.outputs, batching, metrics, pad_values=model.pad_values
@@ -75,6 +77,7 @@ class ModelRuntime:
         code = "INTERNAL"
         try:
             if self.unavailable is not None:
+                self.last_refused = time.monotonic()
                 raise Unavailable(self.unavailable)
             arrays, rows = self.decoder.inputs(request)
             names = self.decoder.outputs(request)

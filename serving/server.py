@@ -16,8 +16,10 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -47,6 +49,10 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = SERVICE.full_name
 SERVER_VERSION = "0.1.0"
+#: While draining, the transport stops once no request was refused for QUIET_S seconds,
+#: or LINGER_MAX_S after the queues emptied (within the grace period).
+QUIET_S = 0.2
+LINGER_MAX_S = 2.0
 REFLECTION_SERVICE = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
 
 
@@ -112,6 +118,7 @@ class InferenceServer:
         self._metrics_http: Any = None
         self._stop_lock = threading.Lock()
         self._stopped = threading.Event()
+        self._drained = True
 
     def start(self) -> int:
         """Bind and start answering (NOT_SERVING until load_models finishes)."""
@@ -225,37 +232,65 @@ class InferenceServer:
         tmp.write_text(json.dumps(payload))
         tmp.replace(path)
 
-    def stop(self, grace: float | None = None) -> None:
-        """Drain: NOT_SERVING, refuse new work, let in-flight requests finish."""
+    def stop(self, grace: float | None = None) -> bool:
+        """Drain: NOT_SERVING, refuse new work, let in-flight requests finish within the grace
+        period. True when they all did; False when a forward pass was still running at its end
+        (the model is then left as it is: closing it under a running pass is not safe)."""
         with self._stop_lock:
             if self._stopped.is_set():
-                return
+                return self._drained
             grace = self.settings.grace_period_s if grace is None else grace
             started = time.monotonic()
             self.servicer.draining = True
             self.health.enter_graceful_shutdown()
             runtimes = list(self.servicer.models.values())
             # Health and metadata keep answering (NOT_SERVING) while queued and running
-            # requests finish; new inference requests get UNAVAILABLE. Then the
-            # transport stops, with what is left of the grace period for open RPCs.
+            # requests finish; new inference requests are refused (UNAVAILABLE) before
+            # anything of them is computed. Then the transport stops, with what is left of
+            # the grace period for replies still being sent.
             for runtime in runtimes:
                 runtime.unavailable = "server is shutting down; not accepting new requests"
+            drained = True
             for runtime in runtimes:
                 left = max(0.0, grace - (time.monotonic() - started))
                 if not runtime.batcher.drain(left):
-                    log.warning("grace period of %.1f s over with requests still queued or running", grace)
+                    drained = False
+                    log.error("%s: grace period of %.1f s over with a forward pass still running", runtime.model.name,
+                              grace)  # fmt: skip
+            # Callers may still be sending: refuse them ourselves (UNAVAILABLE, safe to retry
+            # elsewhere) until they have stopped for a moment; a closing transport would
+            # cancel the calls it holds instead, and a cancelled call may or may not have run.
+            # (Callers answered just now may send again: the quiet time counts from now.)
+            drained_at = time.monotonic()
+            linger_until = min(drained_at + LINGER_MAX_S, started + grace)
+            while time.monotonic() < linger_until:
+                last = max([drained_at, *(runtime.last_refused for runtime in runtimes)])
+                if time.monotonic() - last >= QUIET_S:
+                    break
+                time.sleep(QUIET_S / 4)
             if self._server is not None:
                 self._server.stop(max(0.0, grace - (time.monotonic() - started))).wait()
-            for runtime in runtimes:
-                runtime.backend.close()
+            if drained:
+                for runtime in runtimes:
+                    runtime.backend.close()
             if self._metrics_http is not None:
                 self._metrics_http.shutdown()
                 self._metrics_http.server_close()
+            self._drained = drained
             self._stopped.set()
             log.info("stopped")
+            return drained
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
+
+
+def _exit_now(reason: str) -> None:
+    """Leave at once, status 1: threads stuck in a forward pass cannot be joined."""
+    log.error("%s", reason)
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(1)
 
 
 def run(
@@ -288,7 +323,15 @@ def run(
             server.stop(0)
             return 1
         log.info("signal received: draining for up to %.1f s", settings.grace_period_s)
-        server.stop()
+        # Whatever hangs (a forward pass, a close), the process is gone one second after
+        # the grace period.
+        watchdog = threading.Timer(settings.grace_period_s + 1.0, _exit_now, ("shutdown did not finish in time",))
+        watchdog.daemon = True
+        watchdog.start()
+        drained = server.stop()
+        watchdog.cancel()
+        if not drained:
+            _exit_now("exiting with a forward pass still running")
         return 0
     finally:
         for sig, handler in previous.items():

@@ -1,0 +1,23 @@
+"""``python -m tests.fake_server serve --model double ...``: the real command line and serving
+core around the framework-free fake model, as a process (lifecycle tests).
+
+``FAKE_FORWARD_S`` (seconds) makes every forward pass take that long; ``inf`` makes it hang.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+from serving.cli import main
+from tests.fakes import ZOO, FakeFramework
+
+if __name__ == "__main__":
+    framework = FakeFramework()
+    forward_s = float(os.environ.get("FAKE_FORWARD_S", "0"))
+    if forward_s == float("inf"):
+        framework.controls.gate = threading.Event()  # never set: predict waits forever
+    else:
+        framework.controls.delay_s = forward_s
+    sys.exit(main(framework, zoo=ZOO))
