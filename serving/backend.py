@@ -5,6 +5,11 @@ around it (gRPC, validation, batching, deadlines, metrics, health); a backend on
 loads an artifact, runs a forward pass on numpy batches, and releases resources.
 ``predict`` is called from a worker thread, never on the event loop, and at most
 ``instances`` calls run at once.
+
+Every framework serves the same numeric options, with the same meaning: ``precision``
+(``fp32``, ``tf32``, ``bf16``, ``fp16``: the dtype of weights and computation; inputs and
+outputs keep their contract datatypes, cast at the edges) and ``compile`` (``off``/``on``).
+``TOLERANCES`` says how far each precision may stray from the fp32 reference.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from contract.datatypes import TensorSpec
+from serving.settings import COMPILE_MODES, PRECISIONS
 
 if TYPE_CHECKING:
     from modelzoo.base import ModelDefinition
@@ -29,10 +35,31 @@ class Backend(ABC):
     #: Triton-style platform string reported in metadata, e.g. "pytorch_torch_export".
     platform: str = ""
 
-    def __init__(self, model: ModelDefinition, artifact_dir: Path, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        model: ModelDefinition,
+        artifact_dir: Path,
+        device: str = "cpu",
+        precision: str = "fp32",
+        compile: str = "off",
+        instances: int = 1,
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"--precision {precision}: must be one of {', '.join(PRECISIONS)}")
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"--compile {compile}: must be one of {', '.join(COMPILE_MODES)}")
         self.model = model
         self.artifact_dir = artifact_dir
         self.device = device
+        self.precision = precision
+        self.compile = compile
+        #: Forward passes that may run at once (per-instance resources: streams, compiled runners).
+        self.instances = instances
+        #: Seconds ``load`` spent, by phase: "export_s" (derived artifacts written, e.g. a bf16
+        #: export) and "compile_s" (ahead-of-time compilation, or loading its cached result).
+        self.timings: dict[str, float] = {}
+        #: Set once warm-up has run: a shape compiled after it is compiled while serving.
+        self.warmed_up = False
 
     @property
     def name(self) -> str:
@@ -58,6 +85,11 @@ class Backend(ABC):
     def close(self) -> None:
         """Release the model (memory, device handles). Default: nothing to release."""
 
+    def warm_up_inputs(self, batch_size: int, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
+        """Inputs of ``batch_size`` rows that together reach every shape the backend would
+        otherwise compile while serving (e.g. each sequence bucket). Default: one example."""
+        return [self.model.complete_inputs(self.model.example_inputs(batch_size, rng))]
+
 
 @dataclass(frozen=True)
 class FrameworkInfo:
@@ -67,6 +99,41 @@ class FrameworkInfo:
     version: str
     device: str
     extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far outputs may stray from the fp32 reference: elementwise
+    ``|actual - expected| <= atol + rtol * |expected|`` (numpy's allclose)."""
+
+    atol: float
+    rtol: float
+
+    def errors(self, actual: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
+        """(max abs difference, max difference relative to the largest expected magnitude)."""
+        if actual.size == 0:
+            return 0.0, 0.0
+        diff = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
+        scale = float(np.max(np.abs(expected)))
+        return float(diff.max()), float(diff.max()) / scale if scale else float(diff.max())
+
+    def holds(self, actual: np.ndarray, expected: np.ndarray) -> bool:
+        return actual.shape == expected.shape and bool(
+            np.allclose(actual, expected, rtol=self.rtol, atol=self.atol, equal_nan=False)
+        )
+
+
+#: Parity of each precision with the fp32 reference (zoo models' outputs are O(1)).
+#: fp32: as tested across frameworks since the start. The others were chosen from the
+#: errors measured on CPU (README, "Precision and compilation"): bf16 keeps 8 significant
+#: bits (relative step 2^-8 = 0.0039) and its error grows through the layers; fp16 keeps 11
+#: (2^-11); tf32 rounds matmul/convolution operands to 10 bits, like fp16, on CUDA only.
+TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance(atol=1e-4, rtol=1e-4),
+    "tf32": Tolerance(atol=2e-2, rtol=2e-2),
+    "bf16": Tolerance(atol=1e-1, rtol=5e-2),
+    "fp16": Tolerance(atol=2e-2, rtol=2e-2),
+}
 
 
 class Reference(Protocol):
@@ -91,6 +158,10 @@ class Framework(Protocol):
     def configure(self, threads: int | None, device: str) -> None:
         """Apply thread settings; must run before the framework's first op."""
 
+    def check_options(self, device: str, precision: str, compile: str) -> None:
+        """Raise ValueError, one line naming the option, when this framework cannot run
+        ``precision``/``compile`` on the resolved ``device``."""
+
     def resolve_device(self, device: str) -> str:
         """Map "auto"/"cpu"/"cuda"/"cuda:N" to the concrete device to use."""
 
@@ -98,12 +169,22 @@ class Framework(Protocol):
         """Build ``model`` from its canonical weights and write the native serving
         artifact into ``version_dir`` (which exists and is empty)."""
 
-    def create_backend(self, model: ModelDefinition, version_dir: Path, device: str) -> Backend:
-        """A Backend for the artifact in ``version_dir``; not loaded yet."""
+    def create_backend(
+        self,
+        model: ModelDefinition,
+        version_dir: Path,
+        device: str,
+        precision: str = "fp32",
+        compile: str = "off",
+        instances: int = 1,
+    ) -> Backend:
+        """A Backend for the artifact in ``version_dir``; not loaded yet. Artifacts derived
+        from it (another precision's export, a compiled package) are cached beside it."""
 
     def info(self, device: str) -> FrameworkInfo:
         """Framework version and device description."""
 
-    def reference(self, model: ModelDefinition, version_dir: Path, device: str) -> Reference:
+    def reference(self, model: ModelDefinition, version_dir: Path, device: str, precision: str = "fp32") -> Reference:
         """The fastest in-process call of this model that the framework offers, the yardstick
-        of ``predict`` (``python -m <server> forward``). Its docstring says what it runs."""
+        of ``predict`` (``python -m <server> forward``), in ``precision``, uncompiled. Its
+        docstring says what it runs."""

@@ -20,7 +20,7 @@ import modelzoo
 from modelzoo.base import ModelDefinition
 from serving import repository
 from serving.backend import Framework
-from serving.settings import add_arguments, from_namespace, parse_model_args
+from serving.settings import COMPILE_MODES, PRECISIONS, add_arguments, from_namespace, parse_model_args
 
 
 def build_parser(framework: Framework) -> argparse.ArgumentParser:
@@ -52,6 +52,8 @@ def build_parser(framework: Framework) -> argparse.ArgumentParser:
     forward.add_argument("--seconds", type=float, default=1.0, help="timing budget per batch size")
     forward.add_argument("--threads", type=int, default=None)
     forward.add_argument("--device", default="auto")
+    forward.add_argument("--precision", default="fp32", choices=PRECISIONS, help="as serve's --precision")
+    forward.add_argument("--compile", default="off", choices=COMPILE_MODES, help="as serve's --compile")
     return parser
 
 
@@ -71,23 +73,30 @@ def _median_us(run: Callable[[], object], seconds: float) -> float:
 
 def forward_benchmark(framework: Framework, args: argparse.Namespace) -> dict[str, object]:
     """Median latency and rows/s of backend.predict at each batch size, beside the framework's
-    fastest in-process call of the same model (``Framework.reference``), timed alternately."""
+    fastest in-process call of the same model (``Framework.reference``: same precision,
+    uncompiled), timed alternately. Compile time (``--compile on``) is reported apart."""
     import numpy as np
 
     framework.configure(args.threads, args.device)
     device = framework.resolve_device(args.device)
+    framework.check_options(device, args.precision, args.compile)
     model = modelzoo.get(args.model, **parse_model_args(args.model_arg))
     root = args.model_dir or repository.default_root(framework)
     version_dir = repository.ensure(framework, model, root)
-    backend = framework.create_backend(model, version_dir, device)
+    backend = framework.create_backend(model, version_dir, device, args.precision, args.compile)
+    started = time.perf_counter()
     backend.load()
-    reference = framework.reference(model, version_dir, device)
+    load_s = time.perf_counter() - started
+    reference = framework.reference(model, version_dir, device, args.precision)
     rng = np.random.default_rng(0)
     results = []
     for size in (int(part) for part in args.batch_sizes.split(",") if part.strip()):
         inputs = model.complete_inputs(model.example_inputs(size, rng, seq_len=16))
         served = functools.partial(backend.predict, inputs)
         fastest = reference(inputs)
+        started = time.perf_counter()
+        served()  # compiles this shape, where the backend compiles per shape
+        first_us = (time.perf_counter() - started) * 1e6
         for _ in range(5):
             served()
             fastest()
@@ -102,12 +111,14 @@ def forward_benchmark(framework: Framework, args: argparse.Namespace) -> dict[st
             "rows_per_s": size / served_us * 1e6,
             "reference_us": reference_us,
             "vs_reference": served_us / reference_us,
+            "first_call_us": first_us,
         })  # fmt: skip
     backend.close()
     info = framework.info(device)
     described = " ".join((reference.__doc__ or "").split())
     return {"framework": framework.name, "version": info.version, "device": info.device, "model": args.model,
-            "threads": args.threads, "reference": described, "results": results}  # fmt: skip
+            "threads": args.threads, "precision": args.precision, "compile": args.compile, "load_s": load_s,
+            "timings": backend.timings, "reference": described, "results": results}  # fmt: skip
 
 
 def main(

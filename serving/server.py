@@ -180,18 +180,41 @@ class InferenceServer:
         )
 
     def load_models(self) -> None:
-        """Export if needed, load and warm up every model, then report SERVING."""
+        """Export if needed, load and warm up every model, then report SERVING.
+
+        Each model's start-up is reported in parts (log line and ModelConfig parameters):
+        ``export_s`` (artifacts written: the export, a precision's own export), ``load_s``,
+        ``compile_s`` (with ``--compile on``: ahead-of-time compilation or loading its cached
+        result, plus the warm-up passes, which compile every batch shape) and ``warmup_s``
+        (with ``--compile off``: the warm-up passes).
+        """
         settings = self.settings
         root = settings.model_dir or repository.default_root(self.framework)
         params = settings.model_params()
+        self.framework.check_options(self.device, settings.precision, settings.compile)
         info = self.framework.info(self.device)
+        #: Start-up seconds of each model, by part (see above).
+        self.model_timings: dict[str, dict[str, float]] = {}
         for name in settings.model:
             model = modelzoo.lookup(name, self.zoo)(**params)
+            started = time.perf_counter()
             version_dir = repository.ensure(self.framework, model, root)
-            backend = self.framework.create_backend(model, version_dir, self.device)
+            exported = time.perf_counter() - started
+            backend = self.framework.create_backend(
+                model, version_dir, self.device, settings.precision, settings.compile, settings.instances
+            )
+            started = time.perf_counter()
             backend.load()
-            if settings.warmup:
-                self._warm_up(model, backend)
+            loaded = time.perf_counter() - started
+            warmed = self._warm_up(backend) if settings.warmup else 0.0
+            compiled = settings.compile == "on"
+            inner = {key: backend.timings.get(key, 0.0) for key in ("export_s", "compile_s")}
+            timings = self.model_timings[name] = {
+                "export_s": exported + inner["export_s"],
+                "load_s": loaded - inner["export_s"] - inner["compile_s"],
+                "compile_s": inner["compile_s"] + warmed if compiled else 0.0,
+                "warmup_s": 0.0 if compiled else warmed,
+            }
             # info.extra carries the resolved device ("cpu", "cuda:0"); its description
             # (CPU model or GPU name) goes beside it rather than under the same key.
             parameters = {
@@ -199,6 +222,9 @@ class InferenceServer:
                 "device_name": info.device,
                 "threads": str(settings.threads or "default"),
                 **info.extra,
+                "precision": settings.precision,
+                "compile": settings.compile,
+                **{key: f"{value:.3f}" for key, value in timings.items()},
             }
             runtime = ModelRuntime(
                 model, backend, settings.batching(), self.metrics.for_model(name), self.framework.name, parameters
@@ -208,7 +234,11 @@ class InferenceServer:
                 return
             runtime.start()
             self.servicer.add(runtime)
-            log.info("model %s ready (%s on %s)", name, self.framework.name, info.device)
+            log.info(
+                "model %s ready (%s on %s, %s, compile %s): export %.2f s, load %.2f s, compile %.2f s, warm-up %.2f s",
+                name, self.framework.name, info.device, settings.precision, settings.compile, timings["export_s"],
+                timings["load_s"], timings["compile_s"], timings["warmup_s"],
+            )  # fmt: skip
         # Everything loaded so far lives as long as the process: keep the cyclic garbage
         # collector from scanning it again on every full collection while serving.
         gc.collect()
@@ -220,11 +250,27 @@ class InferenceServer:
             self._write_port_file(settings.port_file)
         log.info("SERVING after %.2f s", self.ready_after_s)
 
-    def _warm_up(self, model: ModelDefinition, backend: Backend) -> None:
+    def _warm_up(self, backend: Backend) -> float:
+        """Run every warm-up shape: each batch size times ``backend.warm_up_inputs``; seconds taken.
+
+        Compiled, the sizes are every size the batcher can produce (the preferred sizes and
+        every size above the largest of them; without preferred sizes 1..max_batch_size);
+        otherwise 1, the preferred sizes and the largest."""
+        started = time.perf_counter()
+        settings = self.settings
+        preferred, largest = settings.preferred_batch_sizes, settings.max_batch_size
+        if settings.compile != "on":
+            sizes = sorted({1, *preferred, largest})
+        elif preferred:
+            sizes = sorted({*preferred, *range(max(preferred) + 1, largest + 1)})
+        else:
+            sizes = list(range(1, largest + 1))
         rng = np.random.default_rng(0)
-        sizes = sorted({1, *self.settings.preferred_batch_sizes, self.settings.max_batch_size})
         for size in sizes:
-            backend.predict(model.complete_inputs(model.example_inputs(size, rng)))
+            for inputs in backend.warm_up_inputs(size, rng):
+                backend.predict(inputs)
+        backend.warmed_up = True
+        return time.perf_counter() - started
 
     def _write_port_file(self, path: Path) -> None:
         payload = {"port": self.port, "metrics_port": self.metrics_port, "ready_after_s": self.ready_after_s}

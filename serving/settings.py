@@ -18,6 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+#: ``--precision`` values: the dtype of weights and computation (tf32: fp32 with TF32 CUDA math).
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+#: ``--compile`` values.
+COMPILE_MODES = ("off", "on")
+
 
 def _doc(text: str, **kwargs: Any) -> Any:
     return field(metadata={"help": text}, **kwargs)
@@ -66,6 +71,16 @@ class ServerSettings(BatchingSettings):
     metrics_port: int = _doc("Prometheus metrics HTTP port; 0 picks a free one, -1 disables.", default=8002)
     port_file: Path | None = _doc("Write the bound gRPC and metrics ports here as JSON once SERVING.", default=None)
     device: str = _doc("auto, cpu, cuda or cuda:N.", default="auto")
+    precision: str = _doc(
+        "fp32, tf32, bf16 or fp16: the dtype of the weights and the computation (tf32: fp32 storage, TF32 CUDA "
+        "matmul/convolution math). The wire contract does not change: inputs and outputs keep their datatypes.",
+        default="fp32",
+    )
+    compile: str = _doc(
+        "off or on: compile the model (torch: an AOTInductor package cached in the model repository; tensorflow: "
+        "XLA); warm-up then compiles every batch shape before SERVING.",
+        default="off",
+    )
     threads: int | None = _doc("Intra-op threads of the framework (default: the framework's own choice).", default=None)
     warmup: bool = _doc("Run warm-up passes at each batch size bucket before reporting SERVING.", default=True)
     grace_period_s: float = _doc("On SIGTERM/SIGINT, how long in-flight requests may take to finish.", default=10.0)
@@ -98,6 +113,12 @@ class ServerSettings(BatchingSettings):
                 raise ValueError(f"{_flag(name)} {getattr(self, name)}: must be >= 1")
         if self.max_queue_delay_us < 0:
             raise ValueError(f"--max-queue-delay-us {self.max_queue_delay_us}: must be >= 0")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision {self.precision}: must be one of {', '.join(PRECISIONS)}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"--compile {self.compile}: must be one of {', '.join(COMPILE_MODES)}")
+        if self.precision == "tf32" and self.device.strip().lower() == "cpu":
+            raise ValueError("--precision tf32: it changes only CUDA matmul/convolution math; --device cpu has none")
         if self.grpc_threads < 2:
             raise ValueError(f"--grpc-threads {self.grpc_threads}: must be >= 2")
         if self.threads is not None and self.threads < 1:

@@ -62,8 +62,17 @@ class Controls:
 class FakeBackend(Backend):
     platform = "fake_numpy"
 
-    def __init__(self, model: ModelDefinition, artifact_dir: Path, device: str, controls: Controls) -> None:
-        super().__init__(model, artifact_dir, device)
+    def __init__(
+        self,
+        model: ModelDefinition,
+        artifact_dir: Path,
+        device: str,
+        controls: Controls,
+        precision: str = "fp32",
+        compile: str = "off",
+        instances: int = 1,
+    ) -> None:
+        super().__init__(model, artifact_dir, device, precision, compile, instances)
         self.controls = controls
 
     def load(self) -> None:
@@ -98,14 +107,26 @@ class FakeFramework:
     def configure(self, threads: int | None, device: str) -> None:
         pass
 
+    def check_options(self, device: str, precision: str, compile: str) -> None:
+        if precision == "tf32" and not device.startswith("cuda"):
+            raise ValueError(f"--precision tf32: it changes only CUDA matmul/convolution math, and {device} has none")
+
     def resolve_device(self, device: str) -> str:
         return "cpu"
 
     def export(self, model: ModelDefinition, version_dir: Path) -> None:
         (version_dir / "model.txt").write_text(model.name)
 
-    def create_backend(self, model: ModelDefinition, version_dir: Path, device: str) -> Backend:
-        return FakeBackend(model, version_dir, device, self.controls)
+    def create_backend(
+        self,
+        model: ModelDefinition,
+        version_dir: Path,
+        device: str,
+        precision: str = "fp32",
+        compile: str = "off",
+        instances: int = 1,
+    ) -> Backend:
+        return FakeBackend(model, version_dir, device, self.controls, precision, compile, instances)
 
     def info(self, device: str) -> FrameworkInfo:
         return FrameworkInfo(name="fake", version="0", device="cpu")

@@ -8,11 +8,31 @@ keyword arguments in Python on every call, which cost more than the mlp's own gr
 ``call_flat`` is not part of TensorFlow's public API, so the flat call is checked
 against the structured one on the model's example inputs at load, and the structured
 call is used instead (logged) if the flat one is missing or differs.
+
+Precision and compilation (``--precision``, ``--compile``):
+
+- bf16 and fp16 serve their own SavedModel (``tf_server.model.save``: variables and
+  computation in that dtype, casts at the edges), written once beside the artifact as
+  ``derived/tensorflow-<version>/<precision>/``; fp32 and tf32 serve the artifact itself
+  (tf32 turns on TensorFloat-32 execution, process-wide).
+- ``--compile on`` calls the signature inside a ``tf.function(jit_compile=True)``: XLA
+  compiles the whole graph once per input shape. Sequence inputs are therefore padded
+  (with the model's pad values) up to a power of two, at least 8 and at most the model's
+  longest sequence, and outputs cut back, so warm-up can compile every shape the batcher
+  can produce: each batch size times each sequence bucket (``warm_up_inputs``). A shape
+  met for the first time while serving is compiled then, and logged as a warning.
+- On a GPU every op must run there: soft device placement is off (no silent CPU fallback)
+  and where the variables and outputs live is logged once at load. Inputs reach the GPU
+  as one host-to-device copy per input (TensorFlow stages them through its own pinned
+  buffers) and outputs come back once each (``.numpy()``).
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,8 +40,10 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from contract.datatypes import TensorSpec
 from modelzoo.base import ModelDefinition
-from serving.backend import Backend
+from serving.backend import TOLERANCES, Backend
+from tf_server.model import input_signature, save, sequence_limit
 
 log = logging.getLogger(__name__)
 
@@ -63,38 +85,145 @@ def flat_call(signature: Any) -> Call:
     return call
 
 
+#: Where derived artifacts live inside a version directory.
+DERIVED = "derived"
+#: The shortest sequence bucket under XLA.
+MIN_SEQUENCE_BUCKET = 8
+
+
+def sequence_buckets(longest: int) -> list[int]:
+    """Powers of two from ``MIN_SEQUENCE_BUCKET`` up to ``longest``, and ``longest`` itself."""
+    buckets, size = [], MIN_SEQUENCE_BUCKET
+    while size < longest:
+        buckets.append(size)
+        size *= 2
+    return [*buckets, longest]
+
+
+def _sequence_axes(specs: Sequence[TensorSpec]) -> list[tuple[str, list[int]]]:
+    """(name, variable axes beyond the batch axis) of each spec that has any."""
+    found = [(spec.name, [axis for axis, dim in enumerate(spec.shape) if axis and dim == -1]) for spec in specs]
+    return [(name, axes) for name, axes in found if axes]
+
+
 class TFBackend(Backend):
     """One SavedModel; the version directory is the SavedModel directory (TF Serving layout)."""
 
     platform = "tensorflow_savedmodel"
 
-    def __init__(self, model: ModelDefinition, artifact_dir: Path, device: str = "cpu") -> None:
-        super().__init__(model, artifact_dir, device)
+    def __init__(
+        self,
+        model: ModelDefinition,
+        artifact_dir: Path,
+        device: str = "cpu",
+        precision: str = "fp32",
+        compile: str = "off",
+        instances: int = 1,
+    ) -> None:
+        super().__init__(model, artifact_dir, device, precision, compile, instances)
         self._tf_device = tf_device_name(device)
         self._on_cpu = device == "cpu"
         self._saved_model: Any = None
         self._signature: Any = None
         self._call: Call | None = None
         self._input_dtypes = {spec.name: spec.numpy_dtype for spec in model.inputs}
+        #: Sequence buckets under XLA (empty: the model has no sequence dimension, or compile is off).
+        limit = sequence_limit(model)
+        self._ragged = _sequence_axes(model.inputs)
+        self._ragged_outputs = _sequence_axes(model.outputs)
+        self.buckets = sequence_buckets(limit) if compile == "on" and limit is not None and self._ragged else []
+        #: Input shapes XLA has compiled for (compile on), in the order first met.
+        self.shapes: list[tuple[tuple[int, ...], ...]] = []
+
+    def saved_model_dir(self) -> Path:
+        """The SavedModel this precision serves, exported first if it is not there yet."""
+        if self.precision in ("fp32", "tf32"):
+            return self.artifact_dir
+        directory = self.artifact_dir / DERIVED / f"tensorflow-{tf.__version__}" / self.precision
+        if not (directory / "saved_model.pb").is_file():
+            started = time.perf_counter()
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{self.precision}-", dir=directory.parent))
+            try:
+                save(self.model, str(staging), self.precision)
+                shutil.rmtree(directory, ignore_errors=True)
+                staging.rename(directory)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            self.timings["export_s"] = time.perf_counter() - started
+            log.info("%s: exported the %s SavedModel to %s in %.1f s", self.name, self.precision, directory,
+                     self.timings["export_s"])  # fmt: skip
+        return directory
 
     def load(self) -> None:
+        tf.config.experimental.enable_tensor_float_32_execution(self.precision == "tf32")
+        if not self._on_cpu:
+            tf.config.set_soft_device_placement(False)
         with tf.device(self._tf_device):
-            self._saved_model = tf.saved_model.load(str(self.artifact_dir))
+            self._saved_model = tf.saved_model.load(str(self.saved_model_dir()))
         self._signature = self._saved_model.signatures["serving_default"]
         structured = structured_call(self._signature)
         try:
             self._call = flat_call(self._signature)
-            rng = np.random.default_rng(0)
-            for rows in (1, 3):
-                inputs = self._feed(self.model.complete_inputs(self.model.example_inputs(rows, rng)))
-                expected, actual = self._run(structured, inputs), self._run(self._call, inputs)
-                if expected.keys() != actual.keys() or any(
-                    not np.allclose(actual[name], expected[name], rtol=1e-5, atol=1e-6) for name in expected
-                ):
-                    raise ValueError("outputs differ from the structured call")
+            self._check(structured, strict=True)
         except Exception as err:
             log.warning("%s: flat call unavailable (%s); using the structured call", self.name, err)
             self._call = structured
+        if self.compile == "on":
+            started = time.perf_counter()
+            self._call = flat_call(self._xla_function())
+            self._check(structured, strict=False)
+            self.timings["compile_s"] = time.perf_counter() - started
+        if not self._on_cpu:
+            self._log_placement()
+
+    def _xla_function(self) -> Any:
+        """The signature inside a ``tf.function(jit_compile=True)``, as a concrete function."""
+        signature = self._signature
+        names = [spec.name for spec in self.model.inputs]
+
+        @tf.function(jit_compile=True, input_signature=input_signature(self.model))
+        def compiled(*inputs: tf.Tensor) -> Any:
+            return signature(**dict(zip(names, inputs, strict=True)))
+
+        with tf.device(self._tf_device):
+            return compiled.get_concrete_function()
+
+    def _check(self, structured: Call, strict: bool) -> None:
+        """Raise if this backend's outputs differ from the structured call's on example inputs:
+        beyond 1e-5 when ``strict`` (the same graph), else beyond the precision's tolerance."""
+        tolerance = TOLERANCES[self.precision]
+        rng = np.random.default_rng(0)
+        for rows in (1, 3):
+            inputs = self._feed(self.model.complete_inputs(self.model.example_inputs(rows, rng)))
+            expected, actual = self._run(structured, inputs), self.predict(inputs)
+            if expected.keys() != actual.keys():
+                raise ValueError(f"outputs {sorted(actual)} are not {sorted(expected)}")
+            for name, wanted in expected.items():
+                if strict and not np.allclose(actual[name], wanted, rtol=1e-5, atol=1e-6):
+                    raise ValueError("outputs differ from the structured call")
+                if not strict and not tolerance.holds(actual[name], wanted):
+                    error, relative = tolerance.errors(actual[name], wanted)
+                    raise RuntimeError(
+                        f"{self.name}: the XLA-compiled signature differs from the SavedModel on {name!r} (max abs "
+                        f"{error:.3g}, {relative:.3g} of the largest value) beyond the {self.precision} tolerance"
+                    )
+
+    def _log_placement(self) -> None:
+        """Say once where the weights live and where the graph computes (soft placement is off,
+        so an op without a kernel on this device fails instead of moving to the CPU)."""
+        variables = {variable.device for variable in self._saved_model.variables}
+        rng = np.random.default_rng(0)
+        inputs = self._feed(self.model.complete_inputs(self.model.example_inputs(1, rng)))
+        with tf.device(self._tf_device):
+            outputs = self._signature(**{name: tf.constant(array) for name, array in inputs.items()})
+        computed = {tensor.device for tensor in outputs.values()}
+        log.info("%s: placement: variables on %s, outputs computed on %s", self.name, ", ".join(sorted(variables)),
+                 ", ".join(sorted(computed)))  # fmt: skip
+        wanted = self._tf_device.lstrip("/").upper()
+        if not all(device.upper().endswith(wanted) for device in variables | computed):
+            raise RuntimeError(f"{self.name}: placed outside {self._tf_device}: {sorted(variables | computed)}")
 
     def _feed(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {name: np.asarray(inputs[name], dtype=dtype) for name, dtype in self._input_dtypes.items()}
@@ -108,7 +237,51 @@ class TFBackend(Backend):
     def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._call is None:
             raise RuntimeError(f"model {self.name!r} is not loaded")
-        return self._run(self._call, self._feed(inputs))
+        feed = self._feed(inputs)
+        if self.compile != "on":
+            return self._run(self._call, feed)
+        sizes = self._pad_sequences(feed)
+        shape = tuple(array.shape for array in feed.values())
+        if shape not in self.shapes:
+            self.shapes.append(shape)
+            log.log(logging.WARNING if self.warmed_up else logging.DEBUG, "%s: XLA compiles for input shapes %s",
+                    self.name, shape)  # fmt: skip
+        outputs = self._run(self._call, feed)
+        if not sizes:
+            return outputs
+        for name, axes in self._ragged_outputs:
+            cut = [slice(None)] * outputs[name].ndim
+            for k, axis in enumerate(axes):
+                cut[axis] = slice(None, sizes[k])
+            outputs[name] = outputs[name][tuple(cut)]
+        return outputs
+
+    def _pad_sequences(self, feed: dict[str, np.ndarray]) -> list[int]:
+        """Pad the sequence axes of ``feed`` (in place) up to their buckets; returns the sizes
+        they had (of the first sequence input, as the batcher cuts outputs by them)."""
+        if not self.buckets:
+            return []
+        sizes: list[int] = []
+        for name, axes in self._ragged:
+            array = feed[name]
+            if not sizes:
+                sizes = [array.shape[axis] for axis in axes]
+            widths = [(0, 0)] * array.ndim
+            for axis in axes:
+                size = array.shape[axis]
+                widths[axis] = (0, next((bucket for bucket in self.buckets if bucket >= size), size) - size)
+            if any(after for _, after in widths):
+                feed[name] = np.pad(array, widths, constant_values=self.model.pad_values.get(name, 0))
+        return sizes
+
+    def warm_up_inputs(self, batch_size: int, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
+        """Under XLA with sequences: one example per sequence bucket, so each is compiled."""
+        if not self.buckets:
+            return super().warm_up_inputs(batch_size, rng)
+        return [
+            self.model.complete_inputs(self.model.example_inputs(batch_size, rng, seq_len=bucket))
+            for bucket in self.buckets
+        ]
 
     def close(self) -> None:
         self._call = None

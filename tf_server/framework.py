@@ -56,6 +56,21 @@ class TensorFlowFramework:
                 f"configure() must run before the first TensorFlow op ({exc})"
             ) from exc
 
+    def check_options(self, device: str, precision: str, compile: str) -> None:
+        """Refuse what TensorFlow cannot run here: tf32 off CUDA, bf16 on a GPU older than
+        compute capability 8.0. XLA (``--compile on``) comes with every TensorFlow build."""
+        import tensorflow as tf
+
+        on_cuda = device.startswith("cuda")
+        if precision == "tf32" and not on_cuda:
+            raise ValueError(f"--precision tf32: it changes only CUDA matmul/convolution math, and {device} has none")
+        if precision == "bf16" and on_cuda:
+            gpu = tf.config.get_visible_devices("GPU")[int(device.partition(":")[2] or 0)]
+            details = tf.config.experimental.get_device_details(gpu)
+            if tuple(details.get("compute_capability", (0, 0))) < (8, 0):
+                name = details.get("device_name", gpu.name)
+                raise ValueError(f"--precision bf16: {name} has no bf16 kernels (compute capability 8.0 or newer)")
+
     def resolve_device(self, device: str) -> str:
         """``"auto"`` -> ``"cuda:0"`` when a GPU is visible, else ``"cpu"``; ``"cuda"``/``"gpu"``
         -> ``"cuda:0"``; ``"cuda:N"``/``"gpu:N"`` checked against the visible GPUs. Raises ValueError."""
@@ -82,31 +97,36 @@ class TensorFlowFramework:
     def export(self, model: ModelDefinition, version_dir: Path) -> None:
         """Write a SavedModel into ``version_dir`` with a ``serving_default`` signature whose
         inputs and outputs carry the contract names (batch and sequence dimensions None)."""
-        import tensorflow as tf
+        from tf_server.model import save
 
-        from tf_server.model import build, input_signature
+        save(model, str(version_dir))
 
-        module = build(model)
-        module.serve = tf.function(module.__call__, input_signature=input_signature(model))
-        tf.saved_model.save(
-            module, str(version_dir), signatures={"serving_default": module.serve.get_concrete_function()}
-        )
-
-    def create_backend(self, model: ModelDefinition, version_dir: Path, device: str) -> Backend:
+    def create_backend(
+        self,
+        model: ModelDefinition,
+        version_dir: Path,
+        device: str,
+        precision: str = "fp32",
+        compile: str = "off",
+        instances: int = 1,
+    ) -> Backend:
         from tf_server.backend import TFBackend
 
-        return TFBackend(model, Path(version_dir), self.resolve_device(device))
+        return TFBackend(model, Path(version_dir), self.resolve_device(device), precision, compile, instances)
 
-    def reference(self, model: ModelDefinition, version_dir: Path, device: str) -> Reference:
-        """The same SavedModel's ``serving_default`` graph through its inference function's
-        ``call_flat`` on TF tensors, outputs left as tensors: its fastest in-process call."""
+    def reference(self, model: ModelDefinition, version_dir: Path, device: str, precision: str = "fp32") -> Reference:
+        """The same SavedModel (of the same precision) and its ``serving_default`` graph through
+        its inference function's ``call_flat`` on TF tensors, outputs left as tensors: its
+        fastest in-process call."""
         import tensorflow as tf
 
-        from tf_server.backend import tf_device_name
+        from tf_server.backend import TFBackend, tf_device_name
 
-        tf_device = tf_device_name(self.resolve_device(device))
+        resolved = self.resolve_device(device)
+        tf_device = tf_device_name(resolved)
+        saved_model_dir = TFBackend(model, Path(version_dir), resolved, precision).saved_model_dir()
         with tf.device(tf_device):
-            signature = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+            signature = tf.saved_model.load(str(saved_model_dir)).signatures["serving_default"]
         function = signature._inference_function
         captured = tuple(signature.captured_inputs)
         names = [tensor.name.partition(":")[0] for tensor in signature.inputs[: len(signature.inputs) - len(captured)]]

@@ -14,23 +14,46 @@ cost more than the mlp's whole forward pass (193 µs vs 56 µs eager at batch 1)
 
 The lean graph is checked against ``ExportedProgram.module()`` on the model's example
 inputs at load: any difference and it falls back to the plain graph (logged).
+
+Precision and compilation (``--precision``, ``--compile``):
+
+- bf16 and fp16 serve their own export (``torch_server.model.export_program``: weights and
+  computation in that dtype, casts at the edges), written once beside the artifact as
+  ``derived/torch-<version>/<precision>/model.pt2``; fp32 and tf32 serve the artifact itself
+  (tf32 turns on TF32 CUDA matmul/convolution math, process-wide).
+- ``--compile on`` serves an AOTInductor package of that program, compiled for this device
+  with the program's dynamic dimensions (every batch size and sequence length: one
+  compilation), cached as ``derived/torch-<version>/<precision>/aoti-<device key>.pt2``
+  with one runner per instance. At load it is checked against the exported program on
+  the model's example inputs, within the precision's tolerance, and refused if it differs.
+- On CUDA each batch goes to the device in one non-blocking copy from pinned memory (every
+  input packed into one staging buffer) and comes back in one copy (every output packed
+  into one pinned buffer), on the CUDA stream of the instance running it. Streams and
+  staging buffers are pooled: each forward pass takes one lane and gives it back, so at
+  most ``instances`` lanes exist. On CPU tensors share the request arrays' memory.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import queue
+import re
+import tempfile
+import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import BuiltinFunctionType
 
 import numpy as np
 import torch
+from torch._inductor.package import load_package
 from torch.export.passes import move_to_device_pass
 from torch.utils import _pytree as pytree
 
 from modelzoo.base import ModelDefinition
-from serving.backend import Backend
+from serving.backend import TOLERANCES, Backend
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +98,76 @@ def lean_module(program: torch.export.ExportedProgram, rebind: bool = True) -> t
                     node.target = binding
                     break
     module.recompile()
+    return module, output_names(program)
+
+
+def output_names(program: torch.export.ExportedProgram) -> list[str]:
+    """The names of the program's outputs, in the order its flat outputs come."""
     out_spec = program.call_spec.out_spec
     positions = pytree.tree_unflatten(list(range(out_spec.num_leaves)), out_spec)
     if not isinstance(positions, dict):
         raise TypeError(f"the exported program returns {type(positions).__name__}, not a dict of named outputs")
-    names = sorted(positions, key=positions.__getitem__)
-    return module, names
+    return sorted(positions, key=positions.__getitem__)
+
+
+#: Where derived artifacts live inside a version directory.
+DERIVED = "derived"
+#: Byte alignment of each tensor packed into one staging buffer (any dtype's view is aligned).
+_ALIGN = 64
+
+Run = Callable[..., Sequence[torch.Tensor]]
+
+
+def derived_dir(artifact_dir: Path, precision: str) -> Path:
+    """Folder of the artifacts derived for ``precision`` by this torch version."""
+    return artifact_dir / DERIVED / f"torch-{torch.__version__}" / precision
+
+
+def device_key(device: str) -> str:
+    """What a compiled package is specific to: the CPU's vector ISA, or the GPU model and
+    its compute capability."""
+    if device == "cpu":
+        return f"cpu-{torch.backends.cpu.get_cpu_capability().lower()}"
+    index = torch.device(device).index or 0
+    major, minor = torch.cuda.get_device_capability(index)
+    name = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(index).lower()).strip("-")
+    return f"cuda-{name}-sm{major}{minor}"
+
+
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(temporary path)``, then rename it to ``path``: a crash leaves no half-written
+    file, and two processes writing the same artifact both leave a whole one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix, dir=path.parent)
+    os.close(handle)
+    try:
+        write(Path(name))
+        os.replace(name, path)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+
+
+class _Lane:
+    """One instance's CUDA resources: a stream and a pinned staging buffer for inputs."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.stream = torch.cuda.Stream(device)
+        self.staging = torch.empty(0, dtype=torch.uint8, pin_memory=True)
+
+    def stage(self, nbytes: int) -> tuple[torch.Tensor, np.ndarray]:
+        """The staging buffer (at least ``nbytes``) and a numpy view of it."""
+        if self.staging.numel() < nbytes:
+            self.staging = torch.empty(max(nbytes, 2 * self.staging.numel()), dtype=torch.uint8, pin_memory=True)
+        return self.staging, self.staging.numpy()
+
+
+def _offsets(sizes: Sequence[int]) -> tuple[list[int], int]:
+    offsets, total = [], 0
+    for size in sizes:
+        offsets.append(total)
+        total += -(-size // _ALIGN) * _ALIGN
+    return offsets, total
 
 
 class TorchBackend(Backend):
@@ -88,32 +175,113 @@ class TorchBackend(Backend):
 
     platform = "pytorch_torch_export"
 
-    def __init__(self, model: ModelDefinition, artifact_dir: Path, device: str = "cpu") -> None:
-        super().__init__(model, artifact_dir, device)
-        self._module: torch.nn.Module | None = None
+    def __init__(
+        self,
+        model: ModelDefinition,
+        artifact_dir: Path,
+        device: str = "cpu",
+        precision: str = "fp32",
+        compile: str = "off",
+        instances: int = 1,
+    ) -> None:
+        super().__init__(model, artifact_dir, device, precision, compile, instances)
+        self._run: Run | None = None
         self._output_names: list[str] = []
         self._input_names = tuple(spec.name for spec in model.inputs)
         self._input_dtypes = tuple(spec.numpy_dtype for spec in model.inputs)
+        self._torch_input_dtypes = tuple(torch.from_numpy(np.empty(0, dtype)).dtype for dtype in self._input_dtypes)
         self._torch_device = torch.device(device)
         self._on_cpu = self._torch_device.type == "cpu"
+        self._lanes: queue.SimpleQueue[_Lane] = queue.SimpleQueue()
+
+    def program_path(self) -> Path:
+        """The exported program this precision serves, exported first if it is not there yet."""
+        if self.precision in ("fp32", "tf32"):
+            return self.artifact_dir / ARTIFACT
+        path = derived_dir(self.artifact_dir, self.precision) / ARTIFACT
+        if not path.is_file():
+            from torch_server.model import export_program
+
+            started = time.perf_counter()
+            program = export_program(self.model, self.precision)
+            write_atomically(path, lambda target: torch.export.save(program, str(target)))
+            self.timings["export_s"] = time.perf_counter() - started
+            log.info("%s: exported the %s program to %s in %.1f s", self.name, self.precision, path,
+                     self.timings["export_s"])  # fmt: skip
+        return path
+
+    def package_path(self) -> Path:
+        """Where the AOTInductor package of this precision and device is cached."""
+        return derived_dir(self.artifact_dir, self.precision) / f"aoti-{device_key(self.device)}.pt2"
 
     def load(self) -> None:
-        program = torch.export.load(str(self.artifact_dir / ARTIFACT))
+        if self._torch_device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = self.precision == "tf32"
+            torch.backends.cudnn.allow_tf32 = self.precision == "tf32"
+        program = torch.export.load(str(self.program_path()))
         if not self._on_cpu:
             program = move_to_device_pass(program, self._torch_device)
         _consume_readonly_warning()
-        self._module, self._output_names = lean_module(program)
         reference = program.module()
+        if self.compile == "on":
+            self._run, self._output_names = self._compiled(program), output_names(program)
+            self._check(reference, "the AOTInductor package", strict=False)
+            return
+        module, self._output_names = lean_module(program)
+        self._run = module
+        if not self._check(reference, "the rebound graph", strict=True):
+            log.warning("%s: the rebound graph differs from the exported program; running it unbound", self.name)
+            self._run = lean_module(program, rebind=False)[0]
+
+    def _compiled(self, program: torch.export.ExportedProgram) -> Run:
+        """The AOTInductor package of ``program``: built and cached if missing, then loaded."""
+        path = self.package_path()
+        started = time.perf_counter()
+        built = not path.is_file()
+        if built:
+
+            def build(target: Path) -> None:
+                # Inductor's own modules warn of their deprecated internals on import: not ours to act on.
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    warnings.simplefilter("ignore", FutureWarning)
+                    torch._inductor.aoti_compile_and_package(program, package_path=str(target))
+
+            write_atomically(path, build)
+        index = -1 if self._on_cpu else self._torch_device.index or 0
+        # One runner per instance: a runner computes one pass at a time.
+        package = load_package(str(path), "model", False, self.instances, index)
+        self.timings["compile_s"] = time.perf_counter() - started
+        log.info("%s: %s the AOTInductor package %s in %.1f s", self.name, "compiled" if built else "loaded the cached",
+                 path, self.timings["compile_s"])  # fmt: skip
+        loader = package.loader
+
+        def run(*tensors: torch.Tensor) -> Sequence[torch.Tensor]:
+            return loader.boxed_run(list(tensors))
+
+        return run
+
+    def _check(self, reference: torch.nn.Module, what: str, strict: bool) -> bool:
+        """Whether this backend's outputs match ``reference`` on example inputs: to 1e-5 when
+        ``strict`` (the same kernels), else within the precision's tolerance (raises if not)."""
+        tolerance = TOLERANCES[self.precision]
         rng = np.random.default_rng(0)
         for rows in (1, 3):
             inputs = self.model.complete_inputs(self.model.example_inputs(rows, rng))
             with torch.inference_mode():
                 expected = reference(*self._tensors(inputs))
             actual = self.predict(inputs)
-            if any(not np.allclose(actual[name], expected[name].cpu(), rtol=1e-5, atol=1e-6) for name in actual):
-                log.warning("%s: the rebound graph differs from the exported program; running it unbound", self.name)
-                self._module, self._output_names = lean_module(program, rebind=False)
-                break
+            for name in actual:
+                wanted = expected[name].cpu().numpy()
+                if strict and not np.allclose(actual[name], wanted, rtol=1e-5, atol=1e-6):
+                    return False
+                if not strict and not tolerance.holds(actual[name], wanted):
+                    error, relative = tolerance.errors(actual[name], wanted)
+                    raise RuntimeError(
+                        f"{self.name}: {what} differs from the exported program on {name!r} (max abs {error:.3g}, "
+                        f"{relative:.3g} of the largest value) beyond the {self.precision} tolerance"
+                    )
+        return True
 
     def _tensors(self, inputs: Mapping[str, np.ndarray]) -> list[torch.Tensor]:
         tensors = [
@@ -125,19 +293,62 @@ class TorchBackend(Backend):
         return [tensor.to(self._torch_device) for tensor in tensors]
 
     def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        module = self._module
-        if module is None:
+        run = self._run
+        if run is None:
             raise RuntimeError(f"model {self.name!r} is not loaded")
+        if not self._on_cpu:
+            return self._predict_cuda(run, inputs)
         with torch.inference_mode():
-            outputs = module(*self._tensors(inputs))
-            if self._on_cpu:
-                return {name: tensor.numpy() for name, tensor in zip(self._output_names, outputs, strict=True)}
-            return {
-                name: tensor.to("cpu", torch.float32).numpy()
-                for name, tensor in zip(self._output_names, outputs, strict=True)
-            }
+            outputs = run(*self._tensors(inputs))
+            return {name: tensor.numpy() for name, tensor in zip(self._output_names, outputs, strict=True)}
+
+    def _predict_cuda(self, run: Run, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One forward pass on a lane: one copy in, one copy out (see the module docstring)."""
+        try:
+            lane = self._lanes.get_nowait()
+        except queue.Empty:
+            lane = _Lane(self._torch_device)
+        try:
+            with torch.inference_mode(), torch.cuda.stream(lane.stream):
+                return self._to_host(run(*self._to_device(inputs, lane)))
+        finally:
+            self._lanes.put(lane)
+
+    def _to_device(self, inputs: Mapping[str, np.ndarray], lane: _Lane) -> list[torch.Tensor]:
+        arrays = [
+            np.ascontiguousarray(inputs[name], dtype=dtype)
+            for name, dtype in zip(self._input_names, self._input_dtypes, strict=True)
+        ]
+        offsets, total = _offsets([array.nbytes for array in arrays])
+        staging, host = lane.stage(total)
+        for array, offset in zip(arrays, offsets, strict=True):
+            host[offset : offset + array.nbytes] = array.reshape(-1).view(np.uint8)
+        packed = staging[:total].to(self._torch_device, non_blocking=True)
+        return [
+            packed[offset : offset + array.nbytes].view(dtype).view(array.shape)
+            for array, offset, dtype in zip(arrays, offsets, self._torch_input_dtypes, strict=True)
+        ]
+
+    def _to_host(self, outputs: Sequence[torch.Tensor]) -> dict[str, np.ndarray]:
+        flat = [tensor.contiguous().view(-1).view(torch.uint8) for tensor in outputs]
+        packed = flat[0] if len(flat) == 1 else torch.cat(flat)
+        host = torch.empty(packed.numel(), dtype=torch.uint8, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        torch.cuda.current_stream().synchronize()
+        array, offset, result = host.numpy(), 0, {}
+        for name, tensor, part in zip(self._output_names, outputs, flat, strict=True):
+            view = array[offset : offset + part.numel()].view(_numpy_dtype(tensor))
+            result[name] = view.reshape(tuple(tensor.shape))
+            offset += part.numel()
+        return result
 
     def close(self) -> None:
-        self._module = None
+        self._run = None
+        while not self._lanes.empty():
+            self._lanes.get_nowait()
         if self._torch_device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _numpy_dtype(tensor: torch.Tensor) -> np.dtype:
+    return torch.empty(0, dtype=tensor.dtype).numpy().dtype

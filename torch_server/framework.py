@@ -8,6 +8,7 @@ Devices are reported as ``"cpu"`` or ``"cuda:N"``, the same strings as tf_server
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -59,6 +60,27 @@ class TorchFramework:
                     threads,
                 )
 
+    def check_options(self, device: str, precision: str, compile: str) -> None:
+        """Refuse what torch cannot run here: tf32 off CUDA, bf16 on a GPU without bf16 kernels,
+        compilation without Inductor's toolchain (a C++ compiler; Triton on CUDA)."""
+        import torch
+
+        on_cuda = device.startswith("cuda")
+        if precision == "tf32" and not on_cuda:
+            raise ValueError(f"--precision tf32: it changes only CUDA matmul/convolution math, and {device} has none")
+        if precision == "bf16" and on_cuda and not torch.cuda.is_bf16_supported():
+            name = torch.cuda.get_device_name(torch.device(device))
+            raise ValueError(f"--precision bf16: {name} has no bf16 kernels (compute capability 8.0 or newer needed)")
+        if compile == "on":
+            compiler = _cpp_compiler()
+            if compiler is None:
+                raise ValueError("--compile on: torch's AOTInductor needs a C++ compiler (g++ or clang++); none found")
+            if on_cuda:
+                from torch.utils._triton import has_triton
+
+                if not has_triton():
+                    raise ValueError(f"--compile on: torch {torch.__version__} finds no usable Triton for {device}")
+
     def resolve_device(self, device: str) -> str:
         """``"auto"`` -> ``"cuda:0"`` when CUDA is available, else ``"cpu"``; ``"cuda"``/``"gpu"``
         -> ``"cuda:0"``; ``"cuda:N"`` checked against the visible GPUs. Raises ValueError."""
@@ -87,26 +109,32 @@ class TorchFramework:
         import torch
 
         from torch_server.backend import ARTIFACT
-        from torch_server.model import build, export_args
+        from torch_server.model import export_program
 
-        args, dynamic_shapes = export_args(model)
-        program = torch.export.export(build(model), args, dynamic_shapes=dynamic_shapes)
-        torch.export.save(program, str(Path(version_dir) / ARTIFACT))
+        torch.export.save(export_program(model), str(Path(version_dir) / ARTIFACT))
 
-    def create_backend(self, model: ModelDefinition, version_dir: Path, device: str) -> Backend:
+    def create_backend(
+        self,
+        model: ModelDefinition,
+        version_dir: Path,
+        device: str,
+        precision: str = "fp32",
+        compile: str = "off",
+        instances: int = 1,
+    ) -> Backend:
         from torch_server.backend import TorchBackend
 
-        return TorchBackend(model, Path(version_dir), self.resolve_device(device))
+        return TorchBackend(model, Path(version_dir), self.resolve_device(device), precision, compile, instances)
 
-    def reference(self, model: ModelDefinition, version_dir: Path, device: str) -> Reference:
-        """The eager ``nn.Module`` of the same layers and weights (torch_server.model.build) on
-        torch tensors, under ``torch.inference_mode``."""
+    def reference(self, model: ModelDefinition, version_dir: Path, device: str, precision: str = "fp32") -> Reference:
+        """The eager ``nn.Module`` of the same layers and weights (torch_server.model.build) in
+        the same precision, on torch tensors, under ``torch.inference_mode``."""
         import numpy as np
         import torch
 
         from torch_server.model import build
 
-        module = build(model).to(self.resolve_device(device))
+        module = build(model, precision).to(self.resolve_device(device))
         names = [spec.name for spec in model.inputs]
 
         def prepare(inputs: Mapping[str, np.ndarray]) -> Callable[[], object]:
@@ -139,6 +167,16 @@ class TorchFramework:
         else:
             name = cpu_name()
         return FrameworkInfo(name=self.name, version=torch.__version__, device=name, extra=extra)
+
+
+def _cpp_compiler() -> str | None:
+    """The C++ compiler Inductor would use (its own choice, else CXX or g++/clang++ on PATH)."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return shutil.which(get_cpp_compiler())
+    except Exception:  # its lookup raises when it finds none
+        return None
 
 
 FRAMEWORK = TorchFramework()

@@ -5,6 +5,10 @@ returns a dict keyed by the contract output names. Canonical layouts are adapted
 dense ``[in, out]`` -> Linear ``[out, in]``; conv HWIO -> OIHW; NHWC images are permuted to
 NCHW at the entry (a zero-copy view with channels_last strides), so clients send the same
 tensor to both servers.
+
+``build(model, precision)`` runs the weights and computation in that precision's dtype
+(``DTYPES``) behind ``AtPrecision``, which casts floating inputs on the way in and outputs
+back to their contract dtypes on the way out, so the wire contract never changes.
 """
 
 from __future__ import annotations
@@ -24,6 +28,21 @@ from modelzoo.mlp import MLP
 from modelzoo.resnet import BasicBlock, ResNet
 
 Weights = Mapping[str, np.ndarray]
+
+#: The dtype of weights and computation of each ``--precision`` (tf32 stores fp32; only
+#: CUDA matmul/convolution math changes, by torch.backends flags).
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "tf32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+
+def mask_value(dtype: torch.dtype) -> float:
+    """``MASK_VALUE``, or half the most negative finite value of ``dtype`` where it does not
+    fit (fp16: -1e9 would round to -inf, and 0 * -inf is NaN for every unmasked key)."""
+    return max(MASK_VALUE, float(torch.finfo(dtype).min) / 2)
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
@@ -143,7 +162,7 @@ class TorchEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.embeddings_ln(self.token(input_ids) + self.position[: input_ids.shape[1]])
         mask = attention_mask.to(x.dtype)
-        additive_mask = ((1.0 - mask) * MASK_VALUE)[:, None, None, :]  # [B, 1, 1, S] over keys
+        additive_mask = ((1.0 - mask) * mask_value(x.dtype))[:, None, None, :]  # [B, 1, 1, S] over keys
         for layer in self.layers:
             x = layer(x, additive_mask)
         weights = mask.unsqueeze(-1)
@@ -151,18 +170,39 @@ class TorchEncoder(nn.Module):
         return {"last_hidden_state": x, "pooled": pooled}
 
 
+class AtPrecision(nn.Module):
+    """``module`` (already in ``dtype``) behind casts at its edges: floating inputs to
+    ``dtype``, each output back to its contract dtype."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype, output_dtypes: Mapping[str, torch.dtype]) -> None:
+        super().__init__()
+        self.module = module
+        self.dtype = dtype
+        self.output_dtypes = dict(output_dtypes)
+
+    def forward(self, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        cast = [x.to(self.dtype) if x.is_floating_point() else x for x in inputs]
+        outputs = self.module(*cast)
+        return {name: tensor.to(self.output_dtypes[name]) for name, tensor in outputs.items()}
+
+
 _BUILDERS: dict[str, Callable[[Any], nn.Module]] = {"mlp": TorchMLP, "resnet": TorchResNet, "encoder": TorchEncoder}
 
 
-def build(model: ModelDefinition) -> nn.Module:
-    """The torch module of a zoo model, in eval mode, with its canonical weights."""
+def build(model: ModelDefinition, precision: str = "fp32") -> nn.Module:
+    """The torch module of a zoo model, in eval mode, with its canonical weights, computing
+    in ``precision``'s dtype (fp32 and tf32: the plain module)."""
     try:
         builder = _BUILDERS[model.name]
     except KeyError:
         raise ValueError(f"torch_server cannot build model {model.name!r}; it knows {sorted(_BUILDERS)}") from None
     module = builder(model).eval()
     module.requires_grad_(False)
-    return module
+    dtype = DTYPES[precision]
+    if dtype == torch.float32:
+        return module
+    output_dtypes = {spec.name: torch.from_numpy(np.empty(0, spec.numpy_dtype)).dtype for spec in model.outputs}
+    return AtPrecision(module.to(dtype), dtype, output_dtypes).eval()
 
 
 def export_args(model: ModelDefinition) -> tuple[tuple[torch.Tensor, ...], tuple[dict[int, Dim], ...]]:
@@ -181,3 +221,12 @@ def export_args(model: ModelDefinition) -> tuple[tuple[torch.Tensor, ...], tuple
     args = tuple(torch.from_numpy(example[spec.name]) for spec in model.inputs)
     dims = tuple({axis: axes[axis] for axis, size in enumerate(spec.shape) if size == -1} for spec in model.inputs)
     return args, dims
+
+
+def export_program(model: ModelDefinition, precision: str = "fp32") -> torch.export.ExportedProgram:
+    """``torch.export`` of ``build(model, precision)`` with the dynamic dims of ``export_args``."""
+    args, dims = export_args(model)
+    module = build(model, precision)
+    # AtPrecision takes its inputs as ``*inputs``: their dims go under that one name.
+    dynamic_shapes = {"inputs": dims} if isinstance(module, AtPrecision) else dims
+    return torch.export.export(module, args, dynamic_shapes=dynamic_shapes)
