@@ -43,7 +43,8 @@ from google.protobuf import json_format, text_format
 from client._common import DEFAULT_TIMEOUT, ModelMetadata, RetryPolicy
 from client.errors import InferenceServerError, UnimplementedError
 from client.sync import InferenceClient
-from contract.datatypes import NUMPY_DTYPES, TensorSpec, datatype_of
+from contract.datatypes import TensorSpec, datatype_of
+from contract.random_tensors import random_array
 
 DEFAULT_DIM = 16
 _UNSAFE_IN_FILENAME = re.compile(r"[/\\]")
@@ -285,17 +286,6 @@ def concrete_shape(spec: TensorSpec, batch_size: int, dims: Mapping[int, int]) -
         else:
             shape.append(batch_size if axis == 0 else DEFAULT_DIM)
     return tuple(shape)
-
-
-def random_array(datatype: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    """Floats standard normal, integers in [0, 100), BOOL random; BF16 as its raw uint16 words."""
-    if datatype == "BOOL":
-        return rng.integers(0, 2, shape).astype(np.bool_)
-    if datatype in ("FP16", "FP32", "FP64"):
-        return rng.standard_normal(shape).astype(NUMPY_DTYPES[datatype])
-    if datatype == "BF16":
-        return (rng.standard_normal(shape, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
-    return rng.integers(0, 100, shape).astype(NUMPY_DTYPES[datatype])
 
 
 def save_outputs(outputs: Mapping[str, np.ndarray], directory: Path) -> None:

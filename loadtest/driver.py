@@ -23,11 +23,11 @@ from typing import Any
 import grpc
 import numpy as np
 
-from client.cli import random_array
 from contract import codec
 from contract.protocol import inference_pb2 as pb
 from contract.protocol import inference_pb2_grpc as pb_grpc
-from loadtest.compare import percentiles
+from contract.random_tensors import random_array
+from loadtest.stats import percentiles
 
 
 def random_inputs(metadata: pb.ModelMetadataResponse, batch_size: int, seq_len: int, rng: np.random.Generator) -> dict:
