@@ -14,9 +14,14 @@ caller (one wake-up) and returns; it keeps leading only while nobody waits who c
 take over (stream requests carry a callback, not a thread). At most ``instances``
 leaders run at once.
 
-The queue is bounded (``max_queue_size`` requests): beyond it requests are shed with
-RESOURCE_EXHAUSTED. A request whose deadline passes while queued is answered
-DEADLINE_EXCEEDED and never computed; a cancelled one is dropped. An error in a forward
+Admission: the batcher learns its batch cycle (one batch's start to the next's, while
+requests kept waiting) and refuses a request at once (RESOURCE_EXHAUSTED, nothing
+computed) when the full batches queued ahead of it would keep it waiting past its own
+deadline or past ``max_queue_wait`` (when set). Overload is therefore answered with
+quick refusals while the admitted requests keep a bounded wait, instead of every request
+queueing until its deadline. The queue is also bounded in requests (``max_queue_size``).
+A request whose deadline passes while queued anyway is answered DEADLINE_EXCEEDED and
+never computed; a cancelled one is dropped. An error in a forward
 pass reaches every request of that batch and the batcher goes on; the leader that met
 it hands over as usual, so no failure leaves the model without a runner. Each request
 gets exactly its own rows back.
@@ -33,6 +38,7 @@ from __future__ import annotations
 import bisect
 import collections
 import logging
+import math
 import os
 import threading
 import time
@@ -51,6 +57,9 @@ log = logging.getLogger(__name__)
 Arrays = dict[str, np.ndarray]
 Predict = Callable[[Mapping[str, np.ndarray]], Arrays]
 Callback = Callable[["Request"], None]
+
+#: Weight of each new sample in the batch-cycle estimate (exponential moving average).
+CYCLE_SMOOTHING = 0.2
 
 #: Give the core to other ready threads (a no-op where the OS offers no sched_yield).
 _yield_cpu: Callable[[], None] = getattr(os, "sched_yield", lambda: None)
@@ -141,6 +150,11 @@ class DynamicBatcher:
         self._queued = 0  # requests in _queue still QUEUED (the rest are cancelled or expired)
         self._queued_rows = 0
         self._busy = 0  # leaders running
+        # Admission: seconds from one batch's start to the next's while requests kept
+        # waiting (None until measured), and (start, rows, end; inf while running) of the last.
+        self._cycle: float | None = None
+        self._last_batch: tuple[float, int, float] = (0.0, 0, -math.inf)
+        self._max_wait = settings.max_queue_wait_ms / 1e3
         self._filling = 0  # leaders waiting for a batch to fill (max_queue_delay)
         self._accepting = False
         metrics.bind_queue_depth(lambda: self._queued)
@@ -236,7 +250,10 @@ class DynamicBatcher:
                 raise Unavailable("server is shutting down; not accepting new requests")
             if self._queued >= self._max_queue:
                 raise ResourceExhausted(f"queue full ({self._max_queue} requests waiting); retry later")
-            request.enqueued = time.monotonic()
+            now = time.monotonic()
+            if self._cycle is not None and self._queued:
+                self._admit(request, now)
+            request.enqueued = now
             self._queue.append(request)
             self._queued += 1
             self._queued_rows += request.rows
@@ -247,6 +264,39 @@ class DynamicBatcher:
                 request.awake = True
                 return True
             return False
+
+    def _admit(self, request: Request, now: float) -> None:
+        """Refuse at once a request that would wait past its deadline, or past
+        ``max_queue_wait``, at the measured batch cycle (under the lock)."""
+        assert self._cycle is not None
+        batches_ahead = math.ceil((self._queued_rows + request.rows) / max(self._limit, 1))
+        wait = batches_ahead * self._cycle
+        if request.deadline is not None and now + wait > request.deadline:
+            raise ResourceExhausted(
+                f"would wait about {wait * 1e3:.1f} ms for its batch, past its deadline in "
+                f"{max(request.deadline - now, 0.0) * 1e3:.1f} ms; not queued, retry later"
+            )
+        if self._max_wait and wait > self._max_wait:
+            raise ResourceExhausted(
+                f"would wait about {wait * 1e3:.1f} ms for its batch, over the server's "
+                f"{self._max_wait * 1e3:.0f} ms limit; not queued, retry later"
+            )
+
+    def _measure(self, rows: int, oldest: float, now: float) -> None:
+        """Learn the batch cycle as a batch starts (under the lock): when its oldest request
+        was already waiting before the previous batch ended, the model never idled between
+        the two, and one batch took the time between their starts."""
+        previous_start, _, previous_end = self._last_batch
+        if oldest <= previous_end and now > previous_start:
+            sample = now - previous_start
+            self._cycle = sample if self._cycle is None else self._cycle + CYCLE_SMOOTHING * (sample - self._cycle)
+        self._last_batch = (now, rows, math.inf)
+
+    def _ended(self, started: float) -> None:
+        """The batch that started at ``started`` is done (under the lock)."""
+        start, rows, _ = self._last_batch
+        if start == started:
+            self._last_batch = (start, rows, time.monotonic())
 
     def _unqueue(self, request: Request) -> None:
         """Mark a QUEUED request finished (under the lock); it stays in the deque, skipped."""
@@ -298,10 +348,11 @@ class DynamicBatcher:
                     if not batch and not expired:
                         return
                     expired = [request for request in expired if self._notifiable(request)]
+                    started = self._last_batch[0]
                 for request in expired:
                     self._finish(request)
                 if batch:
-                    self._run(batch)
+                    self._run(batch, started)
                 if own.state == FINISHED:
                     with self._lock:
                         successor = self._successor()
@@ -369,6 +420,8 @@ class DynamicBatcher:
             self._queued_rows -= request.rows
             batch.append(request)
             rows += request.rows
+        if batch:
+            self._measure(rows, batch[0].enqueued, now)
         return batch, expired
 
     def _oldest_enqueued(self) -> float:
@@ -386,10 +439,9 @@ class DynamicBatcher:
         waited_ms = (now - request.enqueued) * 1e3
         return DeadlineExceeded(f"deadline expired after {waited_ms:.1f} ms in the queue; not computed")
 
-    def _run(self, batch: list[Request]) -> None:
+    def _run(self, batch: list[Request], started: float) -> None:
         """Merge, forward, split, deliver; one failure reaches every request of the batch."""
         t0 = time.perf_counter_ns()
-        started = time.monotonic()
         try:
             merged, rows = merge(batch, self._input_specs, self._pad_values, self._preferred)
             t1 = time.perf_counter_ns()
@@ -406,6 +458,7 @@ class DynamicBatcher:
             for request, result in zip(batch, results, strict=True):
                 request.outputs = result
         with self._lock:
+            self._ended(started)
             for request in batch:
                 request.state = FINISHED
             notify = [request for request in batch if self._notifiable(request)]

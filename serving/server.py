@@ -128,8 +128,13 @@ class InferenceServer:
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        pool = futures.ThreadPoolExecutor(max_workers=settings.grpc_threads, thread_name_prefix="grpc")
-        server = grpc.server(pool, options=options)
+        threads = settings.handler_threads()
+        pool = futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc")
+        # Every call in flight holds a handler thread; beyond that many, grpcio refuses new
+        # calls itself (RESOURCE_EXHAUSTED), before any of our work, instead of queueing them
+        # where no deadline is seen. Refusing there is what keeps overload from collapsing
+        # goodput: a refusal in a handler thread costs nearly as much as an answer.
+        server = grpc.server(pool, options=options, maximum_concurrent_rpcs=threads)
         token = settings.token()
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(guard(self.servicer, SERVICE, token), server)  # type: ignore[arg-type]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -44,6 +44,11 @@ class BatchingSettings:
     max_queue_size: int = _doc(
         "Most requests waiting per model; beyond it requests get RESOURCE_EXHAUSTED.", default=1024
     )
+    max_queue_wait_ms: float = _doc(
+        "Refuse a request at once (RESOURCE_EXHAUSTED) when its estimated wait for a batch exceeds this many ms "
+        "(0: no bound of its own); one that would outlive its deadline is always refused.",
+        default=0.0,
+    )
     preferred_batch_sizes: list[int] = _doc(
         "Comma-separated batch sizes to pad each batch up to (buckets for compiled graphs); empty: no padding.",
         default_factory=list,
@@ -64,8 +69,9 @@ class ServerSettings(BatchingSettings):
     )
     host: str = _doc("Address to bind.", default="0.0.0.0")
     grpc_threads: int = _doc(
-        "gRPC handler threads: the most RPCs handled at once (a request waiting for its batch holds one).",
-        default=256,
+        "gRPC handler threads, and the most RPCs in flight (a request waiting for its batch holds one); beyond it "
+        "calls are refused with RESOURCE_EXHAUSTED before any work (0: two full batches per instance, plus 16).",
+        default=0,
     )
     port: int = _doc("gRPC port; 0 picks a free one (printed and written to --port-file).", default=8001)
     metrics_port: int = _doc("Prometheus metrics HTTP port; 0 picks a free one, -1 disables.", default=8002)
@@ -113,14 +119,16 @@ class ServerSettings(BatchingSettings):
                 raise ValueError(f"{_flag(name)} {getattr(self, name)}: must be >= 1")
         if self.max_queue_delay_us < 0:
             raise ValueError(f"--max-queue-delay-us {self.max_queue_delay_us}: must be >= 0")
+        if self.max_queue_wait_ms < 0:
+            raise ValueError(f"--max-queue-wait-ms {self.max_queue_wait_ms}: must be >= 0")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision {self.precision}: must be one of {', '.join(PRECISIONS)}")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"--compile {self.compile}: must be one of {', '.join(COMPILE_MODES)}")
         if self.precision == "tf32" and self.device.strip().lower() == "cpu":
             raise ValueError("--precision tf32: it changes only CUDA matmul/convolution math; --device cpu has none")
-        if self.grpc_threads < 2:
-            raise ValueError(f"--grpc-threads {self.grpc_threads}: must be >= 2")
+        if self.grpc_threads and self.grpc_threads < 2:
+            raise ValueError(f"--grpc-threads {self.grpc_threads}: must be 0 (auto) or >= 2")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads {self.threads}: must be >= 1")
         if any(size < 1 or size > self.max_batch_size for size in self.preferred_batch_sizes):
@@ -161,6 +169,11 @@ class ServerSettings(BatchingSettings):
         if self.auth_token is not None and not self.auth_token.strip():
             raise ValueError("--auth-token: empty")
 
+    def handler_threads(self) -> int:
+        """gRPC handler threads (and RPCs in flight): enough for two full batches per
+        instance to queue while one runs, and for health and metadata calls beside them."""
+        return self.grpc_threads or 2 * self.max_batch_size * self.instances + HANDLER_RESERVE
+
     def token(self) -> str | None:
         """The bearer token every RPC but health must carry (None: no authentication)."""
         if self.auth_token_file is not None:
@@ -173,6 +186,10 @@ class ServerSettings(BatchingSettings):
         if shown["auth_token"] is not None:
             shown["auth_token"] = "<hidden>"
         return f"{type(self).__name__}({', '.join(f'{key}={value!r}' for key, value in shown.items())})"
+
+
+#: Handler threads kept, beyond the queued requests, for health, metadata and statistics calls.
+HANDLER_RESERVE = 16
 
 
 def _flag(name: str) -> str:

@@ -352,3 +352,38 @@ def test_drain_times_out_while_a_batch_hangs(pool: concurrent.futures.ThreadPool
     model.gate.set()
     pending.result(5)
     assert batcher.drain(1.0) is True
+
+
+def test_request_that_would_outlive_its_deadline_is_refused_at_once(
+    pool: concurrent.futures.ThreadPoolExecutor,
+) -> None:
+    model = Model()
+    model.delay_s = 0.05  # every batch takes 50 ms
+    batcher = make(model, max_batch_size=2)
+    backlog = [pool.submit(batcher.infer, rows(i, 1), 1) for i in range(12)]  # ~6 batches: the cycle is learnt
+    wait_until(lambda: len(model.batches) >= 3)
+    started = time.monotonic()
+    with pytest.raises(ResourceExhausted, match="past its deadline"):
+        batcher.infer(rows(90, 1), 1, timeout=0.06)
+    assert time.monotonic() - started < 0.03  # refused, not queued until the deadline
+    patient = batcher.infer(rows(91, 1), 1, timeout=10.0)  # a deadline it can meet is admitted
+    np.testing.assert_array_equal(patient["y"], rows(91, 1)["x"] * 2)
+    for future in backlog:
+        future.result(5)
+    assert all(180.0 not in batch["x"] for batch in model.batches)
+
+
+def test_max_queue_wait_bounds_the_queue_in_time(pool: concurrent.futures.ThreadPoolExecutor) -> None:
+    model = Model()
+    model.delay_s = 0.05
+    batcher = make(model, max_batch_size=2, max_queue_wait_ms=120)
+    warm = [pool.submit(batcher.infer, rows(i, 1), 1) for i in range(8)]
+    wait_until(lambda: len(model.batches) >= 2)  # the cycle is learnt (50 ms)
+    futures = [pool.submit(batcher.infer, rows(i, 1), 1) for i in range(16)]
+    outcomes = [future.exception(10) for future in futures]
+    for future in warm:
+        future.result(5)
+    refused = [err for err in outcomes if err is not None]
+    assert refused, "a backlog of 8 batches of 50 ms must exceed a 120 ms bound"
+    assert all(isinstance(err, ResourceExhausted) and "120 ms limit" in str(err) for err in refused)
+    assert len(refused) < len(futures)  # the first ones were served
