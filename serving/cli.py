@@ -158,6 +158,7 @@ def main(
     except ValueError as err:
         return _refuse(ValueError(f"--device {settings.device}: {err}"))
     try:
+        framework.check_options(framework.resolve_device(settings.device), settings.precision, settings.compile)
         repository.check(framework, models, settings.model_dir or repository.default_root(framework))
         return run(settings, framework, zoo)
     except (ValueError, StartupError) as err:
