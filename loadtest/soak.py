@@ -1,0 +1,335 @@
+"""Soak: hold a server at a steady share of its capacity for minutes; report what drifts.
+
+    python -m loadtest.soak --server torch --model mlp --minutes 10      # start it, 70 % of capacity
+    python -m loadtest.soak --target 127.0.0.1:8001 --pid 4321 --rate 800 --minutes 10
+
+With ``--server`` the server is started here (``python -m <server> serve``, pinned to
+core 0 and this generator to core 1 when there are two cores). Its capacity is measured
+first with a short closed-loop step (``--capacity-concurrency`` callers sending back to
+back for ``--capacity-s`` seconds), unless ``--rate`` gives the rate; the soak then
+offers ``--fraction`` (0.7) of it, open loop: batch-1 requests at fixed intervals, each
+sent at its scheduled time whatever earlier ones are doing, its latency counted from that
+time (no coordinated omission), with a deadline of ``--deadline-s``. A warm-up at the
+same rate (``--warmup-s``) is not counted.
+
+Reported (one JSON object): offered and achieved rate; requests, errors by status code
+(a deadline that passes counts; so does an arrival the generator could not send because
+``--max-in-flight`` were outstanding); the server's RSS (sampled every second) at the
+start and end of the soak, its peak, growth in % and its slope in MB/min; latency p50/p99
+over the whole soak and in its first and last ``--window-s`` (60 s: the first and last
+minute), with their ratio (drift); late sends (the generator missed a scheduled time by
+over 2 ms) and the generator's own CPU share (near 1.0: it, not the server, set the
+pace). The run passes (exit 0) with 0 errors and RSS growth under ``--max-rss-growth``
+percent (5). Loopback only, bounded by ``--minutes``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import grpc.aio
+import numpy as np
+import psutil
+
+import modelzoo
+from contract import codec
+from contract.protocol import inference_pb2 as pb
+from contract.protocol import inference_pb2_grpc as pb_grpc
+
+#: A send later than this after its scheduled time counts as late.
+LATE_S = 0.002
+RSS_INTERVAL_S = 1.0
+MiB = 1 << 20
+QUANTILES = {"p50": 50.0, "p90": 90.0, "p99": 99.0, "p99.9": 99.9}
+
+
+@dataclass
+class SoakSettings:
+    """One soak's parameters (see the module docstring)."""
+
+    target: str
+    model: str = "mlp"
+    rate: float = 100.0
+    seconds: float = 600.0
+    warmup_s: float = 5.0
+    deadline_s: float = 1.0
+    window_s: float = 60.0
+    max_in_flight: int = 2000
+    seq_len: int = 16
+
+    def __post_init__(self) -> None:
+        host = self.target.rsplit(":", 1)[0]
+        if host not in ("127.0.0.1", "localhost", "[::1]"):
+            raise ValueError(f"soak is for loopback servers only, not {self.target!r}")
+        if self.rate <= 0 or self.seconds <= 0 or self.warmup_s < 0 or self.deadline_s <= 0:
+            raise ValueError("rate, seconds and deadline must be positive, warm-up not negative")
+
+
+@dataclass
+class Record:
+    """What one soak saw: per-request outcomes by scheduled time, and RSS samples."""
+
+    #: (scheduled offset from the soak's start in seconds, latency in seconds) of each success.
+    latencies: list[tuple[float, float]] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+    scheduled: int = 0
+    sent: int = 0
+    late: int = 0
+    #: (offset in seconds, RSS in bytes).
+    rss: list[tuple[float, int]] = field(default_factory=list)
+
+
+async def soak(settings: SoakSettings, pid: int | None) -> dict[str, Any]:
+    """Run one soak against ``settings.target``; ``pid``: the server's process, for its RSS."""
+    options = [("grpc.max_receive_message_length", 64 * MiB), ("grpc.max_send_message_length", 64 * MiB)]
+    process = psutil.Process(pid) if pid else None
+    record = Record()
+    async with grpc.aio.insecure_channel(settings.target, options=options) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        pool = requests(settings.model, settings.seq_len)
+        in_flight: set[asyncio.Task[None]] = set()
+        interval = 1.0 / settings.rate
+        started = time.perf_counter()
+        measure_from = started + settings.warmup_s
+        stop_at = measure_from + settings.seconds
+
+        async def one(request: pb.ModelInferRequest, scheduled: float, counted: bool) -> None:
+            left = settings.deadline_s - (time.perf_counter() - scheduled)
+            try:
+                await stub.ModelInfer(request, timeout=max(left, 0.001))
+            except grpc.aio.AioRpcError as err:
+                if counted:
+                    record.errors[err.code().name] += 1
+                return
+            if counted:
+                record.latencies.append((scheduled - measure_from, time.perf_counter() - scheduled))
+
+        async def sample_rss() -> None:
+            while process is not None:
+                now = time.perf_counter()
+                if now >= measure_from:
+                    record.rss.append((now - measure_from, process.memory_info().rss))
+                if now >= stop_at:
+                    return
+                await asyncio.sleep(min(RSS_INTERVAL_S, max(stop_at - now, 0.0)))
+
+        sampler = asyncio.create_task(sample_rss())
+        cpu_before, wall_before = time.process_time(), time.perf_counter()
+        index = 0
+        while True:
+            scheduled = started + index * interval
+            if scheduled >= stop_at:
+                break
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            counted = scheduled >= measure_from
+            if counted:
+                record.scheduled += 1
+                if time.perf_counter() - scheduled > LATE_S:
+                    record.late += 1
+            if len(in_flight) >= settings.max_in_flight:
+                if counted:
+                    record.errors["GENERATOR_BACKLOG"] += 1
+            else:
+                if counted:
+                    record.sent += 1
+                task = asyncio.create_task(one(pool[index % len(pool)], scheduled, counted))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+            index += 1
+        if in_flight:
+            await asyncio.wait(set(in_flight))
+        await sampler
+        generator_cpu = (time.process_time() - cpu_before) / (time.perf_counter() - wall_before)
+    return summarize(settings, record, generator_cpu)
+
+
+def requests(model: str, seq_len: int, count: int = 64) -> list[pb.ModelInferRequest]:
+    """Batch-1 requests of the zoo model's own example inputs (``seq_len`` tokens for the encoder)."""
+    definition = modelzoo.get(model)
+    rng = np.random.default_rng(0)
+    extra = {"seq_len": seq_len} if "max_len" in definition.params else {}
+    return [codec.build_request(model, definition.example_inputs(1, rng, **extra)) for _ in range(count)]
+
+
+def percentiles(values_ms: np.ndarray) -> dict[str, float | None]:
+    """Nearest-rank percentiles, mean and max of exact latencies (None without any)."""
+    if len(values_ms) == 0:
+        return dict.fromkeys([*QUANTILES, "max", "mean"])
+    ranked = np.percentile(values_ms, list(QUANTILES.values()), method="inverted_cdf")
+    stats = {name: float(value) for name, value in zip(QUANTILES, ranked, strict=True)}
+    return {**stats, "max": float(np.max(values_ms)), "mean": float(np.mean(values_ms))}
+
+
+def summarize(settings: SoakSettings, record: Record, generator_cpu: float) -> dict[str, Any]:
+    """The report of one soak (see the module docstring)."""
+    offsets = np.array([offset for offset, _ in record.latencies])
+    latencies_ms = np.array([latency for _, latency in record.latencies]) * 1e3
+    window = min(settings.window_s, settings.seconds / 3)
+    first = latencies_ms[offsets < window] if len(offsets) else latencies_ms
+    last = latencies_ms[offsets >= settings.seconds - window] if len(offsets) else latencies_ms
+    early, late = percentiles(first), percentiles(last)
+    errors = sum(record.errors.values())
+    report: dict[str, Any] = {
+        "target": settings.target,
+        "model": settings.model,
+        "seconds": settings.seconds,
+        "offered_rate": round(settings.rate, 1),
+        "achieved_rate": round(len(record.latencies) / settings.seconds, 1),
+        "requests": record.scheduled,
+        "completed": len(record.latencies),
+        "errors": errors,
+        "errors_by_code": dict(record.errors),
+        "late_sends": record.late,
+        "generator_cpu": round(generator_cpu, 3),
+        "latency_ms": _rounded(percentiles(latencies_ms)),
+        "window_s": window,
+        "latency_first_window_ms": _rounded(early),
+        "latency_last_window_ms": _rounded(late),
+        "drift_p50": _ratio(late["p50"], early["p50"]),
+        "drift_p99": _ratio(late["p99"], early["p99"]),
+    }
+    if record.rss:
+        start, end = record.rss[0][1], record.rss[-1][1]
+        times = np.array([t for t, _ in record.rss])
+        values = np.array([v for _, v in record.rss], dtype=np.float64)
+        slope = float(np.polyfit(times, values, 1)[0]) * 60 / MiB if len(times) > 1 else 0.0
+        report["rss_mb"] = {
+            "start": round(start / MiB, 1),
+            "end": round(end / MiB, 1),
+            "peak": round(float(values.max()) / MiB, 1),
+            "growth_pct": round(100.0 * (end - start) / start, 2),
+            "slope_mb_per_min": round(slope, 2),
+            "samples": len(record.rss),
+            # At most 21 evenly spaced samples: [seconds into the soak, MB].
+            "series": [
+                [round(record.rss[i][0], 1), round(record.rss[i][1] / MiB, 1)]
+                for i in sorted({round(k * (len(record.rss) - 1) / 20) for k in range(21)})
+            ],
+        }
+    return report
+
+
+def _rounded(stats: dict[str, float | None]) -> dict[str, float | None]:
+    return {key: None if value is None else round(value, 3) for key, value in stats.items()}
+
+
+def _ratio(late: float | None, early: float | None) -> float | None:
+    return None if late is None or not early else round(late / early, 2)
+
+
+def verdict(report: dict[str, Any], max_rss_growth_pct: float) -> list[str]:
+    """Why a soak fails its targets (empty: it passes)."""
+    reasons = []
+    if report["errors"]:
+        reasons.append(f"{report['errors']} errors: {report['errors_by_code']}")
+    growth = report.get("rss_mb", {}).get("growth_pct")
+    if growth is not None and growth >= max_rss_growth_pct:
+        reasons.append(f"RSS grew {growth} % (limit {max_rss_growth_pct} %)")
+    return reasons
+
+
+async def capacity(target: str, model: str, concurrency: int, seconds: float, seq_len: int) -> float:
+    """Requests per second the server completes under a closed loop of ``concurrency``
+    callers sending back to back for ``seconds`` (after one uncounted second)."""
+    pool = requests(model, seq_len)
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        measure_from = time.perf_counter() + 1.0
+        stop_at = measure_from + seconds
+        done = [0]
+
+        async def caller(index: int) -> None:
+            while (sent := time.perf_counter()) < stop_at:
+                await stub.ModelInfer(pool[index % len(pool)], timeout=30)
+                done[0] += sent >= measure_from
+                index += concurrency
+
+        await asyncio.gather(*(caller(i) for i in range(concurrency)))
+    return done[0] / seconds
+
+
+def run(args: argparse.Namespace, target: str, pid: int | None) -> dict[str, Any]:
+    measured = None
+    rate = args.rate
+    if rate is None:
+        measured = asyncio.run(capacity(target, args.model, args.capacity_concurrency, args.capacity_s, args.seq_len))
+        rate = args.fraction * measured
+    settings = SoakSettings(
+        target=target,
+        model=args.model,
+        rate=rate,
+        seconds=args.minutes * 60.0,
+        warmup_s=args.warmup_s,
+        deadline_s=args.deadline_s,
+        window_s=args.window_s,
+        max_in_flight=args.max_in_flight,
+        seq_len=args.seq_len,
+    )
+    report = asyncio.run(soak(settings, pid))
+    report["capacity_rps"] = None if measured is None else round(measured, 1)
+    report["fraction"] = None if measured is None else args.fraction
+    report["failures"] = verdict(report, args.max_rss_growth)
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--target", help="HOST:PORT of a running server (loopback)")
+    where.add_argument("--server", choices=["torch", "tf"], help="start this server here first")
+    parser.add_argument("--pid", type=int, help="the --target server's process id (for its RSS)")
+    parser.add_argument("--model", default="mlp")
+    parser.add_argument("--minutes", type=float, default=10.0, help="length of the soak (default 10)")
+    parser.add_argument("--rate", type=float, help="offered requests/s (default: --fraction of measured capacity)")
+    parser.add_argument("--fraction", type=float, default=0.7, help="share of capacity to offer (default 0.7)")
+    parser.add_argument("--capacity-concurrency", type=int, default=8, help="callers of the capacity step")
+    parser.add_argument("--capacity-s", type=float, default=5.0, help="length of the capacity step")
+    parser.add_argument("--warmup-s", type=float, default=5.0, help="uncounted warm-up at the soak rate")
+    parser.add_argument("--deadline-s", type=float, default=1.0, help="deadline of each request")
+    parser.add_argument("--window-s", type=float, default=60.0, help="first/last window compared for drift")
+    parser.add_argument("--max-in-flight", type=int, default=2000, help="outstanding requests before dropping")
+    parser.add_argument("--max-rss-growth", type=float, default=5.0, help="RSS growth limit, percent")
+    parser.add_argument("--seq-len", type=int, default=16, help="size of variable dimensions (encoder)")
+    parser.add_argument("--server-arg", action="append", default=[], help="extra argument for --server")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin server and generator to cores")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.minutes <= 0 or not 0 < args.fraction <= 2:
+        parser.error("--minutes must be positive and --fraction in (0, 2]")
+    if args.server:
+        from loadtest.servers import ServerProcess
+
+        pin = not args.no_pin and len(os.sched_getaffinity(0)) >= 2
+        server_args = ["--threads", "1", *args.server_arg]
+        with ServerProcess(args.server, args.model, server_args, cpus=[0] if pin else None) as server:
+            if pin:
+                os.sched_setaffinity(0, {1})
+            print(f"soaking {server.module} ({args.model}) at {server.target} ...", file=sys.stderr, flush=True)
+            report = run(args, server.target, server.pid)
+            report["server"] = server.module
+            report["pinned"] = pin
+    else:
+        report = run(args, args.target, args.pid)
+    json.dump(report, sys.stdout, indent=2)
+    print()
+    return 1 if report["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
