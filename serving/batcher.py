@@ -361,13 +361,25 @@ class DynamicBatcher:
                     if successor is not None:
                         successor.wake.release()
                         return
+        except BaseException:
+            # Outside a forward pass (whose errors reach its requests) this is a bug of ours:
+            # say so, and let the finally clause hand the queue on rather than strand it.
+            log.exception("the batcher failed while leading; handing its queue on")
+            raise
         finally:
+            handed_over = successor is not None
             with self._lock:
                 own.awake = False
+                if not handed_over and self._queued:  # only when leaving on an error
+                    successor = self._successor()
+                    if successor is not None:
+                        successor.awake = True
                 if successor is None:
                     self._busy -= 1
                     if not self._busy and not self._queued:
                         self._changed.notify_all()
+            if successor is not None and not handed_over:
+                successor.wake.release()
 
     @staticmethod
     def _notifiable(request: Request) -> bool:

@@ -387,3 +387,25 @@ def test_max_queue_wait_bounds_the_queue_in_time(pool: concurrent.futures.Thread
     assert refused, "a backlog of 8 batches of 50 ms must exceed a 120 ms bound"
     assert all(isinstance(err, ResourceExhausted) and "120 ms limit" in str(err) for err in refused)
     assert len(refused) < len(futures)  # the first ones were served
+
+
+def test_a_leader_failing_outside_a_forward_pass_hands_its_queue_on(
+    pool: concurrent.futures.ThreadPoolExecutor,
+) -> None:
+    model = Model()
+    model.gate.clear()
+    batcher = make(model, max_batch_size=1)
+
+    def broken_callback(request: Request) -> None:
+        raise KeyboardInterrupt  # a bug outside the forward pass, while this caller leads
+
+    leader = pool.submit(batcher.submit, rows(0, 1), 1, None, broken_callback)
+    assert model.entered.wait(5)
+    queued = [pool.submit(batcher.infer, rows(i, 1), 1) for i in (1, 2)]
+    wait_until(lambda: batcher.queue_depth == 2)
+    model.gate.set()
+    with pytest.raises(KeyboardInterrupt):
+        leader.result(5)
+    for i, future in zip((1, 2), queued, strict=True):  # not stranded behind the failed leader
+        np.testing.assert_array_equal(future.result(5)["y"], rows(i, 1)["x"] * 2)
+    assert batcher.drain(1.0)
