@@ -844,24 +844,24 @@ async def _drain(stream: AsyncIterator[dict[str, np.ndarray]]) -> None:
 def test_deadline_honoured_by_the_real_server_path(fake_server: BackgroundServer) -> None:
     """A forward pass slower than the deadline: the call ends at the deadline, unary and
     streamed, sync and asyncio (the per-call timeout overrides the default)."""
-    fake_server.framework.controls.delay_s = 1.0
+    fake_server.framework.controls.delay_s = 2.0
     with InferenceClient(fake_server.target, timeout=0.3) as c:
         for call in (lambda: c.infer("double", ROW), lambda: list(c.stream_infer("double", [ROW]))):
             begun = time.monotonic()
             with pytest.raises(DeadlineExceededError):
                 call()
-            assert 0.25 < time.monotonic() - begun < 0.9
+            assert 0.25 < time.monotonic() - begun < 1.5
         begun = time.monotonic()
         with pytest.raises(DeadlineExceededError):
             c.infer("double", ROW, timeout=0.15)
-        assert 0.1 < time.monotonic() - begun < 0.7
+        assert 0.1 < time.monotonic() - begun < 1.5
 
     async def scenario() -> None:
         async with AsyncInferenceClient(fake_server.target, timeout=0.3) as ac:
             begun = time.monotonic()
             with pytest.raises(DeadlineExceededError):
                 await ac.infer("double", ROW)
-            assert 0.25 < time.monotonic() - begun < 0.9
+            assert 0.25 < time.monotonic() - begun < 1.5
 
     asyncio.run(scenario())
     fake_server.framework.controls.delay_s = 0.0
