@@ -29,6 +29,8 @@ EXTENSIONS = ("model_configuration", "statistics")
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 #: Deadlines further away than this (a year) count as none.
 MAX_DEADLINE_S = 365 * 24 * 3600.0
+#: A queued request gives up this long before its deadline, so its answer arrives in time.
+DEADLINE_MARGIN_S = 0.005
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -137,10 +139,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 def time_left(context: grpc.ServicerContext) -> float | None:
-    """Seconds until the call's deadline; None when the client set none (grpcio then reports
-    the time left until a deadline centuries away, too far for any timer)."""
+    """Seconds the server has for the call: until its deadline less ``DEADLINE_MARGIN_S``, so
+    that a request that expires queued is answered by us (DEADLINE_EXCEEDED, "not computed")
+    before the transport's own timer fires. None when the client set no deadline (grpcio then
+    reports the time left until one centuries away, too far for any timer)."""
     left = context.time_remaining()
-    return None if left is None or left > MAX_DEADLINE_S else left
+    return None if left is None or left > MAX_DEADLINE_S else max(left - DEADLINE_MARGIN_S, 0.0)
 
 
 def _stream_error(request: pb.ModelInferRequest, error: BaseException) -> pb.ModelStreamInferResponse:

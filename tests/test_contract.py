@@ -152,8 +152,15 @@ def test_encoder_batched_equals_unbatched_over_grpc(real_servers: dict[str, Back
     for server in real_servers.values():
         with InferenceClient(server.target) as client:
             alone = [client.infer("encoder", r) for r in requests]
+            before = client.model_statistics("encoder")[0]
             with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
                 together = list(pool.map(lambda r: client.infer("encoder", r), requests))
+            after = client.model_statistics("encoder")[0]
+        # Batched for real: fewer forward passes than requests (rows beyond the requests' own
+        # are padding to the longest sequence, not extra rows).
+        executions = after.execution_count - before.execution_count
+        assert 1 <= executions < len(requests)
+        assert after.inference_count - before.inference_count == len(requests)
         for request, a, b in zip(requests, alone, together, strict=True):
             assert b["last_hidden_state"].shape == (1, request["input_ids"].shape[1], a["pooled"].shape[1])
             np.testing.assert_allclose(a["last_hidden_state"], b["last_hidden_state"], atol=ATOL, rtol=RTOL)
