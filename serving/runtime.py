@@ -91,9 +91,10 @@ class ModelRuntime:
         finally:
             metrics.request_done(code, time.perf_counter_ns() - started)
 
-    def submit(self, request: pb.ModelInferRequest, timeout: float | None, reply: Reply) -> None:
+    def submit(self, request: pb.ModelInferRequest, timeout: float | None, reply: Reply) -> Request | None:
         """Answer one request without waiting for it: ``reply(response, error)`` runs once
-        (maybe before this returns: the calling thread may run the batch)."""
+        (maybe before this returns: the calling thread may run the batch). Returns the queued
+        request (to ``batcher.cancel`` it), or None when it was answered at once."""
         metrics = self.metrics
         started = time.perf_counter_ns()
         metrics.request_started()
@@ -105,7 +106,7 @@ class ModelRuntime:
         except Exception as err:
             self._replied(started, err)
             reply(None, err)
-            return
+            return None
 
         def finished(done: Request) -> None:
             error = done.error
@@ -120,10 +121,11 @@ class ModelRuntime:
             reply(response, error)
 
         try:
-            self.batcher.submit(arrays, rows, timeout, finished)
+            return self.batcher.submit(arrays, rows, timeout, finished)
         except ServingError as err:
             self._replied(started, err)
             reply(None, err)
+            return None
 
     def _replied(self, started: int, error: BaseException | None) -> None:
         code = "OK" if error is None else error.code.name if isinstance(error, ServingError) else "INTERNAL"

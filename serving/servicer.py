@@ -19,7 +19,7 @@ import grpc
 from contract.errors import ModelNotFound, ServingError
 from contract.protocol import inference_pb2 as pb
 from contract.protocol import inference_pb2_grpc as pb_grpc
-from serving.batcher import Request
+from serving.batcher import FINISHED, Request
 from serving.guard import status_of
 from serving.runtime import VERSION, ModelRuntime
 
@@ -97,9 +97,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         stream goes on. Replies come in completion order."""
         replies: queue.SimpleQueue[pb.ModelStreamInferResponse | None] = queue.SimpleQueue()
         sent = [0]
+        pending: dict[Request, ModelRuntime] = {}  # queued, so to cancel if the stream ends
+        lock = threading.Lock()
 
-        def reply_to(request: pb.ModelInferRequest) -> Any:
+        def reply_to(request: pb.ModelInferRequest, queued: list[Request] | None = None) -> Any:
             def reply(response: pb.ModelInferResponse | None, error: BaseException | None) -> None:
+                if queued:
+                    with lock:
+                        pending.pop(queued[0], None)
                 replies.put(
                     pb.ModelStreamInferResponse(infer_response=response)
                     if error is None
@@ -117,13 +122,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     except ServingError as err:
                         reply_to(request)(None, err)
                         continue
-                    runtime.submit(request, time_left(context), reply_to(request))
+                    holder: list[Request] = []
+                    queued = runtime.submit(request, time_left(context), reply_to(request, holder))
+                    if queued is not None:
+                        holder.append(queued)
+                        with lock:  # a request already answered is never pending
+                            if queued.state != FINISHED:
+                                pending[queued] = runtime
             except Exception as err:  # the client went away mid-stream
                 log.debug("stream reader stopped: %r", err)
             finally:
                 replies.put(None)
 
-        context.add_callback(lambda: replies.put(None))
+        def ended() -> None:
+            # The stream is over (done, cancelled or expired): drop what it still has queued.
+            with lock:
+                left = list(pending.items())
+            for queued, runtime in left:
+                runtime.batcher.cancel(queued)
+            replies.put(None)
+
+        context.add_callback(ended)
         threading.Thread(target=read, name="stream-reader", daemon=True).start()
         received = 0
         reading = True

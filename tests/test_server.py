@@ -172,3 +172,88 @@ def test_settings_precedence_flag_env_default() -> None:
         from_namespace(parser.parse_args(["--preferred-batch-sizes", "64"]), "X_", {})
     with pytest.raises(ValueError, match="X_MAX_BATCH_SIZE"):
         from_namespace(parser.parse_args([]), "X_", {"X_MAX_BATCH_SIZE": "many"})
+
+
+def test_stream_errors_are_in_band_and_a_cancelled_stream_leaves_nothing_behind(tmp_path: Path) -> None:
+    framework = FakeFramework()
+    server = BackgroundServer(framework, model=["double"], model_dir=tmp_path, max_batch_size=8)
+    controls = framework.controls
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            requests = [
+                codec.build_request("double", {"x": X}, request_id="good"),
+                codec.build_request("double", {"x": np.ones((2, 3), np.float32)}, request_id="bad-shape"),
+                codec.build_request("nope", {"x": X}, request_id="bad-model"),
+            ]
+            replies = {r.infer_response.id: r for r in stub.ModelStreamInfer(iter(requests), timeout=10)}
+            assert replies["good"].error_message == ""
+            assert replies["bad-shape"].error_message.startswith("INVALID_ARGUMENT: ")
+            assert replies["bad-model"].error_message.startswith("NOT_FOUND: ")
+            # A stream cancelled while its requests wait: they are dropped, nothing stays in flight.
+            controls.entered.clear()
+            controls.gate.clear()
+            blocker = stub.ModelInfer.future(codec.build_request("double", {"x": X}), timeout=20)
+            assert controls.entered.wait(10)
+            stream = stub.ModelStreamInfer(
+                iter([codec.build_request("double", {"x": X}, request_id=str(i)) for i in range(3)]), timeout=20
+            )
+            runtime = server.server.servicer.models["double"]
+            deadline = time.monotonic() + 10
+            while runtime.batcher.queue_depth < 3:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            stream.cancel()
+            while runtime.batcher.queue_depth:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            controls.gate.set()
+            blocker.result(10)
+            samples = scrape(server.metrics_url)
+            assert samples[("inference_inflight_requests", (("model", "double"),))] == 0
+            assert samples[("inference_requests_total", (("code", "CANCELLED"), ("model", "double")))] == 3
+            computed = sum(controls.batches)
+            reply = stub.ModelInfer(codec.build_request("double", {"x": X}), timeout=10)
+            assert codec.response_outputs(reply)["y"].shape == X.shape
+            assert sum(controls.batches) == computed + X.shape[0]  # the cancelled rows never ran
+    finally:
+        controls.gate.set()
+        server.stop()
+
+
+def test_response_larger_than_the_send_limit_is_resource_exhausted(tmp_path: Path) -> None:
+    # 8 rows x 4 floats in (~160 bytes); 8 x 4 floats and 8 float64 sums out, over a 200-byte limit.
+    server = BackgroundServer(FakeFramework(), model=["double"], model_dir=tmp_path, max_message_bytes=200)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            request = codec.build_request("double", {"x": np.ones((8, 4), np.float32)})
+            assert request.ByteSize() < 200
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(request, timeout=10)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            reply = stub.ModelInfer(codec.build_request("double", {"x": np.ones((1, 4), np.float32)}), timeout=10)
+            assert reply.outputs[0].name == "y"  # still serving
+    finally:
+        server.stop()
+
+
+def test_two_instances_compute_two_batches_at_once(tmp_path: Path) -> None:
+    framework = FakeFramework()
+    framework.controls.delay_s = 0.2
+    server = BackgroundServer(framework, model=["double"], model_dir=tmp_path, max_batch_size=1, instances=2)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            config = stub.ModelConfig(pb.ModelConfigRequest(name="double"), timeout=10).config
+            assert config.instance_group[0].count == 2
+            started = time.monotonic()
+            futures = [
+                stub.ModelInfer.future(codec.build_request("double", {"x": X[:1] * i}), timeout=10) for i in range(4)
+            ]
+            for i, future in enumerate(futures):
+                np.testing.assert_array_equal(codec.response_outputs(future.result())["y"], X[:1] * i * 2)
+            # Four one-row batches of 200 ms on two instances: about 0.4 s, not 0.8 s.
+            assert time.monotonic() - started < 0.7
+    finally:
+        server.stop()
