@@ -2,11 +2,12 @@
 
     python -m loadtest.coldstart --model mlp,resnet,encoder --repeats 3
 
-Each start is a fresh process (``python -m <server> serve --port 0``) with the
-artifact already in the model repository (the first start of a model exports it
-and is reported separately as ``first_start_s``). Cold start is spawn to the port
-file the server writes once SERVING: imports, load, warm-up. Prints a table and
-one JSON line.
+Each start is a fresh process (``python -m <server> serve --port 0``) on its own model
+repository. The first start of each (server, model) exports the artifact into the empty
+repository and is reported apart (``first_start_s``); the timed starts that follow find
+it there, and run in ABBA order over the servers (forward on even repeats, reversed on
+odd ones; ``order`` lists them). Cold start is spawn to the port file the server writes
+once SERVING: imports, load, warm-up. Prints a table and one JSON line.
 """
 
 from __future__ import annotations
@@ -18,31 +19,46 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import psutil
 
+from loadtest.compare import abba
 from loadtest.servers import ServerProcess
 
 
-def measure(framework: str, model: str, repeats: int, threads: int, model_dir: Path) -> dict[str, object]:
+def start_once(framework: str, model: str, threads: int, model_dir: Path) -> tuple[float, float]:
+    """(cold start s, idle RSS bytes) of one fresh server process."""
     args = ["--threads", str(threads), "--device", "cpu", "--model-dir", str(model_dir)]
-    starts, rss = [], []
-    first = None
-    for index in range(repeats + 1):
-        with ServerProcess(framework, model, args) as server:
-            if index == 0:
-                first = server.cold_start_s
-                continue
-            starts.append(server.cold_start_s or 0.0)
-            rss.append(psutil.Process(server.pid).memory_info().rss)
-    return {
-        "framework": framework,
-        "model": model,
-        "first_start_s": first,
-        "cold_start_s": statistics.median(starts),
-        "cold_start_all_s": starts,
-        "idle_rss_mib": statistics.median(rss) / 2**20,
-    }
+    with ServerProcess(framework, model, args) as server:
+        return server.cold_start_s or 0.0, float(psutil.Process(server.pid).memory_info().rss)
+
+
+def measure(frameworks: Sequence[str], model: str, repeats: int, threads: int, root: Path) -> list[dict[str, Any]]:
+    """One model: a first (exporting) start per server, then ``repeats`` timed starts each, in ABBA order."""
+    dirs = {framework: root / framework / model for framework in frameworks}
+    first = {framework: start_once(framework, model, threads, dirs[framework])[0] for framework in frameworks}
+    starts: dict[str, list[float]] = {framework: [] for framework in frameworks}
+    rss: dict[str, list[float]] = {framework: [] for framework in frameworks}
+    order = []
+    for repeat in range(repeats):
+        for framework in abba(frameworks, repeat):
+            order.append(framework)
+            cold, idle = start_once(framework, model, threads, dirs[framework])
+            starts[framework].append(cold)
+            rss[framework].append(idle)
+    return [
+        {
+            "framework": framework,
+            "model": model,
+            "first_start_s": first[framework],
+            "cold_start_s": statistics.median(starts[framework]),
+            "cold_start_all_s": starts[framework],
+            "idle_rss_mib": statistics.median(rss[framework]) / 2**20,
+            "order": order,
+        }
+        for framework in frameworks
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -56,11 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="coldstart-") as tmp:
         for model in filter(None, opts.model.split(",")):
-            for framework in frameworks:
-                result = measure(framework, model, opts.repeats, opts.threads, Path(tmp) / framework)
+            for result in measure(frameworks, model, opts.repeats, opts.threads, Path(tmp)):
                 results.append(result)
                 print(
-                    f"{framework:10s} {model:8s} cold start {result['cold_start_s']:6.2f} s "
+                    f"{result['framework']:10s} {model:8s} cold start {result['cold_start_s']:6.2f} s "
                     f"(first, with export: {result['first_start_s']:6.2f} s)  "
                     f"idle RSS {result['idle_rss_mib']:6.0f} MiB",
                     file=sys.stderr,

@@ -1,29 +1,43 @@
 """The comparison runner: identical Locust load against torch_server and tf_server.
 
-``python -m loadtest compare`` starts each server in turn (same model, flags and
-threads; the other one is stopped), records its cold start (spawn to SERVING) and
-idle memory, then runs the same scenarios against it: a closed-loop concurrency
-sweep (N users, no think time) and an open-loop arrival-rate sweep (latency
-measured from the scheduled send time). With ``--torch-target``/``--tf-target``
-it loads servers that already run (e.g. the compose deployment) instead.
+``python -m loadtest compare`` measures both servers (and any ``--target`` reference
+server beside them) with the same scenarios, in this order:
 
-Each step is one Locust run of ``warm-up + window + tail`` seconds. The window is
-placed after the first request by the warm-up, on the wall clock that Locust's
-per-request start stamps, the resource sampler and the metric scrapes share:
+1. *Preparation*: each server starts once on a fresh model repository (``--model-dir``),
+   exporting (and, with ``--compile on``, compiling) its artifacts; that first start is
+   timed and reported apart. Its ModelConfig is read, and the comparison refuses to run
+   when the servers differ in device, threads, precision, compile mode or batching.
+   Every server flag is passed explicitly and identically (``server_args_for_all``).
+2. *Closed loop*: per repeat, each server is started fresh (cold start = spawn to
+   SERVING with the artifacts already there; idle RSS) and swept over ``--concurrency``.
+3. *Open loop*: one grid of absolute arrival rates for every server, from the lower
+   valid closed-loop peak (``--rate-fractions`` of it) up past the higher one
+   (``--overload`` times it); per repeat each server is started fresh again and swept
+   over the grid (latency from the scheduled send time).
 
-* latency percentiles: exact, from the requests *sent* in the window (successes);
-* throughput: successes *completed* in the window, per second;
+In each phase the order alternates ABBA over repeats (forward, reversed, forward...),
+and is recorded in results.json (``order``). Default: 3 repeats.
+
+Each step is one Locust run of ``warm-up + window + tail`` seconds. The window starts
+``--warmup-seconds`` after the first request, on the wall clock that the per-request
+start stamps, the resource sampler and the metric scrapes share:
+
+* latency percentiles: exact, over every request sent in the window, failed ones at the
+  time they took to fail (a timeout at its deadline; one never sent at the deadline);
+* throughput: successes completed in the window, per second;
 * server CPU/RSS (psutil on the server's process tree, or its own ``process_*``
-  metrics when remote), GPU (the server's NVML metrics) and generator CPU are
-  sampled every ``SAMPLE_INTERVAL_S``; queue/compute time and mean batch size are
-  differences of the server's Prometheus counters between the scrapes that
-  bracket the window.
+  metrics when remote), GPU (the server's NVML metrics) and generator CPU are sampled
+  every ``SAMPLE_INTERVAL_S`` and only the samples inside the window count; queue/compute
+  time and mean batch size are differences of the server's counters between the first
+  and last scrape inside the window.
 
-A step is invalid (kept, flagged, left out of the verdict) when the generator's
-CPU exceeds ``GENERATOR_CPU_LIMIT`` of its core, errors exceed ``ERROR_RATE_LIMIT``,
-the generator fell behind the open-loop schedule (too few sends, or a p99 send lag
-over ``SEND_LAG_LIMIT_MS``), other processes on the host used more than
-``OTHER_CPU_LIMIT`` of a core (local runs), or the window was cut short.
+A step is invalid (kept, flagged, left out of the verdict and of every resource figure)
+when the generator's CPU exceeds ``GENERATOR_CPU_LIMIT`` of its cores, errors exceed
+``ERROR_RATE_LIMIT``, the generator fell behind the open-loop schedule (too few sends,
+dropped arrivals, or a p99 send lag over ``SEND_LAG_LIMIT_MS``), other processes on the
+host used more than ``OTHER_CPU_LIMIT`` of a core (local runs), or the window was cut
+short. When one Locust process would need more than ``PROCESS_CPU_BUDGET`` of a core
+for a step, several run (``--processes``), as many as the generator has cores.
 """
 
 from __future__ import annotations
@@ -32,284 +46,145 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import importlib.metadata
 import itertools
 import math
 import os
-import platform
+import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 import psutil
-from prometheus_client.parser import text_string_to_metric_families
 
-from contract.protocol import inference_pb2 as pb
-from contract.protocol import inference_pb2_grpc as pb_grpc
+from loadtest.latency_file import Samples, read_latencies
+from loadtest.sampling import SAMPLE_INTERVAL_S, Endpoint, Sampler, environment, listener_pid
 from loadtest.servers import ROOT, ServerProcess, ServerStartError, pin_to
-from serving.devices import cpu_model
+from loadtest.stats import DECISION_RULE, resource_stats, window_stats
 
 FRAMEWORKS = ("torch", "tensorflow")
+SERVER_LABELS = {"torch": "torch_server", "tensorflow": "tf_server"}
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
-SAMPLE_INTERVAL_S = 0.5
-TAIL_S = 1.0
+TAIL_S = 0.5
 LOCUST_GRACE_S = 30.0
 GENERATOR_CPU_LIMIT = 0.90
 ERROR_RATE_LIMIT = 0.01
 SEND_LAG_LIMIT_MS = 10.0
 OTHER_CPU_LIMIT = 0.25
 MIN_WINDOW_FRACTION = 0.8
-QUANTILES = {"p50": 50.0, "p90": 90.0, "p99": 99.0, "p99.9": 99.9}
-CDF_LEVELS = np.unique(np.concatenate([np.linspace(0.0, 1.0, 101), [0.95, 0.99, 0.995, 0.999, 0.9999]]))
-PACKAGES = ("grpcio", "protobuf", "locust", "gevent", "numpy", "psutil", "prometheus-client", "matplotlib")
+#: Generator CPU per request assumed until a step has measured it (µs; see loadtest.overhead).
+GENERATOR_US_PER_REQUEST = 300.0
+#: Most of a core one Locust process is planned to use; above it a step gets more processes.
+PROCESS_CPU_BUDGET = 0.6
+#: Server settings the comparison passes explicitly (Options field -> server flag).
+SERVER_FLAGS = {
+    "device": "--device",
+    "threads": "--threads",
+    "precision": "--precision",
+    "compile": "--compile",
+    "max_batch_size": "--max-batch-size",
+    "max_queue_delay_us": "--max-queue-delay-us",
+    "max_queue_size": "--max-queue-size",
+    "instances": "--instances",
+    "grpc_threads": "--grpc-threads",
+}
+#: What ``--matrix`` may vary.
+MATRIX_KEYS = ("precision", "compile", "device", "threads", "max_batch_size", "max_queue_delay_us", "instances")
+LATENCY_NOTE = (
+    "Latency percentiles count every request sent in the window: failed ones at the time they took to fail "
+    "(a timeout at its deadline), arrivals the generator never sent at the deadline."
+)
 
 
-# ---------------------------------------------------------------- pure parts
+Step = dict[str, Any]
 
 
-@dataclass
-class Samples:
-    """Per-request records of one Locust run (as ``read_latencies`` returns them)."""
-
-    start_s: np.ndarray
-    latency_us: np.ndarray
-    ok: np.ndarray
-    lag_us: np.ndarray
-
-    @property
-    def end_s(self) -> np.ndarray:
-        return self.start_s + self.latency_us / 1e6
+class ComparisonRefused(RuntimeError):
+    """The servers would not be compared like with like (settings differ); the message says how."""
 
 
-def read_latencies(prefix: Path) -> Samples:
-    """Merge the ``<prefix>.<pid>[.<n>].npz`` files that ``--latency-file <prefix>`` makes Locust write.
-
-    Their arrays (see ``loadtest.grpc_user.LatencyRecorder``, not imported here: it would
-    monkey-patch this process with gevent): ``start_us`` (Unix µs, scheduled or sent),
-    ``latency_us`` (-1: never sent, e.g. an open-loop arrival dropped by the generator), ``ok``,
-    ``lag_us`` (actual minus scheduled send time; 0 in closed loop, -1 if never sent).
-    """
-    parts: dict[str, list[np.ndarray]] = {"start_us": [], "latency_us": [], "ok": [], "lag_us": []}
-    for path in sorted(prefix.parent.glob(f"{prefix.name}.*.npz")):
-        with np.load(path) as data:
-            for name, arrays in parts.items():
-                arrays.append(data[name])
-    if not parts["start_us"]:
-        raise FileNotFoundError(f"no {prefix}.*.npz latency file")
-    start_us, latency_us, ok, lag_us = (np.concatenate(arrays) for arrays in parts.values())
-    sent = latency_us >= 0
-    return Samples(
-        start_us / 1e6, np.maximum(latency_us, 0).astype(np.float64), ok.astype(bool) & sent, np.maximum(lag_us, 0)
-    )
-
-
-def percentiles(values_ms: np.ndarray) -> dict[str, float | None]:
-    """Nearest-rank p50/p90/p99/p99.9 plus mean and max of exact per-request latencies."""
-    if len(values_ms) == 0:
-        return dict.fromkeys([*QUANTILES, "max", "mean"])
-    ranked = np.percentile(values_ms, list(QUANTILES.values()), method="inverted_cdf")
-    stats = {name: float(value) for name, value in zip(QUANTILES, ranked, strict=True)}
-    return {**stats, "max": float(np.max(values_ms)), "mean": float(np.mean(values_ms))}
-
-
-def latency_cdf(values_ms: np.ndarray) -> list[list[float]]:
-    """``[[latency_ms, fraction ≤ it], ...]`` at fixed levels (dense in the tail), for plots."""
-    if len(values_ms) == 0:
-        return []
-    points = np.quantile(values_ms, CDF_LEVELS, method="inverted_cdf")
-    return [[round(float(ms), 4), round(float(level), 5)] for ms, level in zip(points, CDF_LEVELS, strict=True)]
-
-
-def window_stats(samples: Samples, start: float, end: float, batch_size: int) -> dict[str, Any]:
-    """Request figures of the window [start, end): latencies of requests sent in it, throughput of completions."""
-    seconds = end - start
-    sent = (samples.start_s >= start) & (samples.start_s < end)
-    ok_latency_ms = samples.latency_us[sent & samples.ok] / 1000.0
-    lag_ms = samples.lag_us[sent] / 1000.0
-    ends = samples.end_s
-    completed = int(np.count_nonzero(samples.ok & (ends >= start) & (ends < end)))
-    requests = int(np.count_nonzero(sent))
-    errors = requests - len(ok_latency_ms)
-    return {
-        "window_s": round(seconds, 3),
-        "requests": requests,
-        "successes": len(ok_latency_ms),
-        "errors": errors,
-        "error_rate": errors / requests if requests else None,
-        "sent_rps": requests / seconds,
-        "throughput_rps": completed / seconds,
-        "rows_per_s": completed * batch_size / seconds,
-        "latency_ms": percentiles(ok_latency_ms),
-        "latency_cdf": latency_cdf(ok_latency_ms),
-        "send_lag_ms": {"p99": percentiles(lag_ms)["p99"], "max": float(lag_ms.max()) if len(lag_ms) else None},
-    }
-
-
-def parse_metrics(text: str, model: str) -> dict[str, float]:
-    """Prometheus text -> ``{'name{label="v"}': value}`` for ``model``'s series and unlabelled ones.
-
-    The ``model`` label is dropped, histogram buckets and ``_created`` stamps are skipped.
-    """
-    flat: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = dict(sample.labels)
-            if "le" in labels or sample.name.endswith("_created") or labels.pop("model", model) != model:
-                continue
-            rendered = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
-            key = f"{sample.name}{{{rendered}}}" if rendered else sample.name
-            flat[key] = flat.get(key, 0.0) + sample.value
-    return flat
-
-
-def _ratio(numerator: float, denominator: float, scale: float = 1.0) -> float | None:
-    return numerator / denominator * scale if denominator > 0 else None
-
-
-def metric_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
-    """Server-side breakdown between two scrapes: mean queue/compute/request time, mean batch size, counts."""
-
-    def delta(name: str) -> float:
-        return after.get(name, 0.0) - before.get(name, 0.0)
-
-    codes = {
-        key.split('code="', 1)[1].rstrip('"}'): delta(key)
-        for key in after
-        if key.startswith("inference_requests_total{")
-    }
-    return {
-        "queue_ms_mean": _ratio(
-            delta("inference_queue_duration_seconds_sum"), delta("inference_queue_duration_seconds_count"), 1e3
-        ),
-        "compute_ms_mean": _ratio(
-            delta("inference_compute_duration_seconds_sum"), delta("inference_compute_duration_seconds_count"), 1e3
-        ),
-        "request_ms_mean": _ratio(
-            delta("inference_request_duration_seconds_sum"), delta("inference_request_duration_seconds_count"), 1e3
-        ),
-        "batch_size_mean": _ratio(delta("inference_batch_size_sum"), delta("inference_batch_size_count")),
-        "executions": delta("inference_executions_total"),
-        "rows": delta("inference_rows_total"),
-        "requests_by_code": {code: count for code, count in codes.items() if count},
-    }
+# ---------------------------------------------------------------- options
 
 
 @dataclass
-class Tick:
-    """One resource sample: wall time, cumulative CPU seconds, RSS, the server's metrics.
+class Options:
+    """The comparison's settings (the CLI flags)."""
 
-    ``host_cpu_s`` counts the busy time of all cores and ``runner_cpu_s`` this process's own,
-    so that what neither the server, the generator nor the runner used is other processes' load.
-    """
-
-    t: float
-    server_cpu_s: float | None
-    server_rss: float | None
-    generator_cpu_s: float | None
-    metrics: dict[str, float] = field(default_factory=dict)
-    host_cpu_s: float | None = None
-    runner_cpu_s: float | None = None
+    model: str = "mlp"
+    concurrency: list[int] = field(default_factory=lambda: [1, 4, 16, 32])
+    rates: list[float] = field(default_factory=list)
+    rate_fractions: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.9])
+    overload: float = 1.1
+    arrival: str = "poisson"
+    arrival_users: int = 4
+    deadline_ms: float = 1000.0
+    step_seconds: float = 4.0
+    warmup_seconds: float = 1.5
+    repeats: int = 3
+    slo_ms: float = 50.0
+    batch_size: int = 1
+    encoding: str = "raw"
+    device: str = "cpu"
+    threads: int = 1
+    precision: str = "fp32"
+    compile: str = "off"
+    max_batch_size: int = 32
+    dynamic_batching: bool = True
+    max_queue_delay_us: int = 0
+    max_queue_size: int = 1024
+    instances: int = 1
+    grpc_threads: int = 0
+    server_args: list[str] = field(default_factory=list)
+    torch_target: str | None = None
+    tf_target: str | None = None
+    torch_metrics: str | None = None
+    tf_metrics: str | None = None
+    targets: list[str] = field(default_factory=list)
+    matrix: list[str] = field(default_factory=list)
+    locust_processes: str = "auto"
+    out: Path | None = None
+    cpu_split: str = "auto"
 
     @property
-    def other_cpu_s(self) -> float | None:
-        parts = (self.host_cpu_s, self.runner_cpu_s, self.server_cpu_s, self.generator_cpu_s)
-        if any(part is None for part in parts):
-            return None
-        host, runner, server, generator = (float(part or 0.0) for part in parts)
-        return host - runner - server - generator
+    def remote(self) -> bool:
+        return bool(self.torch_target or self.tf_target)
 
+    @property
+    def reference_concurrency(self) -> int:
+        """The sweep's middle concurrency: where single-step figures (p50/p99, CPU/request, CDF) are compared."""
+        ordered = sorted(self.concurrency)
+        return ordered[len(ordered) // 2]
 
-def _bracket(ticks: Sequence[Tick], start: float, end: float) -> list[Tick]:
-    """The ticks from the last one at or before ``start`` to the first one at or after ``end``."""
-    first = max((i for i, tick in enumerate(ticks) if tick.t <= start), default=0)
-    last = min((i for i, tick in enumerate(ticks) if tick.t >= end), default=len(ticks) - 1)
-    return list(ticks[first : last + 1])
-
-
-def _cpu_pct(ticks: Sequence[Tick], read: Callable[[Tick], float | None]) -> dict[str, float | None]:
-    points = [(tick.t, value) for tick in ticks if (value := read(tick)) is not None]
-    if len(points) < 2:
-        return {"mean": None, "max": None}
-    rates = [100.0 * (c1 - c0) / (t1 - t0) for (t0, c0), (t1, c1) in itertools.pairwise(points) if t1 > t0]
-    (t_first, c_first), (t_last, c_last) = points[0], points[-1]
-    return {"mean": 100.0 * (c_last - c_first) / (t_last - t_first), "max": max(rates)}
-
-
-def _gauge(ticks: Sequence[Tick], read: Callable[[Tick], float | None]) -> dict[str, float | None]:
-    values = [value for tick in ticks if (value := read(tick)) is not None]
-    return {"mean": float(np.mean(values)), "max": max(values)} if values else {"mean": None, "max": None}
-
-
-def _series(prefix: str) -> Callable[[Tick], float | None]:
-    def read(tick: Tick) -> float | None:
-        values = [value for key, value in tick.metrics.items() if key.startswith(prefix)]
-        return sum(values) / len(values) if values else None
-
-    return read
-
-
-def resource_stats(ticks: Sequence[Tick], start: float, end: float) -> dict[str, Any]:
-    """CPU (% of one core), RSS, GPU and the metric breakdown over the ticks bracketing [start, end)."""
-    span = _bracket(ticks, start, end)
-    other = _cpu_pct(span, lambda tick: tick.other_cpu_s)
-    gpu_util = _gauge(span, _series("gpu_utilization_ratio"))
-    gpu_memory = _gauge(span, _series("gpu_memory_used_bytes"))
-    return {
-        "server_cpu_pct": _cpu_pct(span, lambda tick: tick.server_cpu_s),
-        "server_rss_bytes": _gauge(span, lambda tick: tick.server_rss),
-        "generator_cpu_pct": _cpu_pct(span, lambda tick: tick.generator_cpu_s),
-        # A difference of separately sampled counters: clamp the noise below zero.
-        "other_cpu_pct": {k: v if v is None else max(v, 0.0) for k, v in other.items()},
-        "gpu": None
-        if gpu_util["mean"] is None
-        else {"utilization_pct_mean": 100.0 * gpu_util["mean"], "memory_used_bytes_max": gpu_memory["max"]},
-        "server_metrics": metric_deltas(span[0].metrics, span[-1].metrics) if span else metric_deltas({}, {}),
-    }
-
-
-def invalid_reasons(step: dict[str, Any], *, local: bool = True) -> list[str]:
-    """Why a measured step cannot be trusted (empty: valid).
-
-    ``local``: server, generator and runner share this host, so any other busy CPU is a
-    neighbour's (with a remote server it may be the server itself, and is not judged).
-    """
-    reasons = []
-    generator = step["generator_cpu_pct"]["mean"]
-    if generator is not None and generator > GENERATOR_CPU_LIMIT * 100:  # one Locust process: one core at most
-        reasons.append(f"generator CPU {generator:.0f}% > {GENERATOR_CPU_LIMIT * 100:.0f}%")
-    other = step["other_cpu_pct"]["mean"]
-    if local and other is not None and other > OTHER_CPU_LIMIT * 100:
-        reasons.append(f"other processes used {other:.0f}% CPU (> {OTHER_CPU_LIMIT * 100:.0f}%)")
-    if step["error_rate"] is None or step["successes"] == 0:
-        reasons.append("no successful request in the window")
-    elif step["error_rate"] > ERROR_RATE_LIMIT:
-        reasons.append(f"error rate {step['error_rate']:.1%} > {ERROR_RATE_LIMIT:.0%}")
-    if step["generator_exit_code"] < 0:
-        reasons.append("Locust did not stop in time and was killed")
-    if step["window_s"] < MIN_WINDOW_FRACTION * step["window_target_s"]:
-        reasons.append(f"window cut to {step['window_s']:.1f} s")
-    if step["mode"] == "open":
-        expected = step["offered_rps"] * step["window_s"]
-        if step["requests"] < 0.9 * expected - 3 * math.sqrt(expected):
-            reasons.append(f"generator behind schedule: sent {step['sent_rps']:.0f}/s of {step['offered_rps']:.0f}/s")
-        lag = step["send_lag_ms"]["p99"]
-        if lag is not None and lag > SEND_LAG_LIMIT_MS:
-            reasons.append(f"generator send lag p99 {lag:.0f} ms > {SEND_LAG_LIMIT_MS:g} ms")
-    return reasons
+    def server_args_for_all(self, variant: dict[str, str] | None = None) -> list[str]:
+        """Every server flag, explicit and the same for both servers (``variant`` overrides matrix keys)."""
+        values = {name: getattr(self, name) for name in SERVER_FLAGS} | (variant or {})
+        args = [part for name, flag in SERVER_FLAGS.items() for part in (flag, str(values[name]))]
+        args.append("--dynamic-batching" if self.dynamic_batching else "--no-dynamic-batching")
+        return [*args, "--warmup", *self.server_args]
 
 
 def parse_list(text: str, kind: Callable[[str], Any]) -> list[Any]:
     """``"1, 4,16"`` -> ``[1, 4, 16]`` (with ``kind`` applied)."""
     return [kind(part.strip()) for part in text.split(",") if part.strip()]
+
+
+def parse_matrix(items: Sequence[str]) -> list[dict[str, str]]:
+    """``["precision=fp32,bf16", "compile=off,on"]`` -> every combination, as ``{key: value}`` dicts."""
+    axes: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in MATRIX_KEYS or not parse_list(values, str):
+            raise ValueError(f"--matrix {item!r}: expected KEY=V1,V2,... with KEY one of {', '.join(MATRIX_KEYS)}")
+        if key in axes:
+            raise ValueError(f"--matrix names {key} twice")
+        axes[key] = parse_list(values, str)
+    return [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
 
 
 def cpu_split(mode: str, available: Sequence[int]) -> tuple[list[int] | None, list[int] | None]:
@@ -321,7 +196,74 @@ def cpu_split(mode: str, available: Sequence[int]) -> tuple[list[int] | None, li
     return cpus[:half], cpus[half:]
 
 
-# ---------------------------------------------------------------- measuring
+# ---------------------------------------------------------------- what is measured, in which order
+
+
+@dataclass
+class Arm:
+    """One server of the comparison: a framework server in one settings variant, or a reference.
+
+    ``target`` is set for servers that already run (``--torch-target``, ``--target``);
+    the others are started by the runner with ``server_args``.
+    """
+
+    name: str
+    label: str
+    framework: str | None
+    variant: dict[str, str]
+    server_args: list[str] = field(default_factory=list)
+    target: str | None = None
+    metrics_url: str | None = None
+
+    @property
+    def kind(self) -> str:
+        if self.framework is None:
+            return "reference"
+        return "remote" if self.target else "local"
+
+
+def variant_name(variant: dict[str, str]) -> str:
+    return ", ".join(f"{key} {value}" for key, value in variant.items())
+
+
+def parse_target(text: str) -> tuple[str, str, str | None]:
+    """``NAME=HOST:PORT[,METRICS_URL]`` -> (name, target, metrics url)."""
+    name, sep, rest = text.partition("=")
+    target, _, metrics = rest.partition(",")
+    if not sep or not name.strip() or ":" not in target:
+        raise ValueError(f"--target {text!r}: expected NAME=HOST:PORT (optionally ,METRICS_URL)")
+    return name.strip(), target.strip(), metrics.strip() or None
+
+
+def plan_arms(opts: Options) -> tuple[list[Arm], list[dict[str, Any]]]:
+    """The servers to measure and the variants (each: its torch and tf arm, compared in the verdict)."""
+    variants = parse_matrix(opts.matrix) if opts.matrix else [{}]
+    arms: list[Arm] = []
+    groups: list[dict[str, Any]] = []
+    for variant in variants:
+        suffix = f"[{','.join(f'{k}={v}' for k, v in variant.items())}]" if variant else ""
+        members = {}
+        for framework in FRAMEWORKS:
+            label = SERVER_LABELS[framework] + (f" ({variant_name(variant)})" if variant else "")
+            arm = Arm(f"{framework}{suffix}", label, framework, variant, opts.server_args_for_all(variant))
+            if opts.remote:
+                torch = framework == "torch"
+                arm.target = opts.torch_target if torch else opts.tf_target
+                arm.metrics_url = opts.torch_metrics if torch else opts.tf_metrics
+            arms.append(arm)
+            members[framework] = arm.name
+        groups.append({"name": variant_name(variant) or "as set", "values": variant, "arms": members})
+    for text in opts.targets:
+        name, target, metrics = parse_target(text)
+        if any(arm.name == name for arm in arms):
+            raise ValueError(f"--target name {name!r} is taken")
+        arms.append(Arm(name, f"{name} (reference)", None, {}, target=target, metrics_url=metrics))
+    return arms, groups
+
+
+def abba(items: Sequence[Any], repeat: int) -> list[Any]:
+    """The run order of one repeat: forward on even repeats, reversed on odd ones (ABBA...)."""
+    return list(items) if repeat % 2 == 0 else list(reversed(items))
 
 
 @dataclass
@@ -336,44 +278,93 @@ class Scenario:
         return f"c={self.value:g}" if self.mode == "closed" else f"rate={self.value:g}/s"
 
 
-@dataclass
-class Options:
-    """The comparison's settings (the CLI flags)."""
+def peak(steps: Sequence[dict[str, Any]], *, valid: bool = True) -> float | None:
+    """Best mean throughput over one server's closed-loop steps, by concurrency: over its valid ones
+    (``valid``; None if none is), or over all of them."""
+    groups: dict[int, list[float]] = {}
+    for step in steps:
+        if step["mode"] == "closed" and (step["valid"] or not valid):
+            groups.setdefault(step["concurrency"], []).append(step["throughput_rps"])
+    return max((statistics.fmean(values) for values in groups.values()), default=None)
 
-    model: str = "mlp"
-    concurrency: list[int] = field(default_factory=lambda: [1, 4, 16, 32])
-    rates: list[float] = field(default_factory=list)
-    rate_fractions: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.9, 1.2])
-    arrival: str = "poisson"
-    arrival_users: int = 4
-    deadline_ms: float = 1000.0
-    step_seconds: float = 4.0
-    warmup_seconds: float = 1.5
-    repeats: int = 2
-    slo_ms: float = 50.0
-    batch_size: int = 1
-    encoding: str = "raw"
-    threads: int = 1
-    server_args: list[str] = field(default_factory=list)
-    torch_target: str | None = None
-    tf_target: str | None = None
-    torch_metrics: str | None = None
-    tf_metrics: str | None = None
-    out: Path | None = None
-    cpu_split: str = "auto"
 
-    @property
-    def remote(self) -> bool:
-        return bool(self.torch_target or self.tf_target)
+def rate_grid(
+    steps: dict[str, Sequence[dict[str, Any]]], fractions: Sequence[float], overload: float
+) -> dict[str, Any]:
+    """One grid of absolute rates for every server: ``fractions`` of the lower peak, ``overload`` x the higher.
 
-    @property
-    def reference_concurrency(self) -> int:
-        """The sweep's middle concurrency: where single-step figures (p50/p99, CPU/request, CDF) are compared."""
-        ordered = sorted(self.concurrency)
-        return ordered[len(ordered) // 2]
+    Peaks come from valid closed-loop steps; a server without one falls back to its invalid
+    steps, and the grid says so (``invalid_peaks``).
+    """
+    peaks = {name: peak(server_steps) for name, server_steps in steps.items()}
+    invalid = [name for name, value in peaks.items() if value is None]
+    for name in invalid:
+        peaks[name] = peak(steps[name], valid=False)
+    known = [value for value in peaks.values() if value]
+    grid: dict[str, Any] = {"rates": [], "lower_peak_rps": None, "higher_peak_rps": None, "peaks": peaks,
+                            "invalid_peaks": invalid}  # fmt: skip
+    if not known:
+        return grid
+    lower, higher = min(known), max(known)
+    rates = {round(max(fraction * lower, 1.0), 1) for fraction in fractions}
+    if overload > 0:
+        rates.add(round(overload * higher, 1))
+    return grid | {"rates": sorted(rates), "lower_peak_rps": lower, "higher_peak_rps": higher}
 
-    def server_args_for_all(self) -> list[str]:
-        return ["--threads", str(self.threads), *self.server_args]
+
+def locust_processes(
+    scenario: Scenario, requested: str, generator_cores: int, us_per_request: float, rate_hint: float
+) -> int:
+    """Locust processes for a step: ``requested`` when a number; ``auto``: enough that none needs more than
+    ``PROCESS_CPU_BUDGET`` of a core for the expected rate (open: the offered rate; closed: ``rate_hint``),
+    at most one per generator core (and per user)."""
+    if requested != "auto":
+        return max(1, int(requested))
+    rate = scenario.value if scenario.mode == "open" else rate_hint
+    needed = math.ceil(rate * us_per_request / 1e6 / PROCESS_CPU_BUDGET) if rate > 0 else 1
+    most = generator_cores if scenario.mode == "open" else min(generator_cores, int(scenario.value))
+    return max(1, min(needed, most))
+
+
+def invalid_reasons(step: dict[str, Any], *, local: bool = True, generator_cores: int = 1) -> list[str]:
+    """Why a measured step cannot be trusted (empty: valid).
+
+    ``local``: server, generator and runner share this host, so any other busy CPU is a
+    neighbour's (with a remote server it may be the server itself, and is not judged).
+    ``generator_cores``: cores the step's Locust processes could use (one per process at most).
+    """
+    reasons = []
+    generator = step["generator_cpu_pct"]["mean"]
+    limit = GENERATOR_CPU_LIMIT * 100 * max(1, min(generator_cores, step.get("generator_processes", 1)))
+    if generator is not None and generator > limit:
+        reasons.append(f"generator CPU {generator:.0f}% > {limit:.0f}%")
+    other = step["other_cpu_pct"]["mean"]
+    if local and other is not None and other > OTHER_CPU_LIMIT * 100:
+        reasons.append(f"other processes used {other:.0f}% CPU (> {OTHER_CPU_LIMIT * 100:.0f}%)")
+    if step["error_rate"] is None or step["successes"] == 0:
+        reasons.append("no successful request in the window")
+    elif step["error_rate"] > ERROR_RATE_LIMIT:
+        reasons.append(f"error rate {step['error_rate']:.1%} > {ERROR_RATE_LIMIT:.0%}")
+    if step["generator_exit_code"] < 0:
+        reasons.append("Locust did not stop in time and was killed")
+    if step["window_s"] < MIN_WINDOW_FRACTION * step["window_target_s"]:
+        reasons.append(f"window cut to {step['window_s']:.1f} s")
+    if step.get("resource_window_s", step["window_s"]) < 0.5 * step["window_s"]:
+        reasons.append(f"resource samples cover only {step['resource_window_s']:.1f} s of the window")
+    if step["mode"] == "open":
+        expected = step["offered_rps"] * step["window_s"]
+        sent = step["sent_rps"] * step["window_s"]
+        if sent < 0.9 * expected - 3 * math.sqrt(expected):
+            reasons.append(f"generator behind schedule: sent {step['sent_rps']:.0f}/s of {step['offered_rps']:.0f}/s")
+        if step.get("unsent"):
+            reasons.append(f"generator dropped {step['unsent']} arrivals (client backlog)")
+        lag = step["send_lag_ms"]["p99"]
+        if lag is not None and lag > SEND_LAG_LIMIT_MS:
+            reasons.append(f"generator send lag p99 {lag:.0f} ms > {SEND_LAG_LIMIT_MS:g} ms")
+    return reasons
+
+
+# ---------------------------------------------------------------- measuring
 
 
 def progress(message: str) -> None:
@@ -381,113 +372,12 @@ def progress(message: str) -> None:
     print(f"[{datetime.datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
 
 
-def _tree_cpu_rss(process: psutil.Process) -> tuple[float, float]:
-    """Cumulative CPU seconds and RSS of a process and its live children."""
-    cpu, rss = 0.0, 0.0
-    for proc in [process, *process.children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):
-            times = proc.cpu_times()
-            cpu += times.user + times.system + times.children_user + times.children_system
-            rss += proc.memory_info().rss
-    return cpu, rss
-
-
-def scrape(url: str | None, model: str) -> dict[str, float]:
-    """The server's metrics for ``model`` (empty when there is no endpoint or it does not answer)."""
-    if url is None:
-        return {}
-    try:
-        with urllib.request.urlopen(url, timeout=2.0) as reply:
-            return parse_metrics(reply.read().decode(), model)
-    except OSError:
-        return {}
-
-
-@dataclass
-class Endpoint:
-    """A server under test: a local process (psutil figures) or a remote target (its own metrics)."""
-
-    framework: str
-    target: str
-    metrics_url: str | None
-    model: str
-    pid: int | None = None
-
-    def sample(self, generator: psutil.Process | None) -> Tick:
-        metrics = scrape(self.metrics_url, self.model)
-        cpu = metrics.get("process_cpu_seconds_total")
-        rss = metrics.get("process_resident_memory_bytes")
-        if self.pid is not None:
-            with contextlib.suppress(psutil.Error):
-                cpu, rss = _tree_cpu_rss(psutil.Process(self.pid))
-        generator_cpu = None
-        if generator is not None:
-            with contextlib.suppress(psutil.Error):
-                generator_cpu = _tree_cpu_rss(generator)[0]
-        host = psutil.cpu_times()
-        runner = psutil.Process().cpu_times()
-        return Tick(
-            time.time(),
-            cpu,
-            rss,
-            generator_cpu,
-            metrics,
-            host_cpu_s=host.user + host.nice + host.system + host.irq + host.softirq + host.steal,
-            runner_cpu_s=runner.user + runner.system,
-        )
-
-    def describe(self) -> dict[str, Any]:
-        """Server metadata and the model's config (framework version, device, batching) over gRPC."""
-        with grpc.insecure_channel(self.target) as channel:
-            grpc.channel_ready_future(channel).result(timeout=30)
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            server = stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=10)
-            config = stub.ModelConfig(pb.ModelConfigRequest(name=self.model), timeout=10).config
-        batching = config.dynamic_batching if config.HasField("dynamic_batching") else None
-        return {
-            "server": {"name": server.name, "version": server.version},
-            "platform": config.platform,
-            "parameters": {key: value.string_value for key, value in config.parameters.items()},
-            "max_batch_size": config.max_batch_size,
-            "instances": sum(group.count for group in config.instance_group),
-            "dynamic_batching": None
-            if batching is None
-            else {
-                "max_queue_delay_us": batching.max_queue_delay_microseconds,
-                "max_queue_size": batching.default_queue_policy.max_queue_size,
-                "preferred_batch_sizes": list(batching.preferred_batch_size),
-            },
-        }
-
-
-class Sampler:
-    """Samples an endpoint (and the generator) every ``SAMPLE_INTERVAL_S`` on a background thread."""
-
-    def __init__(self, endpoint: Endpoint) -> None:
-        self.endpoint = endpoint
-        self.ticks: list[Tick] = []
-        self.generator: psutil.Process | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
-
-    def _run(self) -> None:
-        while True:
-            self.ticks.append(self.endpoint.sample(self.generator))
-            if self._stop.wait(SAMPLE_INTERVAL_S):
-                break
-        self.ticks.append(self.endpoint.sample(self.generator))
-
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+def _fmt(value: float | None, spec: str, unit: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{unit}"
 
 
 def locust_command(
-    endpoint: Endpoint, scenario: Scenario, opts: Options, run_s: int, latencies: Path, stats: Path
+    endpoint: Endpoint, scenario: Scenario, opts: Options, run_s: int, processes: int, latencies: Path, stats: Path
 ) -> list[str]:
     """One step's ``locust`` command: latencies to ``<latencies>.*.npz``, CSV stats to ``<stats>_*.csv``."""
     command = [
@@ -496,9 +386,12 @@ def locust_command(
         "--model", endpoint.model, "--batch-size", str(opts.batch_size), "--encoding", opts.encoding,
         "--deadline-ms", f"{opts.deadline_ms:g}", "--latency-file", str(latencies),
     ]  # fmt: skip
+    if processes > 1:
+        command += ["--processes", str(processes)]
     if scenario.mode == "open":
+        streams = max(opts.arrival_users, processes)
         command += ["--load-shape", "rate", "--arrival-rate", f"{scenario.value:g}", "--arrival", opts.arrival,
-                    "--arrival-users", str(opts.arrival_users)]  # fmt: skip
+                    "--arrival-users", str(streams)]  # fmt: skip
     else:
         users = str(int(scenario.value))
         command += ["--load-shape", "none", "-u", users, "-r", users]
@@ -506,20 +399,27 @@ def locust_command(
 
 
 def run_locust(
-    endpoint: Endpoint, scenario: Scenario, opts: Options, *, cpus: list[int] | None, latencies: Path, artifacts: Path
-) -> tuple[Samples, list[Tick], int]:
+    endpoint: Endpoint,
+    scenario: Scenario,
+    opts: Options,
+    processes: int,
+    *,
+    cpus: list[int] | None,
+    latencies: Path,
+    artifacts: Path,
+) -> tuple[Samples, list[Any], int]:
     """One Locust run of warm-up + window + tail against ``endpoint``, sampled throughout.
 
     Latency files go to ``<latencies>.*.npz``; Locust's log and CSV stats are kept as ``<artifacts>.*``.
-
     Returns the latencies, the resource ticks and Locust's exit status (1 when any request
     failed; negative when it had to be killed for not stopping in time).
     """
     run_s = math.ceil(opts.warmup_seconds + opts.step_seconds + TAIL_S)
     log_path = Path(f"{artifacts}.locust.log")
+    command = locust_command(endpoint, scenario, opts, run_s, processes, latencies, artifacts)
     with Sampler(endpoint) as sampler, log_path.open("wb") as log:
         process = subprocess.Popen(
-            locust_command(endpoint, scenario, opts, run_s, latencies, artifacts),
+            command,
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
@@ -539,125 +439,242 @@ def run_locust(
         raise RuntimeError(f"locust wrote no latencies (exit {process.returncode}):\n{tail}") from err
 
 
+@dataclass
+class Run:
+    """What the steps of a comparison share: options, folders, pinning, generator cost so far."""
+
+    opts: Options
+    workdir: Path
+    logs: Path
+    server_cpus: list[int] | None
+    generator_cpus: list[int] | None
+    us_per_request: float = GENERATOR_US_PER_REQUEST
+    fastest_rps: float = 0.0
+
+    @property
+    def generator_cores(self) -> int:
+        return len(self.generator_cpus) if self.generator_cpus else len(os.sched_getaffinity(0))
+
+
 def measure_step(
-    endpoint: Endpoint,
-    scenario: Scenario,
-    opts: Options,
-    repeat: int,
-    *,
-    cpus: list[int] | None,
-    workdir: Path,
-    logs: Path,
+    run: Run, arm: Arm, endpoint: Endpoint, scenario: Scenario, phase: str, repeat: int, *, local: bool
 ) -> dict[str, Any]:
     """Run one step and reduce it to its figures (see the module docstring for the window)."""
-    name = f"{endpoint.framework}-r{repeat}-{scenario.mode}-{scenario.value:g}"
+    opts = run.opts
+    processes = locust_processes(scenario, opts.locust_processes, run.generator_cores, run.us_per_request,
+                                 run.fastest_rps)  # fmt: skip
+    name = f"{arm.name}-{phase}-r{repeat}-{scenario.mode}-{scenario.value:g}".replace("/", "_")
     samples, ticks, exit_code = run_locust(
-        endpoint, scenario, opts, cpus=cpus, latencies=workdir / f"{name}.latency", artifacts=logs / name
-    )
-    if len(samples.start_s):
+        endpoint, scenario, opts, processes, cpus=run.generator_cpus,
+        latencies=run.workdir / f"{name}.latency", artifacts=run.logs / name,
+    )  # fmt: skip
+    if len(samples):
         start = float(samples.start_s.min()) + opts.warmup_seconds
         end = min(start + opts.step_seconds, float(samples.end_s.max()))
     else:
         start = end = time.time()
     step: dict[str, Any] = {
+        "phase": phase,
         "repeat": repeat,
         "mode": scenario.mode,
         "concurrency": int(scenario.value) if scenario.mode == "closed" else None,
         "offered_rps": scenario.value if scenario.mode == "open" else None,
         "window_target_s": opts.step_seconds,
-        **window_stats(samples, start, max(end, start + 1e-9), opts.batch_size),
+        "generator_processes": processes,
+        **window_stats(samples, start, max(end, start + 1e-9), opts.batch_size, opts.deadline_ms / 1000),
         **resource_stats(ticks, start, end),
     }
+    generator_pct: float | None = step["generator_cpu_pct"]["mean"]
+    sent: float = step["sent_rps"]
+    step["generator_us_per_request"] = 1e4 * generator_pct / sent if generator_pct is not None and sent else None
     step["generator_exit_code"] = exit_code
-    step["invalid_reasons"] = invalid_reasons(step, local=not opts.remote)
+    step["invalid_reasons"] = invalid_reasons(step, local=local, generator_cores=run.generator_cores)
     step["valid"] = not step["invalid_reasons"]
+    if step["generator_us_per_request"] and step["sent_rps"] > 100:
+        run.us_per_request = step["generator_us_per_request"]
+    run.fastest_rps = max(run.fastest_rps, step["throughput_rps"])
     return step
 
 
-def _fmt(value: float | None, spec: str, unit: str = "") -> str:
-    return "n/a" if value is None else f"{value:{spec}}{unit}"
-
-
-def report_step(framework: str, repeat: int, opts: Options, scenario: Scenario, step: dict[str, Any]) -> None:
+def report_step(arm: Arm, phase: str, repeat: int, opts: Options, scenario: Scenario, step: dict[str, Any]) -> None:
     verdict = "valid" if step["valid"] else "INVALID: " + "; ".join(step["invalid_reasons"])
+    processes = f" x{step['generator_processes']}" if step["generator_processes"] > 1 else ""
     progress(
-        f"{framework} r{repeat + 1}/{opts.repeats} {scenario.mode} {scenario.label}: "
+        f"{arm.name} {phase} r{repeat + 1}/{opts.repeats} {scenario.label}: "
         f"{step['throughput_rps']:.1f} req/s (sent {step['sent_rps']:.1f}/s), "
         f"p99 {_fmt(step['latency_ms']['p99'], '.2f', ' ms')}, errors {step['errors']}, "
         f"server CPU {_fmt(step['server_cpu_pct']['mean'], '.0f', '%')}, "
-        f"generator CPU {_fmt(step['generator_cpu_pct']['mean'], '.0f', '%')}, "
+        f"generator{processes} CPU {_fmt(step['generator_cpu_pct']['mean'], '.0f', '%')} "
+        f"({_fmt(step['generator_us_per_request'], '.0f', ' µs/req')}), "
         f"other CPU {_fmt(step['other_cpu_pct']['mean'], '.0f', '%')} - {verdict}"
     )
 
 
-def peak_throughput(steps: Sequence[dict[str, Any]]) -> float:
-    """Highest closed-loop throughput of a sweep, preferring valid steps."""
-    closed = [step for step in steps if step["mode"] == "closed"]
-    pool = [step for step in closed if step["valid"]] or closed
-    return max((step["throughput_rps"] for step in pool), default=0.0)
-
-
-def sweep(
-    endpoint: Endpoint,
-    record: dict[str, Any],
-    opts: Options,
-    repeat: int,
-    *,
-    cpus: list[int] | None,
-    workdir: Path,
-    logs: Path,
-) -> None:
-    """One repeat against one server: the closed-loop sweep, then the open-loop one.
-
-    Open-loop rates not given are fixed on the first repeat from this server's peak and kept after.
-    """
-
-    def run(scenario: Scenario) -> dict[str, Any]:
-        step = measure_step(endpoint, scenario, opts, repeat, cpus=cpus, workdir=workdir, logs=logs)
-        report_step(endpoint.framework, repeat, opts, scenario, step)
-        record["steps"].append(step)
-        return step
-
-    closed = [run(Scenario("closed", users)) for users in opts.concurrency]
-    if not record["rates"]:
-        peak = peak_throughput(closed)
-        record["rates"] = [round(max(fraction * peak, 1.0), 1) for fraction in opts.rate_fractions]
-        progress(f"{endpoint.framework}: open-loop rates {record['rates']} req/s from peak {peak:.1f} req/s")
-    for rate in record["rates"]:
-        run(Scenario("open", rate))
-
-
 @contextlib.contextmanager
-def _server(
-    framework: str, opts: Options, cpus: list[int] | None, logs: Path, repeat: int
-) -> Iterator[tuple[Endpoint, dict[str, Any]]]:
-    """The endpoint of one repeat: a fresh local server (cold start, idle RSS measured) or the remote target."""
-    if opts.remote:
-        target = opts.torch_target if framework == "torch" else opts.tf_target
-        metrics = opts.torch_metrics if framework == "torch" else opts.tf_metrics
-        assert target is not None
-        endpoint = Endpoint(framework, target, metrics, opts.model)
-        yield endpoint, {"repeat": repeat, "cold_start_s": None, "idle_rss_bytes": endpoint.sample(None).server_rss}
+def serving(
+    run: Run, arm: Arm, record: dict[str, Any], phase: str, repeat: int, model_dir: Path | None
+) -> Iterator[tuple[Endpoint, bool]]:
+    """The endpoint of one (phase, repeat): a fresh local server (cold start and idle RSS recorded) or the target.
+
+    Yields the endpoint and whether the host's other CPU use can be judged (the server's process is known).
+    """
+    opts = run.opts
+    if arm.target is not None:
+        pid = listener_pid(arm.target)
+        endpoint = Endpoint(arm.name, arm.target, arm.metrics_url, opts.model, pid=pid)
+        if phase != "prepare":
+            record["starts"].append({"phase": phase, "repeat": repeat, "cold_start_s": None,
+                                     "idle_rss_bytes": endpoint.sample(None).server_rss})  # fmt: skip
+        yield endpoint, pid is not None
         return
-    server = ServerProcess(
-        framework, opts.model, opts.server_args_for_all(), cpus=cpus, log_path=logs / f"{framework}-r{repeat}.log"
-    )
+    assert arm.framework is not None
+    args = [*arm.server_args, *(["--model-dir", str(model_dir)] if model_dir else [])]
+    log_path = run.logs / f"{arm.name}-{phase}-r{repeat}.log".replace("/", "_")
+    server = ServerProcess(arm.framework, opts.model, args, cpus=run.server_cpus, log_path=log_path)
     try:
         server.start()
-        endpoint = Endpoint(framework, server.target, server.metrics_url, opts.model, pid=server.pid)
-        time.sleep(1.0)
-        start = {
-            "repeat": repeat,
-            "cold_start_s": server.cold_start_s,
-            "idle_rss_bytes": endpoint.sample(None).server_rss,
-        }
-        progress(
-            f"{framework} r{repeat + 1}/{opts.repeats}: SERVING after {server.cold_start_s:.2f} s, "
-            f"idle RSS {_fmt((start['idle_rss_bytes'] or 0) / 2**20, '.0f', ' MiB')}"
-        )
-        yield endpoint, start
+        endpoint = Endpoint(arm.name, server.target, server.metrics_url, opts.model, pid=server.pid)
+        if phase != "prepare":
+            time.sleep(1.0)
+            idle_rss = endpoint.sample(None).server_rss
+            record["starts"].append(
+                {"phase": phase, "repeat": repeat, "cold_start_s": server.cold_start_s, "idle_rss_bytes": idle_rss}
+            )
+            progress(
+                f"{arm.name} {phase} r{repeat + 1}/{opts.repeats}: SERVING after {server.cold_start_s:.2f} s, "
+                f"idle RSS {_fmt((idle_rss or 0) / 2**20, '.0f', ' MiB')}"
+            )
+        yield endpoint, True
     finally:
         server.close()
+
+
+# ---------------------------------------------------------------- fairness
+
+
+def settings_view(config: dict[str, Any]) -> dict[str, Any]:
+    """What must be equal between compared servers, as their ModelConfig reports it."""
+    params = config.get("parameters", {})
+    return {
+        "device": params.get("device"),
+        "threads": params.get("threads"),
+        "precision": params.get("precision"),
+        "compile": params.get("compile"),
+        "max_batch_size": config.get("max_batch_size"),
+        "instances": config.get("instances"),
+        "dynamic_batching": config.get("dynamic_batching"),
+    }
+
+
+def check_settings(configs: dict[str, dict[str, Any]], expected: dict[str, Any] | None = None) -> list[str]:
+    """Differences that forbid comparing these servers (empty: fair).
+
+    ``configs``: ModelConfig descriptions by server label; every field of ``settings_view``
+    must be equal across them, and equal to ``expected`` where it names one.
+    """
+    views = {label: settings_view(config) for label, config in configs.items()}
+    problems = []
+    for key in settings_view({}):
+        seen = {label: view[key] for label, view in views.items()}
+        if len({repr(value) for value in seen.values()}) > 1:
+            problems.append(f"{key}: " + ", ".join(f"{label} {value}" for label, value in seen.items()))
+        elif expected and key in expected and (value := next(iter(seen.values()))) != expected[key]:
+            problems.append(f"{key}: asked for {expected[key]}, the servers report {value}")
+    return problems
+
+
+def expected_settings(opts: Options, variant: dict[str, str]) -> dict[str, Any]:
+    """The ModelConfig fields the requested flags determine (in the form ``settings_view`` gives)."""
+    values = {name: str(getattr(opts, name)) for name in SERVER_FLAGS} | variant
+    expected: dict[str, Any] = {
+        "threads": values["threads"],
+        "precision": values["precision"],
+        "compile": values["compile"],
+        "max_batch_size": int(values["max_batch_size"]),
+        "instances": int(values["instances"]),
+    }
+    if values["device"] not in ("auto", "cuda"):
+        expected["device"] = values["device"]
+    return expected
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _record(arm: Arm) -> dict[str, Any]:
+    return {
+        "label": arm.label,
+        "framework": arm.framework,
+        "kind": arm.kind,
+        "variant": arm.variant,
+        "server_args": arm.server_args if arm.kind == "local" else None,
+        "target": arm.target,
+        "metrics_url": arm.metrics_url,
+        "prepare": None,
+        "starts": [],
+        "steps": [],
+    }
+
+
+def prepare(run: Run, arms: Sequence[Arm], records: dict[str, Any], model_dirs: dict[str, Path]) -> None:
+    """Start each server once (exporting into its fresh repository, timed apart) and read its ModelConfig."""
+    for arm in arms:
+        started = time.perf_counter()
+        with serving(run, arm, records[arm.name], "prepare", 0, model_dirs.get(arm.name)) as (endpoint, _):
+            first_start = time.perf_counter() - started
+            config = endpoint.describe()
+        params = config.get("parameters", {})
+        records[arm.name]["model_config"] = config
+        records[arm.name]["target"] = records[arm.name]["target"] or endpoint.target
+        if arm.kind == "local":
+            records[arm.name]["prepare"] = {
+                "first_start_s": round(first_start, 3),
+                "export_s": float(params["export_s"]) if "export_s" in params else None,
+                "compile_s": float(params["compile_s"]) if "compile_s" in params else None,
+                "model_dir": str(model_dirs[arm.name]),
+            }
+            progress(f"{arm.name}: prepared in {first_start:.1f} s (first start: export into a fresh repository)")
+
+
+def check_fairness(opts: Options, groups: Sequence[dict[str, Any]], records: dict[str, Any]) -> None:
+    """Refuse (``ComparisonRefused``) when the servers of a variant report different settings."""
+    problems = []
+    for group in groups:
+        configs = {records[name]["label"]: records[name]["model_config"] for name in group["arms"].values()}
+        # Servers that already run were not started with our flags: they need only agree.
+        expected = None if opts.remote else expected_settings(opts, group["values"])
+        problems += [f"{group['name']}: {problem}" for problem in check_settings(configs, expected)]
+    if problems:
+        raise ComparisonRefused(
+            "refusing to compare: the servers do not report the same settings (ModelConfig parameters):\n  "
+            + "\n  ".join(problems)
+        )
+
+
+def phase(
+    run: Run,
+    arms: Sequence[Arm],
+    records: dict[str, Any],
+    name: str,
+    scenarios: Sequence[Scenario],
+    model_dirs: dict[str, Path],
+    order: list[dict[str, Any]],
+    failures: list[dict[str, Any]],
+) -> None:
+    """Every repeat of one phase, arms in ABBA order, each on a fresh server."""
+    opts = run.opts
+    for repeat in range(opts.repeats):
+        for arm in abba(arms, repeat):
+            order.append({"phase": name, "repeat": repeat, "arm": arm.name})
+            try:
+                with serving(run, arm, records[arm.name], name, repeat, model_dirs.get(arm.name)) as (endpoint, local):
+                    for scenario in scenarios:
+                        step = measure_step(run, arm, endpoint, scenario, name, repeat, local=local)
+                        report_step(arm, name, repeat, opts, scenario, step)
+                        records[arm.name]["steps"].append(step)
+            except (ServerStartError, RuntimeError, grpc.RpcError, grpc.FutureTimeoutError) as err:
+                failures.append({"server": arm.name, "phase": name, "repeat": repeat, "error": str(err)})
+                progress(f"{arm.name} {name} r{repeat + 1}/{opts.repeats}: FAILED, going on: {err}")
 
 
 @contextlib.contextmanager
@@ -674,42 +691,12 @@ def _runner_pinned(cpus: list[int] | None) -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
-def _nvml_gpus() -> list[str]:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:  # no NVML library or no driver: a CPU-only host
-        return []
-    try:
-        return [
-            str(pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i)))
-            for i in range(pynvml.nvmlDeviceGetCount())
-        ]
-    finally:
-        pynvml.nvmlShutdown()
-
-
-def environment() -> dict[str, Any]:
-    """The measuring host: Python, package versions, CPU, memory, GPUs."""
-    versions = {}
-    for name in PACKAGES:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            versions[name] = importlib.metadata.version(name)
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "packages": versions,
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpus_available": sorted(os.sched_getaffinity(0)),
-        "memory_total_bytes": psutil.virtual_memory().total,
-        "gpus": _nvml_gpus(),
-    }
-
-
 def run_comparison(opts: Options, command: Sequence[str] = ()) -> dict[str, Any]:
-    """Measure both servers with identical scenarios; the results document that ``report`` renders."""
+    """Measure every arm with identical scenarios; the results document that ``report`` renders.
+
+    Raises ``ComparisonRefused`` (before any measurement) when the servers' settings differ.
+    """
+    arms, groups = plan_arms(opts)
     out = opts.out or Path("reports") / f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -717,30 +704,36 @@ def run_comparison(opts: Options, command: Sequence[str] = ()) -> dict[str, Any]
     if opts.remote:
         server_cpus = None  # not ours to pin; Locust and the runner still keep to their half
     started = time.time()
-    servers: dict[str, dict[str, Any]] = {
-        framework: {"starts": [], "steps": [], "rates": list(opts.rates)} for framework in FRAMEWORKS
-    }
-    progress(
-        f"comparing {' vs '.join(FRAMEWORKS)} on {opts.model}: {len(opts.concurrency)} concurrencies + "
-        f"{len(opts.rates or opts.rate_fractions)} rates x {opts.repeats} repeats, "
-        f"{opts.warmup_seconds:g}+{opts.step_seconds:g} s per step; "
-        f"server cpus {server_cpus}, locust cpus {generator_cpus}"
-    )
+    records = {arm.name: _record(arm) for arm in arms}
+    order: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
+    closed = [Scenario("closed", users) for users in opts.concurrency]
+    progress(
+        f"comparing {', '.join(arm.name for arm in arms)} on {opts.model}: {len(closed)} concurrencies + "
+        f"{len(opts.rates) or len(opts.rate_fractions) + (opts.overload > 0)} rates x {opts.repeats} repeats, "
+        f"{opts.warmup_seconds:g}+{opts.step_seconds:g} s per step; server cpus {server_cpus}, "
+        f"locust cpus {generator_cpus}"
+    )
     with tempfile.TemporaryDirectory(prefix="compare-") as tmp, _runner_pinned(generator_cpus):
-        for repeat in range(opts.repeats):
-            for framework in FRAMEWORKS:
-                record = servers[framework]
-                try:
-                    with _server(framework, opts, server_cpus, logs, repeat) as (endpoint, start):
-                        record["starts"].append(start)
-                        record.setdefault("target", endpoint.target)
-                        record.setdefault("metrics_url", endpoint.metrics_url)
-                        record.setdefault("model_config", endpoint.describe())
-                        sweep(endpoint, record, opts, repeat, cpus=generator_cpus, workdir=Path(tmp), logs=logs)
-                except (ServerStartError, RuntimeError, grpc.RpcError, grpc.FutureTimeoutError) as err:
-                    failures.append({"server": framework, "repeat": repeat, "error": str(err)})
-                    progress(f"{framework} r{repeat + 1}/{opts.repeats}: FAILED, going on: {err}")
+        run = Run(opts, Path(tmp), logs, server_cpus, generator_cpus)
+        model_dirs = {arm.name: Path(tmp) / "models" / arm.name for arm in arms if arm.kind == "local"}
+        prepare(run, arms, records, model_dirs)
+        check_fairness(opts, groups, records)
+        phase(run, arms, records, "closed", closed, model_dirs, order, failures)
+        if opts.rates:
+            grid: dict[str, Any] = {"rates": sorted(opts.rates), "fixed": True}
+        else:
+            compared = [arm for arm in arms if arm.framework is not None] or arms
+            grid = rate_grid({arm.name: records[arm.name]["steps"] for arm in compared},
+                             opts.rate_fractions, opts.overload)  # fmt: skip
+            grid |= {"fixed": False, "fractions": opts.rate_fractions, "overload": opts.overload}
+        progress(f"open-loop rates for every server: {grid['rates']} req/s")
+        if not grid["rates"]:
+            error = "no closed-loop step measured: no peak to build the open-loop grid from"
+            failures.append({"server": "all", "phase": "open", "repeat": 0, "error": error})
+        if grid["rates"]:
+            opened = [Scenario("open", rate) for rate in grid["rates"]]
+            phase(run, arms, records, "open", opened, model_dirs, order, failures)
     settings = {
         key: str(value) if isinstance(value, Path) else value for key, value in dataclasses.asdict(opts).items()
     }
@@ -758,7 +751,7 @@ def run_comparison(opts: Options, command: Sequence[str] = ()) -> dict[str, Any]
             "reference_concurrency": opts.reference_concurrency,
             "pinning": {"mode": opts.cpu_split, "server_cpus": server_cpus, "generator_cpus": generator_cpus},
             "limits": {
-                "generator_cpu_pct": GENERATOR_CPU_LIMIT * 100,
+                "generator_cpu_pct_per_core": GENERATOR_CPU_LIMIT * 100,
                 "other_cpu_pct": OTHER_CPU_LIMIT * 100,
                 "send_lag_p99_ms": SEND_LAG_LIMIT_MS,
                 "error_rate": ERROR_RATE_LIMIT,
@@ -766,9 +759,14 @@ def run_comparison(opts: Options, command: Sequence[str] = ()) -> dict[str, Any]
             },
             "sample_interval_s": SAMPLE_INTERVAL_S,
             "tail_s": TAIL_S,
+            "latency_note": LATENCY_NOTE,
+            "decision_rule": DECISION_RULE,
         },
         "environment": environment(),
-        "servers": servers,
+        "servers": records,
+        "variants": groups,
+        "grid": grid,
+        "order": order,
         "failures": failures,
     }
 
@@ -782,28 +780,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     arg = parser.add_argument
     arg("--model", default=defaults.model, help="zoo model served by both (default: %(default)s)")
     arg("--concurrency", default="1,4,16,32", help="closed-loop users per step, comma-separated (default: %(default)s)")
-    arg("--rates", default="", help="open-loop arrival rates, req/s, comma-separated (default: from --rate-fractions)")
-    arg("--rate-fractions", default="0.25,0.5,0.9,1.2", help="open-loop rates as fractions of each server's peak "
-        "closed-loop throughput, when --rates is not given (default: %(default)s)")  # fmt: skip
+    arg("--rates", default="", help="open-loop arrival rates, req/s, comma-separated (default: the grid below)")
+    arg("--rate-fractions", default="0.25,0.5,0.9", help="open-loop rates as fractions of the LOWER valid "
+        "closed-loop peak of the two servers, the same rates for both (default: %(default)s)")  # fmt: skip
+    arg("--overload", type=float, default=defaults.overload,
+        help="one more open-loop rate at this multiple of the HIGHER peak; 0: none (default: %(default)s)")  # fmt: skip
     arg("--arrival", choices=["poisson", "fixed"], default=defaults.arrival, help="open-loop arrivals (%(default)s)")
     arg("--arrival-users", type=int, default=defaults.arrival_users,
         help="open-loop streams the rate is split over (default: %(default)s)")  # fmt: skip
     arg("--step-seconds", type=float, default=defaults.step_seconds, help="measured window per step (%(default)s)")
     arg("--warmup-seconds", type=float, default=defaults.warmup_seconds,
         help="discarded load before each window (%(default)s)")  # fmt: skip
-    arg("--repeats", type=int, default=defaults.repeats, help="repeats of everything, for the spread (%(default)s)")
+    arg("--repeats", type=int, default=defaults.repeats,
+        help="repeats of each phase, in ABBA order; a winner needs >= 3 (default: %(default)s)")  # fmt: skip
     arg("--slo-ms", type=float, default=defaults.slo_ms, help="p99 latency objective, ms (%(default)s)")
     arg("--batch-size", type=int, default=defaults.batch_size, help="rows per request (%(default)s)")
     arg("--deadline-ms", type=float, default=defaults.deadline_ms,
         help="per-request deadline; open loop: from the scheduled send time (%(default)s)")  # fmt: skip
     arg("--encoding", choices=["raw", "typed"], default=defaults.encoding, help="request tensors (%(default)s)")
-    arg("--threads", type=int, default=defaults.threads, help="--threads of both servers (%(default)s)")
-    arg("--server-arg", action="append", default=[], dest="server_args", metavar="ARG",
-        help="extra flag for both servers, repeatable (e.g. --server-arg=--max-batch-size=16)")  # fmt: skip
+    servers = parser.add_argument_group("server settings, passed explicitly and identically to both servers")
+    servers.add_argument("--device", default=defaults.device, help="(%(default)s)")
+    servers.add_argument("--threads", type=int, default=defaults.threads, help="intra-op threads (%(default)s)")
+    servers.add_argument("--precision", default=defaults.precision, help="fp32, tf32, bf16, fp16 (%(default)s)")
+    servers.add_argument("--compile", default=defaults.compile, help="off or on (%(default)s)")
+    servers.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size, help="(%(default)s)")
+    servers.add_argument("--dynamic-batching", action=argparse.BooleanOptionalAction, default=True, help="(on)")
+    servers.add_argument("--max-queue-delay-us", type=int, default=defaults.max_queue_delay_us, help="(%(default)s)")
+    servers.add_argument("--max-queue-size", type=int, default=defaults.max_queue_size, help="(%(default)s)")
+    servers.add_argument("--instances", type=int, default=defaults.instances, help="(%(default)s)")
+    servers.add_argument("--grpc-threads", type=int, default=defaults.grpc_threads, help="(%(default)s)")
+    servers.add_argument("--server-arg", action="append", default=[], dest="server_args", metavar="ARG",
+                         help="any other flag for both servers, repeatable (--server-arg=--model-arg=...)")  # fmt: skip
+    servers.add_argument("--matrix", nargs="+", default=[], metavar="KEY=V1,V2",
+                         help=f"measure every combination, one report (keys: {', '.join(MATRIX_KEYS)}); e.g. "
+                         "--matrix precision=fp32,bf16 compile=off,on")  # fmt: skip
+    arg("--target", action="append", default=[], dest="targets", metavar="NAME=HOST:PORT",
+        help="a running OIP server measured beside the two: reference rows (repeatable; ,METRICS_URL)")  # fmt: skip
     arg("--torch-target", help="HOST:PORT of a running torch_server (with --tf-target: start nothing)")
     arg("--tf-target", help="HOST:PORT of a running tf_server")
     arg("--torch-metrics", help="metrics URL of the running torch_server")
     arg("--tf-metrics", help="metrics URL of the running tf_server")
+    arg("--locust-processes", default=defaults.locust_processes,
+        help="Locust processes per step: a number, or auto (more when one would need over "
+        f"{PROCESS_CPU_BUDGET:.0%} of a core, at most one per generator core) (default: %(default)s)")  # fmt: skip
     arg("--out", type=Path, help="report folder (default: reports/<timestamp>)")
     arg("--cpu-split", choices=["auto", "none"], default=defaults.cpu_split,
         help="auto: pin the server to the first half of the cores and Locust to the rest (%(default)s)")  # fmt: skip
@@ -813,8 +832,9 @@ def options_from(args: argparse.Namespace) -> Options:
     """Validated ``Options`` from parsed flags; ``ValueError`` on bad combinations."""
     if bool(args.torch_target) != bool(args.tf_target):
         raise ValueError("--torch-target and --tf-target go together")
+    fields = {f.name for f in dataclasses.fields(Options)}
     opts = Options(
-        **{key: value for key, value in vars(args).items() if key in {f.name for f in dataclasses.fields(Options)}}
+        **{key: value for key, value in vars(args).items() if key in fields}
         | {
             "concurrency": parse_list(args.concurrency, int),
             "rates": parse_list(args.rates, float),
@@ -825,6 +845,11 @@ def options_from(args: argparse.Namespace) -> Options:
         raise ValueError("--concurrency needs positive user counts")
     if opts.repeats < 1 or opts.step_seconds <= 0 or opts.warmup_seconds < 0:
         raise ValueError("--repeats >= 1, --step-seconds > 0 and --warmup-seconds >= 0 are required")
+    if opts.locust_processes != "auto" and not (opts.locust_processes.isdigit() and int(opts.locust_processes) > 0):
+        raise ValueError("--locust-processes: a positive number or auto")
+    if opts.matrix and opts.remote:
+        raise ValueError("--matrix starts the servers itself: not with --torch-target/--tf-target")
+    plan_arms(opts)  # validates --matrix and --target
     return opts
 
 
@@ -837,7 +862,14 @@ def main(args: argparse.Namespace, argv: Sequence[str]) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    results = run_comparison(opts, ["python", "-m", "loadtest", *argv])
+    try:
+        results = run_comparison(opts, ["python", "-m", "loadtest", *argv])
+    except ComparisonRefused as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    except ServerStartError as err:
+        print(f"error: a server did not start while preparing the comparison: {err}", file=sys.stderr)
+        return 3
     out = Path(results["meta"]["out"])
     write_report(results, out)
     progress(f"report: {out / 'report.html'} (also report.md, results.json, *.png)")

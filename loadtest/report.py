@@ -2,11 +2,12 @@
 
 Everything is derived from the results document ``loadtest.compare`` builds, so a
 report can be re-rendered from its results.json (``python -m loadtest report``).
-Figures are means over the valid repeats with their min-max range; invalid steps
-are listed with their reasons and left out of the verdict. A verdict row says which server wins one
-characteristic, by how much (relative to the loser), and whether that difference
-exceeds the run-to-run spread (the larger of the two servers' max-min ranges over
-repeats; "n/a" with a single repeat).
+Figures are means over the valid repeats with their min-max range; invalid steps are
+listed with their reasons and left out of the verdict and of every resource figure.
+A verdict row (one table per settings variant) gives each server's mean, the leader's
+margin (relative to the other), and a winner only when the difference is beyond noise
+by ``loadtest.stats.DECISION_RULE``; otherwise it says "no difference beyond noise".
+Reference servers (``--target``) get rows in the tables and plots, not in the verdict.
 """
 
 from __future__ import annotations
@@ -29,14 +30,18 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-COLORS = {"torch": "#e4572e", "tensorflow": "#2e86de"}
-LABELS = {"torch": "torch_server", "tensorflow": "tf_server"}
+from loadtest.stats import decide
+
+#: Line colours of the two frameworks (variants of a matrix get lighter and darker shades).
+FRAMEWORK_COLORS = {"torch": ["#e4572e", "#a33a1b", "#f29479", "#6e2410"], "tensorflow": ["#2e86de", "#1b5a9c",
+                    "#7fb3eb", "#0f3866"]}  # fmt: skip
+REFERENCE_COLORS = ["#555555", "#3aa655", "#8e44ad", "#b8860b"]
 PERCENTILE_STYLES = {"p50": ":", "p90": "--", "p99": "-"}
 MIB = 2**20
 NUMBER_LIST = re.compile(r"\[[-+.\deE,\s]*\]")
 
 Step = dict[str, Any]
-#: A characteristic's values for one server (one per repeat that gave one) and where they were measured.
+#: A characteristic's values for one server (one per repeat or start that gave one) and where they were measured.
 Reading = tuple[list[float], str]
 Reader = Callable[[dict[str, Any], dict[str, Any]], Reading]
 
@@ -143,11 +148,13 @@ def _start_figure(key: str, scale: float = 1.0) -> Reader:
 
 
 def _memory_under_load(server: dict[str, Any], settings: dict[str, Any]) -> Reading:
-    per_repeat: dict[int, float] = {}
+    """Per (phase, repeat): the largest RSS sampled inside the windows of its valid steps."""
+    per_run: dict[tuple[str, int], float] = {}
     for step in server["steps"]:
-        if (rss := figure(step, "server_rss_bytes.max")) is not None:
-            per_repeat[step["repeat"]] = max(per_repeat.get(step["repeat"], 0.0), rss / MIB)
-    return list(per_repeat.values()), ""
+        if step["valid"] and (rss := figure(step, "server_rss_bytes.max")) is not None:
+            key = (step.get("phase", ""), step["repeat"])
+            per_run[key] = max(per_run.get(key, 0.0), rss / MIB)
+    return list(per_run.values()), ""
 
 
 @dataclass
@@ -174,53 +181,65 @@ def characteristics(settings: dict[str, Any]) -> list[Characteristic]:
     ]
 
 
-def decide(values: dict[str, list[float]], higher_is_better: bool) -> dict[str, Any]:
-    """Winner, margin (% relative to the loser) and whether the gap exceeds the repeats' spread."""
-    (a, a_values), (b, b_values) = values.items()
-    if not a_values or not b_values:
-        return {"winner": None, "margin_pct": None, "exceeds_spread": None}
-    mean_a, mean_b = statistics.fmean(a_values), statistics.fmean(b_values)
-    gap = abs(mean_a - mean_b)
-    spread = max(max(a_values) - min(a_values), max(b_values) - min(b_values))
-    exceeds = gap > spread if min(len(a_values), len(b_values)) > 1 else None
-    if gap == 0:
-        return {"winner": "tie", "margin_pct": 0.0, "exceeds_spread": exceeds}
-    winner = a if (mean_a > mean_b) == higher_is_better else b
-    loser_mean = mean_b if winner == a else mean_a
-    margin = gap / abs(loser_mean) * 100.0 if loser_mean else None
-    return {"winner": winner, "margin_pct": margin, "exceeds_spread": exceeds}
+def _groups(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The compared pairs: ``results['variants']``, or torch vs tensorflow in an older results document."""
+    return results.get("variants") or [
+        {"name": "as set", "values": {}, "arms": {fw: fw for fw in ("torch", "tensorflow") if fw in results["servers"]}}
+    ]
 
 
 def verdict(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per characteristic: each server's values (over repeats), means, winner, margin, significance."""
+    """Per variant and characteristic: each server's values and mean, the leader, margin, and the decision."""
     settings, servers = results["settings"], results["servers"]
     rows = []
-    for item in characteristics(settings):
-        readings = {framework: item.read(server, settings) for framework, server in servers.items()}
-        values = {framework: reading[0] for framework, reading in readings.items()}
-        rows.append(
-            {
-                "characteristic": item.name,
-                "unit": item.unit,
-                "better": "higher" if item.higher_is_better else "lower",
-                "values": values,
-                "where": {framework: reading[1] for framework, reading in readings.items()},
-                "means": {fw: statistics.fmean(v) if v else None for fw, v in values.items()},
-                **decide(values, item.higher_is_better),
-            }
-        )
+    for group in _groups(results):
+        names = list(group["arms"].values())
+        if len(names) != 2:
+            continue
+        for item in characteristics(settings):
+            readings = {name: item.read(servers[name], settings) for name in names}
+            values = {name: reading[0] for name, reading in readings.items()}
+            rows.append(
+                {
+                    "variant": group["name"],
+                    "characteristic": item.name,
+                    "unit": item.unit,
+                    "better": "higher" if item.higher_is_better else "lower",
+                    "values": values,
+                    "where": {name: reading[1] for name, reading in readings.items()},
+                    "means": {name: statistics.fmean(v) if v else None for name, v in values.items()},
+                    **decide(values, item.higher_is_better),
+                }
+            )
     return rows
 
 
 # ---------------------------------------------------------------- plots
 
 
-def _errorbar(ax: Axes, framework: str, points: Sequence[Point], style: str = "-", label: str | None = None) -> None:
+def _label(results: dict[str, Any], name: str) -> str:
+    server = results["servers"].get(name, {})
+    return str(server.get("label") or {"torch": "torch_server", "tensorflow": "tf_server"}.get(name, name))
+
+
+def colors(results: dict[str, Any]) -> dict[str, str]:
+    """One colour per server: shades of orange for torch, of blue for tensorflow, others for references."""
+    counts: dict[str, int] = {}
+    chosen = {}
+    for name, server in results["servers"].items():
+        framework = server.get("framework", name if name in FRAMEWORK_COLORS else None)
+        palette = FRAMEWORK_COLORS.get(framework or "", REFERENCE_COLORS)
+        key = framework or "reference"
+        chosen[name] = palette[counts.get(key, 0) % len(palette)]
+        counts[key] = counts.get(key, 0) + 1
+    return chosen
+
+
+def _errorbar(ax: Axes, color: str, label: str, points: Sequence[Point], style: str = "-") -> None:
     if not points:
         return
-    color = COLORS[framework]
     xs = [p.x for p in points]
-    ax.plot(xs, [p.mean for p in points], style, color=color, label=label or LABELS[framework])
+    ax.plot(xs, [p.mean for p in points], style, color=color, label=label)
     ax.errorbar(
         xs,
         [p.mean for p in points],
@@ -261,10 +280,13 @@ def _concurrency_axis(results: dict[str, Any], ax: Axes) -> None:
 
 
 def _plot_lines(results: dict[str, Any], ax: Axes, mode: str, names: dict[str, str]) -> None:
-    for framework, server in results["servers"].items():
+    palette = colors(results)
+    for server_name, server in results["servers"].items():
         for name, style in names.items():
-            label = LABELS[framework] if len(names) == 1 else f"{LABELS[framework]} {name.rsplit('.', 1)[-1]}"
-            _errorbar(ax, framework, series(server["steps"], mode, name), style, label)
+            label = _label(results, server_name)
+            if len(names) > 1:
+                label += f" {name.rsplit('.', 1)[-1]}"
+            _errorbar(ax, palette[server_name], label, series(server["steps"], mode, name), style)
 
 
 def plot_throughput(results: dict[str, Any], ax: Axes) -> None:
@@ -275,7 +297,7 @@ def plot_throughput(results: dict[str, Any], ax: Axes) -> None:
 
 def plot_latency_concurrency(results: dict[str, Any], ax: Axes) -> None:
     _plot_lines(results, ax, "closed", {f"latency_ms.{q}": s for q, s in PERCENTILE_STYLES.items()})
-    ax.set(ylabel="latency (ms)", title="Latency percentiles vs concurrency")
+    ax.set(ylabel="latency (ms, failures included)", title="Latency percentiles vs concurrency")
     _concurrency_axis(results, ax)
     _log_axis(ax, "y")
 
@@ -284,8 +306,8 @@ def plot_latency_rate(results: dict[str, Any], ax: Axes) -> None:
     _plot_lines(results, ax, "open", {f"latency_ms.{q}": s for q, s in PERCENTILE_STYLES.items()})
     ax.axhline(results["settings"]["slo_ms"], color="grey", linewidth=0.8, linestyle="-.", label="p99 SLO")
     ax.set(
-        xlabel="offered rate (req/s, open loop, from scheduled send)",
-        ylabel="latency (ms)",
+        xlabel="offered rate (req/s, open loop, same rates for every server)",
+        ylabel="latency (ms, from scheduled send, failures included)",
         title="Latency percentiles vs offered load",
     )
     _log_axis(ax, "y")
@@ -293,72 +315,81 @@ def plot_latency_rate(results: dict[str, Any], ax: Axes) -> None:
 
 def plot_distribution(results: dict[str, Any], ax: Axes) -> None:
     ref = results["settings"]["reference_concurrency"]
-    for framework, server in results["servers"].items():
+    palette = colors(results)
+    for name, server in results["servers"].items():
         steps = [s for s in server["steps"] if s["mode"] == "closed" and s["concurrency"] == ref and s["latency_cdf"]]
         steps.sort(key=lambda s: not s["valid"])  # the first valid repeat, else the first one
         if steps:
             ms, fraction = zip(*steps[0]["latency_cdf"], strict=True)
-            label = f"{LABELS[framework]} (repeat {steps[0]['repeat'] + 1}{'' if steps[0]['valid'] else ', invalid'})"
-            ax.plot(ms, fraction, color=COLORS[framework], label=label)
+            note = f"repeat {steps[0]['repeat'] + 1}{'' if steps[0]['valid'] else ', invalid'}"
+            ax.plot(ms, fraction, color=palette[name], label=f"{_label(results, name)} ({note})")
     ax.set(xlabel="latency (ms)", ylabel="fraction of requests ≤ latency", title=f"Latency CDF @ {ref} users")
     _log_axis(ax, "x")
 
 
-def _bars(ax: Axes, groups: Sequence[str], values: dict[str, list[list[float]]], unit: str) -> None:
-    """Grouped bars: for each framework, one bar per group (mean, min-max range)."""
-    width = min(0.3, 0.8 / len(values))
-    for i, (framework, per_group) in enumerate(values.items()):
+def _bars(ax: Axes, groups: Sequence[str], values: dict[str, list[list[float]]], results: dict[str, Any]) -> None:
+    """Grouped bars: for each server, one bar per group (mean, min-max range)."""
+    palette = colors(results)
+    width = min(0.3, 0.8 / max(len(values), 1))
+    for i, (name, per_group) in enumerate(values.items()):
         xs = [g + (i - (len(values) - 1) / 2) * width for g in range(len(groups))]
         means = [statistics.fmean(v) if v else 0.0 for v in per_group]
         low = [m - min(v) if v else 0.0 for m, v in zip(means, per_group, strict=True)]
         high = [max(v) - m if v else 0.0 for m, v in zip(means, per_group, strict=True)]
-        bars = ax.bar(xs, means, width, yerr=[low, high], capsize=3, color=COLORS[framework], label=LABELS[framework])
+        bars = ax.bar(xs, means, width, yerr=[low, high], capsize=3, color=palette[name], label=_label(results, name))
         ax.bar_label(bars, labels=[_num(m) if v else "n/a" for m, v in zip(means, per_group, strict=True)], fontsize=8)
     ax.set_xticks(range(len(groups)), groups)
     ax.set_xlim(-0.6, len(groups) - 0.4)
-    ax.set_ylabel(unit)
 
 
-def _verdict_values(results: dict[str, Any], prefix: str) -> dict[str, list[float]]:
-    row = next(r for r in results["verdict"] if r["characteristic"].startswith(prefix))
-    return row["values"]
+def _per_server(results: dict[str, Any], read: Reader) -> dict[str, list[float]]:
+    return {name: read(server, results["settings"])[0] for name, server in results["servers"].items()}
 
 
 def plot_slo(results: dict[str, Any], ax: Axes) -> None:
-    values = _verdict_values(results, "max throughput with p99")
-    _bars(ax, ["max throughput under the SLO"], {fw: [v] for fw, v in values.items()}, "successful requests/s")
+    values = _per_server(results, _slo_throughput)
+    _bars(ax, ["max throughput under the SLO"], {name: [v] for name, v in values.items()}, results)
+    ax.set_ylabel("successful requests/s")
     ax.set_title(f"Max throughput with p99 ≤ {results['settings']['slo_ms']:g} ms (valid steps, both loops)")
 
 
 def plot_cold_start_memory(results: dict[str, Any], fig: Figure) -> None:
     left, right = fig.subplots(1, 2)
-    cold = _verdict_values(results, "cold start")
-    left.set_title("Cold start: spawn to SERVING")
-    if any(cold.values()):
-        _bars(left, ["cold start"], {fw: [v] for fw, v in cold.items()}, "seconds")
+    cold = _per_server(results, _start_figure("cold_start_s"))
+    left.set_title("Cold start: spawn to SERVING (artifacts exported)")
+    started = {name: values for name, values in cold.items() if values}
+    if started:
+        _bars(left, ["cold start"], {name: [v] for name, v in started.items()}, results)
+        left.set_ylabel("seconds")
     else:
         left.set_axis_off()
         left.text(0.5, 0.5, "not measured:\nthe servers were already running", ha="center", transform=left.transAxes)
-    idle, load = _verdict_values(results, "idle memory"), _verdict_values(results, "memory under load")
-    _bars(right, ["idle", "under load (max)"], {fw: [idle[fw], load[fw]] for fw in idle}, "RSS (MiB)")
+    idle = _per_server(results, _start_figure("idle_rss_bytes", MIB))
+    load = _per_server(results, _memory_under_load)
+    _bars(right, ["idle", "under load (max)"], {name: [idle[name], load[name]] for name in idle}, results)
+    right.set_ylabel("RSS (MiB)")
     right.set_title("Server memory")
-    fig.legend(*right.get_legend_handles_labels(), loc="outside lower center", ncols=2)
+    fig.legend(*right.get_legend_handles_labels(), loc="outside lower center", ncols=min(4, len(idle)))
 
 
 def plot_queue_compute(results: dict[str, Any], ax: Axes) -> None:
-    frameworks = list(results["servers"])
-    width = 0.8 / len(frameworks)
+    palette = colors(results)
+    names = list(results["servers"])
+    width = 0.8 / max(len(names), 1)
     concurrencies: list[float] = []
-    for i, framework in enumerate(frameworks):
-        steps = results["servers"][framework]["steps"]
+    for i, name in enumerate(names):
+        steps = results["servers"][name]["steps"]
         queue = series(steps, "closed", "server_metrics.queue_ms_mean")
         compute = {p.x: p.mean for p in series(steps, "closed", "server_metrics.compute_ms_mean")}
+        if not queue:
+            continue
         concurrencies = concurrencies or [p.x for p in queue]
-        xs = [k + (i - (len(frameworks) - 1) / 2) * width for k in range(len(queue))]
+        xs = [k + (i - (len(names) - 1) / 2) * width for k in range(len(queue))]
         heights = [compute.get(p.x, 0.0) for p in queue]
-        ax.bar(xs, heights, width, color=COLORS[framework], label=f"{LABELS[framework]} compute")
-        ax.bar(xs, [p.mean for p in queue], width, bottom=heights, color=COLORS[framework], alpha=0.45,
-               hatch="//", label=f"{LABELS[framework]} queue")  # fmt: skip
+        label = _label(results, name)
+        ax.bar(xs, heights, width, color=palette[name], label=f"{label} compute")
+        ax.bar(xs, [p.mean for p in queue], width, bottom=heights, color=palette[name], alpha=0.45,
+               hatch="//", label=f"{label} queue")  # fmt: skip
     ax.set_xticks(range(len(concurrencies)), [f"{c:g}" for c in concurrencies])
     ax.set(xlabel="concurrent users (closed loop)", ylabel="mean time (ms)", title="Server time: queue wait + compute")
 
@@ -416,44 +447,75 @@ def _ranged(points: dict[float, Point], x: float, digits: int = 3) -> str:
     return _num(point.mean, digits)
 
 
-def _verdict_cell(row: dict[str, Any], framework: str) -> str:
-    """Mean, the number of values behind it, and where it was measured (``1983 (n=2, @ 32 users)``)."""
-    values, where = row["values"][framework], row["where"][framework]
+def _verdict_cell(row: dict[str, Any], name: str) -> str:
+    """Mean, the number of values behind it, and where it was measured (``1983 (n=3, @ 32 users)``)."""
+    values, where = row["values"][name], row["where"][name]
     if not values:
         return "n/a"
     details = ", ".join(filter(None, [f"n={len(values)}", where and f"@ {where}"]))
-    return f"{_num(row['means'][framework], 4)} ({details})"
+    return f"{_num(row['means'][name], 4)} ({details})"
 
 
-def verdict_table(rows: Sequence[dict[str, Any]]) -> Table:
-    frameworks = list(rows[0]["means"]) if rows else []
+def verdict_tables(results: dict[str, Any]) -> list[tuple[str, Table]]:
+    """One verdict table per variant: characteristic, each server, the difference, the verdict."""
+    tables = []
+    for group in _groups(results):
+        rows = [row for row in results["verdict"] if row["variant"] == group["name"]]
+        if not rows:
+            continue
+        names = list(rows[0]["values"])
+        body = []
+        for row in rows:
+            leader, margin = row["leader"], row["margin_pct"]
+            difference = "none" if margin == 0 else "n/a"
+            if leader is not None:
+                difference = f"{_label(results, leader)} by {'∞' if margin is None else f'{margin:.1f}%'}"
+            if row["winner"] is not None:
+                decided = f"{_label(results, row['winner'])} better (ranges apart; p = {row['p_value']:.2g})"
+            elif row["p_value"] is not None:
+                decided = f"{row['verdict']} (ranges overlap)"
+            else:
+                decided = row["verdict"]
+            body.append(
+                [
+                    f"{row['characteristic']} ({row['unit']}, {row['better']} is better)",
+                    *(_verdict_cell(row, name) for name in names),
+                    difference,
+                    decided,
+                ]
+            )
+        head = ["characteristic", *(_label(results, name) for name in names), "difference of means", "verdict"]
+        title = "Verdict" if len(_groups(results)) == 1 else f"Verdict: {group['name']}"
+        tables.append((title, (head, body)))
+    return tables
+
+
+def summary_table(results: dict[str, Any]) -> Table:
+    """A row per server (each variant, each reference): the verdict's characteristics side by side."""
+    settings = results["settings"]
+    items = characteristics(settings)
     body = []
-    for row in rows:
-        winner = row["winner"]
-        margin = row["margin_pct"]
-        body.append(
-            [
-                f"{row['characteristic']} ({row['unit']}, {row['better']} is better)",
-                *(_verdict_cell(row, fw) for fw in frameworks),
-                "n/a" if winner is None else LABELS.get(winner, winner),
-                "n/a" if winner is None else ("∞" if margin is None else f"{margin:.1f}%"),
-                {True: "yes", False: "no", None: "n/a"}[row["exceeds_spread"]],
-            ]
-        )
-    return ["characteristic", *(LABELS[fw] for fw in frameworks), "winner", "margin", "beyond run-to-run spread"], body
+    for name, server in results["servers"].items():
+        cells = []
+        for item in items:
+            values, _ = item.read(server, settings)
+            cells.append(f"{_num(statistics.fmean(values), 4)} (n={len(values)})" if values else "n/a")
+        body.append([_label(results, name), *cells])
+    return ["server", *(f"{item.name} ({item.unit})" for item in items)], body
 
 
 STEP_COLUMNS = {
     "throughput (req/s)": "throughput_rps",
+    "error rate": "error_rate",
     "p50 (ms)": "latency_ms.p50",
     "p90 (ms)": "latency_ms.p90",
     "p99 (ms)": "latency_ms.p99",
     "p99.9 (ms)": "latency_ms.p99.9",
     "max (ms)": "latency_ms.max",
-    "errors": "errors",
     "server CPU %": "server_cpu_pct.mean",
     "server RSS max (MiB)": "server_rss_bytes.max",
     "generator CPU %": "generator_cpu_pct.mean",
+    "generator µs/req": "generator_us_per_request",
     "other CPU %": "other_cpu_pct.mean",
     "queue (ms)": "server_metrics.queue_ms_mean",
     "compute (ms)": "server_metrics.compute_ms_mean",
@@ -462,45 +524,63 @@ STEP_COLUMNS = {
 OPEN_LOOP_COLUMNS = {"sent (req/s)": "sent_rps", "send lag p99 (ms)": "send_lag_ms.p99"}
 
 
+def _error_rate(point: Point | None) -> str:
+    if point is None:
+        return "n/a"
+    if point.high - point.low > 0:
+        return f"{point.mean:.2%} ({point.low:.2%}–{point.high:.2%})"
+    return f"{point.mean:.2%}"
+
+
 def step_table(results: dict[str, Any], mode: str) -> Table:
-    """Every scenario of ``mode`` for both servers: mean (range) over repeats, and how many repeats were valid."""
+    """Every scenario of ``mode`` for every server: mean (range) over repeats, and how many repeats were valid."""
     first = "users" if mode == "closed" else "offered (req/s)"
     paths = STEP_COLUMNS if mode == "closed" else STEP_COLUMNS | OPEN_LOOP_COLUMNS
     head = ["server", first, *paths, "valid"]
     body = []
-    for framework, server in results["servers"].items():
+    for name, server in results["servers"].items():
         steps = [s for s in server["steps"] if s["mode"] == mode]
-        columns = {name: {p.x: p for p in series(steps, mode, path)} for name, path in paths.items()}
-        if columns["server RSS max (MiB)"]:
-            columns["server RSS max (MiB)"] = {
-                x: Point(x, p.mean / MIB, p.low / MIB, p.high / MIB, p.valid)
-                for x, p in columns["server RSS max (MiB)"].items()
-            }
+        columns = {column: {p.x: p for p in series(steps, mode, path)} for column, path in paths.items()}
+        columns["server RSS max (MiB)"] = {
+            x: Point(x, p.mean / MIB, p.low / MIB, p.high / MIB, p.valid)
+            for x, p in columns["server RSS max (MiB)"].items()
+        }
         for x in sorted({_x(s) for s in steps}):
             group = [s for s in steps if _x(s) == x]
             valid = f"{sum(s['valid'] for s in group)}/{len(group)}"
-            body.append([LABELS[framework], f"{x:g}", *(_ranged(columns[n], x) for n in paths), valid])
+            cells = [
+                _error_rate(columns[column].get(x)) if column == "error rate" else _ranged(columns[column], x)
+                for column in paths
+            ]
+            body.append([_label(results, name), f"{x:g}", *cells, valid])
     return head, body
 
 
 def server_table(results: dict[str, Any]) -> Table:
-    head = ["server", "target", "framework version", "device", "threads", "max batch", "dynamic batching",
-            "cold start (s)", "idle RSS (MiB)"]  # fmt: skip
+    head = ["server", "target", "framework version", "device", "threads", "precision", "compile", "max batch",
+            "dynamic batching", "first start, exporting (s)", "cold starts (s)", "idle RSS (MiB)"]  # fmt: skip
     body = []
-    for framework, server in results["servers"].items():
-        config = server.get("model_config", {})
+    for name, server in results["servers"].items():
+        config = server.get("model_config") or {}
         params = config.get("parameters", {})
-        cold = [s["cold_start_s"] for s in server["starts"] if s["cold_start_s"] is not None]
-        idle = [s["idle_rss_bytes"] / MIB for s in server["starts"] if s["idle_rss_bytes"] is not None]
+        cold = [s["cold_start_s"] for s in server["starts"] if s.get("cold_start_s") is not None]
+        idle = [s["idle_rss_bytes"] / MIB for s in server["starts"] if s.get("idle_rss_bytes") is not None]
+        prepared = server.get("prepare") or {}
+        first = prepared.get("first_start_s")
+        export = prepared.get("export_s")
+        first_cell = "n/a" if first is None else f"{first:.2f}" + ("" if export is None else f" (export {export:.2f})")
         body.append(
             [
-                LABELS[framework],
-                server.get("target", "n/a"),
+                _label(results, name),
+                str(server.get("target") or "n/a"),
                 params.get("framework_version", "n/a"),
                 params.get("device", "n/a"),
                 params.get("threads", "n/a"),
+                params.get("precision", "n/a"),
+                params.get("compile", "n/a"),
                 str(config.get("max_batch_size", "n/a")),
                 json.dumps(config.get("dynamic_batching")),
+                first_cell,
                 ", ".join(f"{c:.2f}" for c in cold) or "n/a",
                 ", ".join(f"{m:.0f}" for m in idle) or "n/a",
             ]
@@ -509,18 +589,44 @@ def server_table(results: dict[str, Any]) -> Table:
 
 
 def invalid_table(results: dict[str, Any]) -> Table:
-    body = [
-        [LABELS[fw], str(s["repeat"] + 1), s["mode"], f"{_x(s):g}", "; ".join(s["invalid_reasons"])]
-        for fw, server in results["servers"].items()
-        for s in server["steps"]
-        if not s["valid"]
-    ]
-    return ["server", "repeat", "loop", "users / rate", "reasons"], body
+    body = []
+    for name, server in results["servers"].items():
+        for s in server["steps"]:
+            if not s["valid"]:
+                where = [s.get("phase", ""), str(s["repeat"] + 1), s["mode"], f"{_x(s):g}"]
+                body.append([_label(results, name), *where, "; ".join(s["invalid_reasons"])])
+    return ["server", "phase", "repeat", "loop", "users / rate", "reasons"], body
 
 
 def failure_table(results: dict[str, Any]) -> Table:
-    body = [[LABELS[f["server"]], str(f["repeat"] + 1), f["error"]] for f in results.get("failures", [])]
-    return ["server", "repeat", "error"], body
+    body = [
+        [_label(results, f["server"]), f.get("phase", ""), str(f["repeat"] + 1), f["error"]]
+        for f in results.get("failures", [])
+    ]
+    return ["server", "phase", "repeat", "error"], body
+
+
+def _grid_text(results: dict[str, Any]) -> str:
+    grid = results.get("grid") or {}
+    rates = ", ".join(f"{r:g}" for r in grid.get("rates", [])) or "none"
+    if grid.get("fixed", True):
+        return f"{rates} (given)"
+    peaks = "; ".join(f"{_label(results, n)} {_num(p)}" for n, p in grid.get("peaks", {}).items())
+    if grid.get("invalid_peaks"):
+        peaks += " (from INVALID steps, none valid: " + ", ".join(_label(results, n) for n in grid["invalid_peaks"])
+        peaks += ")"
+    return (
+        f"{rates}: {', '.join(f'{f:g}' for f in grid['fractions'])} x the lower valid closed-loop peak "
+        f"({_num(grid['lower_peak_rps'])}) and {grid['overload']:g} x the higher ({_num(grid['higher_peak_rps'])}); "
+        f"peaks: {peaks}"
+    )
+
+
+def _order_text(results: dict[str, Any]) -> str:
+    runs: dict[tuple[str, int], list[str]] = {}
+    for entry in results.get("order", []):
+        runs.setdefault((entry["phase"], entry["repeat"]), []).append(_label(results, entry["arm"]))
+    return "; ".join(f"{phase} r{repeat + 1}: {', '.join(names)}" for (phase, repeat), names in runs.items())
 
 
 def settings_table(results: dict[str, Any]) -> Table:
@@ -528,12 +634,12 @@ def settings_table(results: dict[str, Any]) -> Table:
     rows = {
         "model": settings["model"],
         "server flags (both)": " ".join(settings["server_args_for_all"]),
+        "matrix": " ".join(settings.get("matrix") or []) or "none",
         "mode": settings["mode"],
         "pinning": json.dumps(settings["pinning"]),
         "closed loop users": ", ".join(map(str, settings["concurrency"])),
-        "open loop rates (req/s)": "; ".join(
-            f"{LABELS[fw]}: {', '.join(f'{r:g}' for r in s['rates'])}" for fw, s in results["servers"].items()
-        ),
+        "open loop rates (req/s, every server)": _grid_text(results),
+        "run order (ABBA)": _order_text(results),
         "arrivals": f"{settings['arrival']} over {settings['arrival_users']} streams",
         "request deadline": f"{settings['deadline_ms']:g} ms",
         "window / warm-up per step": f"{settings['step_seconds']:g} s / {settings['warmup_seconds']:g} s",
@@ -541,6 +647,8 @@ def settings_table(results: dict[str, Any]) -> Table:
         "batch size / encoding": f"{settings['batch_size']} / {settings['encoding']}",
         "p99 SLO": f"{settings['slo_ms']:g} ms",
         "validity limits": json.dumps(settings["limits"]),
+        "latency": settings.get("latency_note", ""),
+        "verdict rule": settings.get("decision_rule", ""),
         "CPU": f"{env['cpu_model']} ({env['cpu_count']} logical cores)",
         "GPUs": ", ".join(env["gpus"]) or "none",
         "Python / packages": f"{env['python']}; " + ", ".join(f"{k} {v}" for k, v in env["packages"].items()),
@@ -552,25 +660,32 @@ def settings_table(results: dict[str, Any]) -> Table:
 
 def sections(results: dict[str, Any]) -> list[tuple[str, Table]]:
     return [
-        ("Verdict", verdict_table(results["verdict"])),
+        *verdict_tables(results),
+        ("Every server", summary_table(results)),
         ("Servers", server_table(results)),
         ("Closed loop (concurrency sweep)", step_table(results, "closed")),
-        ("Open loop (arrival-rate sweep)", step_table(results, "open")),
+        ("Open loop (arrival-rate sweep, the same rates for every server)", step_table(results, "open")),
         ("Invalid steps", invalid_table(results)),
-        ("Failed repeats", failure_table(results)),
+        ("Failed runs", failure_table(results)),
         ("Settings and environment", settings_table(results)),
     ]
 
 
 NOTES = (
-    "Closed loop: N users send back to back. Open loop: arrivals on a schedule; latency counts from the scheduled "
-    "send time, so queueing in the generator is not hidden; unless fixed with --rates, each server's rates are "
-    "fractions of its own peak closed-loop throughput. Latency percentiles are exact, over the successful "
-    "requests sent in each step's window (warm-up excluded); throughput counts successes completed in the window. "
-    "Figures are means over the valid repeats, with the min–max range in brackets (over all repeats, drawn hollow, "
-    "where none is valid). Queue and compute times are the servers' own metrics (compute is per forward pass). "
-    "Invalid steps are listed with their reasons and left out of the verdict."
+    "Closed loop: N users send back to back. Open loop: arrivals on a schedule, at the same absolute rates for "
+    "every server; latency counts from the scheduled send time, so queueing in the generator is not hidden. "
+    "Latency percentiles are exact and include failed requests at the time they took to fail (a timeout at its "
+    "deadline); the error rate is in every row. Throughput counts successes completed in the window (warm-up "
+    "excluded). Figures are means over the valid repeats, with the min–max range in brackets (over all repeats, "
+    "drawn hollow, where none is valid); resource figures come from valid steps' windows only. Each phase runs "
+    "the servers in ABBA order over repeats, each on a fresh process; cold start is timed with the artifacts "
+    "already exported. Queue and compute times are the servers' own metrics (compute is per forward pass). "
+    "A winner is named only beyond noise: see 'verdict rule' under settings."
 )
+
+
+def _title(results: dict[str, Any]) -> str:
+    return f"torch_server vs tf_server: {results['settings']['model']}"
 
 
 def render_markdown(results: dict[str, Any]) -> str:
@@ -582,7 +697,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             [*lines, *("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in body)]
         )
 
-    parts = [f"# torch_server vs tf_server: {results['settings']['model']}", "", NOTES, ""]
+    parts = [f"# {_title(results)}", "", NOTES, ""]
     for title, (head, body) in sections(results):
         parts += [f"## {title}", "", table(head, body), ""]
     parts += ["## Plots", "", *(f"![{name}]({name})" for name in PLOT_NAMES), ""]
@@ -612,11 +727,12 @@ def render_html(results: dict[str, Any], out: Path) -> str:
         data = base64.b64encode((out / name).read_bytes()).decode()
         return f'<img alt="{name}" src="data:image/png;base64,{data}">'
 
-    title = f"torch_server vs tf_server: {html.escape(results['settings']['model'])}"
+    title = html.escape(_title(results))
     body = [f"<h1>{title}</h1>", f"<p class=note>{html.escape(NOTES)}</p>"]
+    verdicts = len(verdict_tables(results))
     for i, (name, (head, rows)) in enumerate(sections(results)):
         body += [f"<h2>{html.escape(name)}</h2>", table(head, rows)]
-        if i == 0:
+        if i == max(verdicts, 1) - 1:
             body += ["<h2>Plots</h2>", "<div class=plots>", *map(image, PLOT_NAMES), "</div>"]
     return f"<!doctype html><html><head><meta charset=utf-8><title>{title}</title><style>{CSS}</style></head>" \
         f"<body>{''.join(body)}</body></html>"  # fmt: skip

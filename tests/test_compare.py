@@ -6,14 +6,20 @@ import importlib.util
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 
-from loadtest import compare, report
-from loadtest.compare import Samples, Tick
+from contract.protocol import inference_pb2 as pb
+from loadtest import compare, report, sampling, stats
+from loadtest.latency_file import Samples, read_latencies
+from loadtest.servers import ServerProcess
+from loadtest.stats import Tick
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,46 +51,78 @@ gpu_utilization_ratio{device="0"} 0.5
 """
 
 
+def samples(start_s: np.ndarray, latency_ms: np.ndarray, ok: np.ndarray, lag_ms: np.ndarray | None = None) -> Samples:
+    lag = np.zeros(len(start_s)) if lag_ms is None else lag_ms * 1000
+    return Samples(start_s, latency_ms * 1000.0, ok, np.where(latency_ms >= 0, lag, -1.0))
+
+
+# ---------------------------------------------------------------- statistics
+
+
 def test_percentiles_are_nearest_rank_over_exact_values() -> None:
-    stats = compare.percentiles(np.arange(1, 101, dtype=float))
-    assert stats == {"p50": 50.0, "p90": 90.0, "p99": 99.0, "p99.9": 100.0, "max": 100.0, "mean": 50.5}
-    assert set(compare.percentiles(np.empty(0)).values()) == {None}
+    figures = stats.percentiles(np.arange(1, 101, dtype=float))
+    assert figures == {"p50": 50.0, "p90": 90.0, "p99": 99.0, "p99.9": 100.0, "max": 100.0, "mean": 50.5}
+    assert set(stats.percentiles(np.empty(0)).values()) == {None}
 
 
 def test_window_counts_sent_requests_for_latency_and_completions_for_throughput() -> None:
     start = np.arange(0.0, 10.0, 0.01)  # 100 req/s for 10 s
-    latency_us = np.full(len(start), 20_000.0)  # 20 ms each
+    latency_ms = np.full(len(start), 20.0)
     ok = np.ones(len(start), dtype=bool)
     ok[500] = False
-    stats = compare.window_stats(Samples(start, latency_us, ok, np.zeros(len(start))), 2.0, 7.0, batch_size=4)
-    assert stats["requests"] == 500
-    assert stats["errors"] == 1
-    assert stats["error_rate"] == pytest.approx(0.002)
-    assert stats["throughput_rps"] == pytest.approx(99.8)
-    assert stats["rows_per_s"] == pytest.approx(4 * 99.8)
-    assert stats["latency_ms"]["p99"] == pytest.approx(20.0)
-    assert stats["latency_cdf"][-1] == [20.0, 1.0]
+    figures = stats.window_stats(samples(start, latency_ms, ok), 2.0, 7.0, batch_size=4, deadline_s=1.0)
+    assert figures["requests"] == 500
+    assert figures["errors"] == 1
+    assert figures["error_rate"] == pytest.approx(0.002)
+    assert figures["throughput_rps"] == pytest.approx(99.8)
+    assert figures["rows_per_s"] == pytest.approx(4 * 99.8)
+    assert figures["latency_ms"]["p99"] == pytest.approx(20.0)
+    assert figures["latency_cdf"][-1] == [20.0, 1.0]
+
+
+def test_failed_requests_count_in_latency_at_their_elapsed_time_and_unsent_at_the_deadline() -> None:
+    start = np.arange(0.0, 1.0, 0.001)  # 1000 requests in the window
+    latency_ms = np.full(1000, 2.0)
+    ok = np.ones(1000, dtype=bool)
+    latency_ms[::100] = 250.0  # 10 timeouts at a 250 ms deadline (1%)
+    ok[::100] = False
+    latency_ms[1::100] = -1.0  # 10 arrivals never sent
+    ok[1::100] = False
+    figures = stats.window_stats(samples(start, latency_ms, ok), 0.0, 1.0, batch_size=1, deadline_s=0.5)
+    assert figures["errors"] == 20
+    assert figures["unsent"] == 10
+    assert figures["error_rate"] == pytest.approx(0.02)
+    # Successes alone would say 2 ms at p99; the 2% failures make p99 the slower of them.
+    assert figures["latency_ok_ms"]["p99"] == pytest.approx(2.0)
+    assert figures["latency_ms"]["p99"] == pytest.approx(250.0)  # the timeouts, at their elapsed time
+    assert figures["latency_ms"]["p99.9"] == pytest.approx(500.0)  # never sent: at the deadline
+    assert figures["latency_ms"]["p90"] == pytest.approx(2.0)
+    assert figures["latency_ms"]["max"] == pytest.approx(500.0)
+    assert figures["sent_rps"] == pytest.approx(990.0)
 
 
 def test_read_latencies_merges_processes_and_marks_unsent_requests_failed(tmp_path: Path) -> None:
     prefix = tmp_path / "step.latency"
-    for pid, starts in ((11, [3_000_000, 1_000_000]), (12, [2_000_000])):
+    for pid, starts, latency in ((11, [3_000_000, 1_000_000], [-1, 1500]), (12, [2_000_000], [2500])):
         np.savez(
             f"{prefix}.{pid}.npz",
             start_us=np.array(starts, dtype=np.int64),
-            latency_us=np.array([-1, 1500][: len(starts)] if pid == 11 else [2500], dtype=np.int64),
-            ok=np.array([True, True][: len(starts)]),
+            latency_us=np.array(latency, dtype=np.int64),
+            ok=np.ones(len(starts), dtype=bool),
             lag_us=np.zeros(len(starts), dtype=np.int64),
+            meta=np.array(json.dumps({"pid": pid})),
         )
-    samples = compare.read_latencies(prefix)
-    assert sorted(samples.start_s) == [1.0, 2.0, 3.0]
-    assert samples.ok.sum() == 2  # the -1 (never sent) row is a failure whatever its flag says
+    merged = read_latencies(prefix)
+    assert merged.start_s.tolist() == [1.0, 2.0, 3.0]  # sorted by start across processes
+    assert merged.latency_us.tolist() == [1500.0, 2500.0, -1.0]
+    assert merged.ok.tolist() == [True, True, False]  # the -1 (never sent) row is a failure whatever its flag says
+    assert sorted(meta["pid"] for meta in merged.metas) == [11, 12]
     with pytest.raises(FileNotFoundError):
-        compare.read_latencies(tmp_path / "missing")
+        read_latencies(tmp_path / "missing")
 
 
 def test_parse_metrics_keeps_one_model_and_unlabelled_series() -> None:
-    flat = compare.parse_metrics(METRICS_TEXT, "mlp")
+    flat = sampling.parse_metrics(METRICS_TEXT, "mlp")
     assert flat['inference_requests_total{code="OK"}'] == 120.0
     assert flat['inference_requests_total{code="RESOURCE_EXHAUSTED"}'] == 3.0
     assert flat["inference_queue_duration_seconds_count"] == 123.0
@@ -94,31 +132,36 @@ def test_parse_metrics_keeps_one_model_and_unlabelled_series() -> None:
 
 
 def test_metric_deltas_give_means_between_two_scrapes() -> None:
-    before = compare.parse_metrics(METRICS_TEXT, "mlp")
+    before = sampling.parse_metrics(METRICS_TEXT, "mlp")
     after = dict(before)
     after["inference_queue_duration_seconds_sum"] += 0.5
     after["inference_queue_duration_seconds_count"] += 100
     after["inference_batch_size_sum"] += 300
     after["inference_batch_size_count"] += 100
     after['inference_requests_total{code="OK"}'] += 300
-    deltas = compare.metric_deltas(before, after)
+    deltas = stats.metric_deltas(before, after)
     assert deltas["queue_ms_mean"] == pytest.approx(5.0)
     assert deltas["batch_size_mean"] == pytest.approx(3.0)
     assert deltas["compute_ms_mean"] is None
     assert deltas["requests_by_code"] == {"OK": 300}
 
 
-def test_resource_stats_bracket_the_window() -> None:
-    ticks = [
-        Tick(t, 0.5 * t, 100.0 + t, 0.95 * t, {"x": t}, host_cpu_s=2.0 * t, runner_cpu_s=0.05 * t)
-        for t in np.arange(0.0, 10.5, 0.5)
-    ]
-    stats = compare.resource_stats(ticks, 2.2, 7.2)
-    assert stats["server_cpu_pct"]["mean"] == pytest.approx(50.0)
-    assert stats["generator_cpu_pct"]["max"] == pytest.approx(95.0)
-    assert stats["server_rss_bytes"]["max"] == pytest.approx(107.5)
-    assert stats["other_cpu_pct"]["mean"] == pytest.approx(50.0)
-    assert stats["gpu"] is None
+def test_resource_stats_use_only_the_samples_inside_the_window() -> None:
+    # A warm-up before 2.0 s: the server burns 100% CPU and grows to 900 bytes, then settles at 50%.
+    ticks = []
+    for t in np.arange(0.0, 10.5, 0.5):
+        server_cpu = t if t <= 2.0 else 2.0 + 0.5 * (t - 2.0)
+        queue = {"inference_queue_duration_seconds_sum": 9.0 if t < 2.0 else 10.0 + (t - 2.0),
+                 "inference_queue_duration_seconds_count": 100.0 * t}  # fmt: skip
+        ticks.append(Tick(t, server_cpu, 900.0 if t < 2.0 else 100.0 + t, 0.3 * t, queue, 2.0 * t, 0.05 * t))
+    figures = stats.resource_stats(ticks, 2.2, 7.2)
+    assert figures["server_cpu_pct"]["mean"] == pytest.approx(50.0)
+    assert figures["server_cpu_pct"]["max"] == pytest.approx(50.0)  # the warm-up's 100% left out
+    assert figures["server_rss_bytes"]["max"] == pytest.approx(107.0)  # so is its 900-byte peak
+    assert figures["generator_cpu_pct"]["mean"] == pytest.approx(30.0)
+    assert figures["resource_window_s"] == pytest.approx(4.5)
+    assert figures["server_metrics"]["queue_ms_mean"] == pytest.approx(10.0)  # 4.5 s of queue / 450 requests
+    assert figures["gpu"] is None
 
 
 def _step(**overrides: Any) -> dict[str, Any]:
@@ -128,10 +171,13 @@ def _step(**overrides: Any) -> dict[str, Any]:
         "other_cpu_pct": {"mean": 5.0},
         "send_lag_ms": {"p99": 0.5},
         "generator_exit_code": 0,
+        "generator_processes": 1,
         "error_rate": 0.0,
         "successes": 100,
         "requests": 100,
+        "unsent": 0,
         "window_s": 10.0,
+        "resource_window_s": 9.5,
         "window_target_s": 10.0,
         "offered_rps": None,
         "sent_rps": 10.0,
@@ -143,43 +189,253 @@ def test_invalid_reasons() -> None:
     assert compare.invalid_reasons(_step()) == []
     saturated = compare.invalid_reasons(_step(generator_cpu_pct={"mean": 97.0}, error_rate=0.05))
     assert [reason.split()[0] for reason in saturated] == ["generator", "error"]
-    behind = _step(mode="open", offered_rps=1000.0, requests=5000, sent_rps=500.0, send_lag_ms={"p99": 30.0})
+    behind = _step(mode="open", offered_rps=1000.0, sent_rps=500.0, send_lag_ms={"p99": 30.0}, unsent=12)
     assert compare.invalid_reasons(behind) == [
         "generator behind schedule: sent 500/s of 1000/s",
+        "generator dropped 12 arrivals (client backlog)",
         "generator send lag p99 30 ms > 10 ms",
     ]
-    assert compare.invalid_reasons(_step(window_s=5.0)) == ["window cut to 5.0 s"]
+    assert compare.invalid_reasons(_step(mode="open", offered_rps=1000.0, sent_rps=999.0)) == []
+    assert compare.invalid_reasons(_step(window_s=5.0, resource_window_s=4.5)) == ["window cut to 5.0 s"]
+    assert compare.invalid_reasons(_step(resource_window_s=1.0)) == ["resource samples cover only 1.0 s of the window"]
     assert compare.invalid_reasons(_step(generator_exit_code=-9)) == ["Locust did not stop in time and was killed"]
     busy_host = _step(other_cpu_pct={"mean": 60.0})
     assert compare.invalid_reasons(busy_host) == ["other processes used 60% CPU (> 25%)"]
     assert compare.invalid_reasons(busy_host, local=False) == []
+    # Two Locust processes on two generator cores may use up to 90% of each.
+    two = _step(generator_cpu_pct={"mean": 150.0}, generator_processes=2)
+    assert compare.invalid_reasons(two, generator_cores=2) == []
+    assert compare.invalid_reasons(two, generator_cores=1) == ["generator CPU 150% > 90%"]
 
 
-def test_cpu_split_and_lists() -> None:
+def test_cpu_split_lists_matrix_and_targets() -> None:
     assert compare.cpu_split("auto", [0, 1]) == ([0], [1])
     assert compare.cpu_split("auto", [0]) == (None, None)
     assert compare.cpu_split("none", [0, 1, 2, 3]) == (None, None)
     assert compare.parse_list(" 1, 4,16,", int) == [1, 4, 16]
+    assert compare.parse_matrix(["precision=fp32,bf16", "compile=off,on"]) == [
+        {"precision": "fp32", "compile": "off"},
+        {"precision": "fp32", "compile": "on"},
+        {"precision": "bf16", "compile": "off"},
+        {"precision": "bf16", "compile": "on"},
+    ]
+    for bad in (["colour=red"], ["precision"], ["precision=fp32", "precision=bf16"]):
+        with pytest.raises(ValueError, match="--matrix"):
+            compare.parse_matrix(bad)
+    assert compare.parse_target("bare=127.0.0.1:9000") == ("bare", "127.0.0.1:9000", None)
+    assert compare.parse_target("t=h:1,http://h:2/metrics") == ("t", "h:1", "http://h:2/metrics")
+    with pytest.raises(ValueError, match="NAME=HOST:PORT"):
+        compare.parse_target("127.0.0.1:9000")
+
+
+def test_every_server_flag_is_explicit_and_identical() -> None:
+    opts = compare.Options(precision="bf16", compile="on", server_args=["--grace-period-s", "5"])
+    arms, groups = compare.plan_arms(opts)
+    assert [arm.name for arm in arms] == ["torch", "tensorflow"]
+    assert arms[0].server_args == arms[1].server_args == opts.server_args_for_all()
+    args = opts.server_args_for_all()
+    flags = dict(zip(args[0:18:2], args[1:18:2], strict=True))
+    assert flags == {"--device": "cpu", "--threads": "1", "--precision": "bf16", "--compile": "on",
+                     "--max-batch-size": "32", "--max-queue-delay-us": "0", "--max-queue-size": "1024",
+                     "--instances": "1", "--grpc-threads": "0"}  # fmt: skip
+    assert args[18:] == ["--dynamic-batching", "--warmup", "--grace-period-s", "5"]
+    assert groups == [{"name": "as set", "values": {}, "arms": {"torch": "torch", "tensorflow": "tensorflow"}}]
+
+
+def test_matrix_and_reference_arms() -> None:
+    opts = compare.Options(matrix=["precision=fp32,bf16"], targets=["bare=127.0.0.1:9000"])
+    arms, groups = compare.plan_arms(opts)
+    assert [(arm.name, arm.kind) for arm in arms] == [
+        ("torch[precision=fp32]", "local"),
+        ("tensorflow[precision=fp32]", "local"),
+        ("torch[precision=bf16]", "local"),
+        ("tensorflow[precision=bf16]", "local"),
+        ("bare", "reference"),
+    ]
+    assert "--precision bf16" in " ".join(arms[2].server_args)
+    assert arms[4].target == "127.0.0.1:9000"
+    assert [group["arms"] for group in groups] == [
+        {"torch": "torch[precision=fp32]", "tensorflow": "tensorflow[precision=fp32]"},
+        {"torch": "torch[precision=bf16]", "tensorflow": "tensorflow[precision=bf16]"},
+    ]
+
+
+def test_each_phase_runs_the_servers_in_abba_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    ran: list[tuple[str, int, str]] = []
+
+    def fake_serving(run: Any, arm: Any, record: Any, phase: str, repeat: int, model_dir: Any) -> Any:
+        ran.append((phase, repeat, arm.name))
+        return _nullcontext((None, True))
+
+    def fake_step(run: Any, arm: Any, endpoint: Any, scenario: Any, phase: str, repeat: int, **_: Any) -> Any:
+        return {"valid": True, "invalid_reasons": [], "throughput_rps": 1.0, "sent_rps": 1.0, "errors": 0,
+                "latency_ms": {"p99": 1.0}, "server_cpu_pct": {"mean": 1.0}, "generator_cpu_pct": {"mean": 1.0},
+                "other_cpu_pct": {"mean": 1.0}, "generator_processes": 1, "generator_us_per_request": 1.0}  # fmt: skip
+
+    monkeypatch.setattr(compare, "serving", fake_serving)
+    monkeypatch.setattr(compare, "measure_step", fake_step)
+    opts = compare.Options(repeats=4, targets=["ref=127.0.0.1:1"])
+    arms, _ = compare.plan_arms(opts)
+    run = compare.Run(opts, tmp_path, tmp_path, None, None)
+    records = {arm.name: {"steps": [], "starts": []} for arm in arms}
+    order: list[dict[str, Any]] = []
+    compare.phase(run, arms, records, "closed", [compare.Scenario("closed", 1)], {}, order, [])
+    forward, backward = ["torch", "tensorflow", "ref"], ["ref", "tensorflow", "torch"]
+    assert [entry["arm"] for entry in order] == forward + backward + forward + backward
+    assert [(e["phase"], e["repeat"], e["arm"]) for e in order] == ran
+
+
+class _nullcontext:
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __enter__(self) -> Any:
+        return self.value
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _closed(users: int, rps: float, valid: bool = True) -> dict[str, Any]:
+    return {"mode": "closed", "concurrency": users, "throughput_rps": rps, "valid": valid}
+
+
+def test_open_loop_grid_is_one_set_of_absolute_rates_from_the_lower_valid_peak() -> None:
+    steps = {
+        "torch": [_closed(4, 1000), _closed(4, 1100), _closed(16, 3000), _closed(32, 9000, valid=False)],
+        "tensorflow": [_closed(4, 900), _closed(16, 2000), _closed(16, 2200)],
+    }
+    grid = compare.rate_grid(steps, [0.25, 0.5, 0.9], 1.1)
+    assert grid["peaks"] == {"torch": 3000, "tensorflow": 2100}  # the invalid 9000 left out
+    assert grid["rates"] == [525.0, 1050.0, 1890.0, 3300.0]  # of 2100 (lower), and 1.1 x 3000 (higher)
+    assert grid["invalid_peaks"] == []
+    no_valid = compare.rate_grid({"torch": [_closed(4, 500, valid=False)]}, [0.5], 0)
+    assert no_valid["rates"] == [250.0]
+    assert no_valid["invalid_peaks"] == ["torch"]
+
+
+def test_locust_processes_follow_the_expected_generator_load() -> None:
+    open_3000 = compare.Scenario("open", 3000)
+    assert compare.locust_processes(open_3000, "auto", generator_cores=1, us_per_request=250, rate_hint=0) == 1
+    assert compare.locust_processes(open_3000, "auto", generator_cores=4, us_per_request=250, rate_hint=0) == 2
+    assert compare.locust_processes(open_3000, "auto", generator_cores=8, us_per_request=600, rate_hint=0) == 3
+    closed_2 = compare.Scenario("closed", 2)
+    assert compare.locust_processes(closed_2, "auto", generator_cores=8, us_per_request=600, rate_hint=9000) == 2
+    assert compare.locust_processes(closed_2, "3", generator_cores=1, us_per_request=1, rate_hint=0) == 3
+
+
+def _config(**parameters: str) -> dict[str, Any]:
+    params = {"device": "cpu", "threads": "1", "precision": "fp32", "compile": "off"} | parameters
+    batching = {"max_queue_delay_us": 0, "max_queue_size": 1024, "preferred_batch_sizes": []}
+    return {"parameters": params, "max_batch_size": 32, "instances": 1, "dynamic_batching": batching}
+
+
+def test_check_settings_refuses_servers_that_differ() -> None:
+    expected = compare.expected_settings(compare.Options(), {})
+    assert compare.check_settings({"a": _config(), "b": _config()}, expected) == []
+    assert compare.check_settings({"a": _config(), "b": _config(device="cuda:0")}, expected) == [
+        "device: a cpu, b cuda:0"
+    ]
+    assert compare.check_settings({"a": _config(threads="2"), "b": _config(precision="bf16")}) == [
+        "threads: a 2, b 1",
+        "precision: a fp32, b bf16",
+    ]
+    other_batching = _config() | {"dynamic_batching": None}
+    assert compare.check_settings({"a": _config(), "b": other_batching})[0].startswith("dynamic_batching:")
+    assert compare.check_settings({"a": _config(compile="on"), "b": _config(compile="on")}, expected) == [
+        "compile: asked for off, the servers report on"
+    ]
+    unreported = {"parameters": {}, "max_batch_size": 32, "instances": 1, "dynamic_batching": None}
+    assert "precision: asked for fp32, the servers report None" in compare.check_settings(
+        {"a": unreported, "b": unreported}, expected
+    )
+
+
+# ---------------------------------------------------------------- in-process fake servers
+
+
+class ConfigOnly:
+    """ServerMetadata and ModelConfig of a model "mlp" with the given parameters (nothing else)."""
+
+    def __init__(self, **parameters: str) -> None:
+        self.config = _config(**parameters)
+
+    def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="fake", version="0")
+
+    def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
+        params = {key: pb.ModelParameter(string_value=value) for key, value in self.config["parameters"].items()}
+        batching = pb.ModelDynamicBatching(default_queue_policy=pb.ModelQueuePolicy(max_queue_size=1024))
+        config = pb.ModelConfig(name=request.name, max_batch_size=32, parameters=params, dynamic_batching=batching)
+        config.instance_group.add(count=1)
+        return pb.ModelConfigResponse(config=config)
+
+
+@pytest.fixture
+def fake_pair() -> Iterator[tuple[str, str]]:
+    servers = []
+    for service in (ConfigOnly(device="cpu"), ConfigOnly(device="cuda:0")):
+        handlers = {
+            name: grpc.unary_unary_rpc_method_handler(
+                getattr(service, name),
+                request_deserializer=getattr(pb, f"{name}Request").FromString,
+                response_serializer=getattr(pb, f"{name}Response").SerializeToString,
+            )
+            for name in ("ServerMetadata", "ModelConfig")
+        }
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("inference.GRPCInferenceService",
+                                                                              handlers)])  # fmt: skip
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        servers.append((server, f"127.0.0.1:{port}"))
+    yield servers[0][1], servers[1][1]
+    for server, _ in servers:
+        server.stop(grace=None)
+
+
+def test_comparison_refuses_servers_on_different_devices_before_measuring(
+    fake_pair: tuple[str, str], tmp_path: Path
+) -> None:
+    opts = compare.Options(torch_target=fake_pair[0], tf_target=fake_pair[1], out=tmp_path / "out")
+    with pytest.raises(compare.ComparisonRefused, match=r"device: torch_server cpu, tf_server cuda:0"):
+        compare.run_comparison(opts)
+    assert not list((tmp_path / "out" / "logs").iterdir())  # no Locust run, no server log
+
+
+# ---------------------------------------------------------------- the decision and the report
 
 
 @pytest.mark.parametrize(
     ("values", "higher", "expected"),
     [
-        ({"torch": [110.0, 112.0], "tensorflow": [100.0, 101.0]}, True, ("torch", 10.45, True)),
-        ({"torch": [110.0, 130.0], "tensorflow": [100.0, 101.0]}, True, ("torch", 19.4, False)),
-        ({"torch": [2.0], "tensorflow": [3.0]}, False, ("torch", 33.33, None)),
-        ({"torch": [2.0, 2.0], "tensorflow": [2.0, 2.0]}, False, ("tie", 0.0, False)),
+        # Ranges apart with 3 values each: a winner, p = 2 / C(6, 3) = 0.1.
+        ({"torch": [110.0, 112.0, 111.0], "tensorflow": [100.0, 101.0, 99.0]}, True, ("torch", "torch", 0.1)),
+        ({"torch": [2.0, 2.1, 2.2], "tensorflow": [3.0, 3.1, 2.9]}, False, ("torch", "torch", 0.1)),
+        # A bigger gap in the means, but the ranges overlap: no winner.
+        ({"torch": [110.0, 130.0, 99.5], "tensorflow": [100.0, 101.0, 99.0]}, True, (None, "torch", 0.1)),
+        # Apart, but only 2 values each: too few to call it.
+        ({"torch": [110.0, 112.0], "tensorflow": [100.0, 101.0]}, True, (None, "torch", None)),
+        ({"torch": [2.0, 2.0, 2.0], "tensorflow": [2.0, 2.0, 2.0]}, False, (None, None, 0.1)),
         ({"torch": [], "tensorflow": [3.0]}, False, (None, None, None)),
     ],
 )
-def test_decide_winner_margin_and_spread(
-    values: dict[str, list[float]], higher: bool, expected: tuple[str | None, float | None, bool | None]
+def test_decide_names_a_winner_only_beyond_noise(
+    values: dict[str, list[float]], higher: bool, expected: tuple[str | None, str | None, float | None]
 ) -> None:
-    decision = report.decide(values, higher)
-    winner, margin, exceeds = expected
+    decision = stats.decide(values, higher)
+    winner, leader, p_value = expected
     assert decision["winner"] == winner
-    assert decision["margin_pct"] == (None if margin is None else pytest.approx(margin, abs=0.01))
-    assert decision["exceeds_spread"] is exceeds
+    assert decision["leader"] == leader
+    assert decision["p_value"] == (None if p_value is None else pytest.approx(p_value))
+    if winner is None and p_value is not None:
+        assert decision["verdict"] == "no difference beyond noise"
+
+
+def test_separation_p_value() -> None:
+    assert stats.separation_p_value(3, 3) == pytest.approx(0.1)
+    assert stats.separation_p_value(6, 6) == pytest.approx(2 / 924)
+    assert stats.separation_p_value(1, 1) == 1.0
 
 
 def test_throughput_characteristics_pick_the_best_valid_scenario() -> None:
@@ -196,43 +452,63 @@ def test_throughput_characteristics_pick_the_best_valid_scenario() -> None:
         assert read["p99 latency @ 4 users"](server, settings) == ([10, 12], "")
 
 
-def _synthetic_results() -> dict[str, Any]:
-    """A two-repeat results document shaped like ``compare.run_comparison``'s."""
-    rng = np.random.default_rng(0)
+def _synthetic_step(repeat: int, mode: str, x: float, speed: float) -> dict[str, Any]:
+    latency_ms = np.random.default_rng(repeat).gamma(4.0, 1.0, 500)  # the same latencies for every server
+    figures = stats.window_stats(
+        samples(np.linspace(0, 5, 500), latency_ms, np.ones(500, bool)), 0, 5, batch_size=1, deadline_s=1.0
+    )
+    invalid = x == 300.0
+    return {
+        "phase": mode,
+        "repeat": repeat,
+        "mode": mode,
+        "concurrency": x if mode == "closed" else None,
+        "offered_rps": x if mode == "open" else None,
+        **figures,
+        "throughput_rps": 100.0 * x * speed + repeat,  # torch (speed 1.0) well ahead of tf (0.8)
+        "server_cpu_pct": {"mean": 50.0 * x / 4, "max": 60.0},
+        # Invalid steps report a huge RSS that must not reach "memory under load".
+        "server_rss_bytes": {"mean": 3e8, "max": 9e9 if invalid else 3.1e8 / speed},
+        "generator_cpu_pct": {"mean": 30.0, "max": 35.0},
+        "generator_us_per_request": 250.0,
+        "other_cpu_pct": {"mean": 3.0, "max": 5.0},
+        "gpu": None,
+        "server_metrics": stats.metric_deltas({}, {}) | {"queue_ms_mean": 0.5, "compute_ms_mean": 1},
+        "invalid_reasons": ["error rate 5.0% > 1%"] if invalid else [],
+        "valid": not invalid,
+    }
+
+
+def _synthetic_results(repeats: int = 3) -> dict[str, Any]:
+    """A results document shaped like ``compare.run_comparison``'s: torch, tf and a reference."""
     servers: dict[str, Any] = {}
-    for framework, speed in (("torch", 1.0), ("tensorflow", 0.8)):
-        steps = []
-        for repeat in range(2):
-            scenarios = [("closed", c) for c in (1, 4)] + [("open", r) for r in (100.0, 300.0)]
-            for mode, x in scenarios:
-                latency = rng.gamma(4.0, 1.0 / speed, 500)
-                steps.append(
-                    {
-                        "repeat": repeat,
-                        "mode": mode,
-                        "concurrency": x if mode == "closed" else None,
-                        "offered_rps": x if mode == "open" else None,
-                        **compare.window_stats(
-                            Samples(np.linspace(0, 5, 500), latency * 1000, np.ones(500, bool), np.zeros(500)), 0, 5, 1
-                        ),
-                        "server_cpu_pct": {"mean": 50.0 * x / 4, "max": 60.0},
-                        "server_rss_bytes": {"mean": 3e8 / speed, "max": 3.1e8 / speed},
-                        "generator_cpu_pct": {"mean": 30.0, "max": 35.0},
-                        "other_cpu_pct": {"mean": 3.0, "max": 5.0},
-                        "gpu": None,
-                        "server_metrics": compare.metric_deltas({}, {}) | {"queue_ms_mean": 0.5, "compute_ms_mean": 1},
-                        "invalid_reasons": [] if x != 300.0 else ["error rate 5.0% > 1%"],
-                        "valid": x != 300.0,
-                    }
-                )
-        servers[framework] = {
-            "starts": [{"repeat": r, "cold_start_s": 3.0 / speed + r, "idle_rss_bytes": 2e8} for r in range(2)],
+    for name, framework, speed in (("torch", "torch", 1.0), ("tensorflow", "tensorflow", 0.8), ("bare", None, 2.0)):
+        steps = [
+            _synthetic_step(repeat, mode, x, speed)
+            for repeat in range(repeats)
+            for mode, x in [("closed", 1), ("closed", 4), ("open", 100.0), ("open", 300.0)]
+        ]
+        servers[name] = {
+            "label": {"torch": "torch_server", "tensorflow": "tf_server"}.get(name, "bare (reference)"),
+            "framework": framework,
+            "kind": "local" if framework else "reference",
+            "variant": {},
+            "starts": [
+                {
+                    "phase": phase,
+                    "repeat": r,
+                    "cold_start_s": None if framework is None else 3.0 / speed + r * 0.1,
+                    "idle_rss_bytes": 2e8 + r,
+                }
+                for phase in ("closed", "open")
+                for r in range(repeats)
+            ],
             "steps": steps,
-            "rates": [100.0, 300.0],
             "target": "127.0.0.1:1",
             "model_config": {"parameters": {"framework_version": "1.0", "device": "cpu"}, "max_batch_size": 32},
+            "prepare": {"first_start_s": 9.0, "export_s": 2.5, "compile_s": 0.0, "model_dir": "/tmp/x"},
         }
-    options = compare.Options(concurrency=[1, 4], repeats=2)
+    options = compare.Options(concurrency=[1, 4], repeats=repeats, targets=["bare=127.0.0.1:1"])
     settings = {
         **vars(options),
         "out": None,
@@ -240,14 +516,34 @@ def _synthetic_results() -> dict[str, Any]:
         "server_args_for_all": options.server_args_for_all(),
         "reference_concurrency": options.reference_concurrency,
         "pinning": {"mode": "auto", "server_cpus": [0], "generator_cpus": [1]},
-        "limits": {"generator_cpu_pct": 90.0},
+        "limits": {"generator_cpu_pct_per_core": 90.0},
+        "latency_note": compare.LATENCY_NOTE,
+        "decision_rule": stats.DECISION_RULE,
     }
+    order = [
+        {"phase": phase, "repeat": r, "arm": arm}
+        for phase in ("closed", "open")
+        for r in range(repeats)
+        for arm in compare.abba(["torch", "tensorflow", "bare"], r)
+    ]
     return {
-        "meta": {"started": "2024-01-01T00:00:00", "duration_s": 1.0, "command": [], "out": ""},
+        "meta": {"started": "2024-01-01T00:00:00", "duration_s": 1.0, "command": "", "out": ""},
         "settings": settings,
-        "environment": compare.environment(),
+        "environment": sampling.environment(),
         "servers": servers,
-        "failures": [{"server": "tensorflow", "repeat": 1, "error": "tf_server exited with 1"}],
+        "variants": [{"name": "as set", "values": {}, "arms": {"torch": "torch", "tensorflow": "tensorflow"}}],
+        "grid": {
+            "rates": [100.0, 300.0],
+            "fixed": False,
+            "fractions": [0.25],
+            "overload": 1.1,
+            "lower_peak_rps": 320.0,
+            "higher_peak_rps": 400.0,
+            "peaks": {"torch": 400.0, "tensorflow": 320.0},
+            "invalid_peaks": [],
+        },
+        "order": order,
+        "failures": [{"server": "tensorflow", "phase": "open", "repeat": 1, "error": "tf_server exited with 1"}],
     }
 
 
@@ -259,9 +555,10 @@ def _check_report_folder(out: Path) -> dict[str, Any]:
     assert page.index("Verdict") < page.index("<img")
     markdown = (out / "report.md").read_text()
     assert "## Verdict" in markdown
-    assert "| characteristic | torch_server | tf_server | winner | margin | beyond run-to-run spread |" in markdown
+    assert "| characteristic | torch_server | tf_server | difference of means | verdict |" in markdown
+    assert "include failed requests" in markdown
     results = json.loads((out / "results.json").read_text())
-    assert {"meta", "settings", "environment", "servers", "failures", "verdict"} <= set(results)
+    assert {"meta", "settings", "environment", "servers", "failures", "verdict", "order", "grid"} <= set(results)
     return results
 
 
@@ -269,45 +566,89 @@ def test_report_from_synthetic_results(tmp_path: Path) -> None:
     report.write_report(_synthetic_results(), tmp_path)
     results = _check_report_folder(tmp_path)
     rows = {row["characteristic"]: row for row in results["verdict"]}
+    assert {row["variant"] for row in results["verdict"]} == {"as set"}  # the reference is not in the verdict
     peak = rows["peak throughput (closed loop)"]
-    assert len(peak["values"]["torch"]) == 2
-    assert peak["winner"] in ("torch", "tensorflow", "tie")
-    assert rows["cold start (spawn to SERVING)"]["winner"] == "torch"
-    assert rows["cold start (spawn to SERVING)"]["exceeds_spread"] is False  # gap 0.75 s < repeat range 1 s
-    assert rows["idle memory (RSS)"]["winner"] == "tie"
+    assert peak["values"] == {"torch": [400.0, 401.0, 402.0], "tensorflow": [320.0, 321.0, 322.0]}
+    assert (peak["winner"], peak["verdict"]) == ("torch", "torch better")
+    assert peak["margin_pct"] == pytest.approx(80.0 / 321.0 * 100)
+    # Same latency distribution on both: whatever the means say, no winner.
+    assert rows["p99 latency @ 4 users"]["winner"] is None
+    assert rows["p99 latency @ 4 users"]["verdict"] == "no difference beyond noise"
+    cold = rows["cold start (spawn to SERVING)"]
+    assert len(cold["values"]["torch"]) == 6  # both phases' starts
+    assert cold["winner"] == "torch"
+    assert rows["idle memory (RSS)"]["winner"] is None
+    assert rows["idle memory (RSS)"]["verdict"] == "no difference beyond noise"
+    memory = rows["memory under load (max RSS)"]
+    assert max(memory["values"]["torch"]) == pytest.approx(3.1e8 / 2**20)  # invalid steps' 9e9 left out
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| torch_server better (ranges apart; p = 0.1) |" in markdown
+    assert "no difference beyond noise (ranges overlap)" in markdown
+    assert "bare (reference)" in markdown  # a row beside the two servers
+    assert "closed r1: torch_server, tf_server, bare (reference); closed r2: bare (reference), tf_server" in markdown
     assert "error rate 5.0% &gt; 1%" in (tmp_path / "report.html").read_text()
-    assert "| tf_server | 2 | tf_server exited with 1 |" in (tmp_path / "report.md").read_text()
+    assert "| tf_server | open | 2 | tf_server exited with 1 |" in markdown
+
+
+# ---------------------------------------------------------------- end to end
 
 
 @pytest.mark.skipif(
     not (importlib.util.find_spec("torch") and importlib.util.find_spec("tensorflow")),
     reason="needs both frameworks installed",
 )
-@pytest.mark.timeout(300)
-def test_compare_end_to_end_on_mlp(tmp_path: Path) -> None:
+@pytest.mark.timeout(400)
+def test_compare_end_to_end_on_mlp_with_a_reference_server(tmp_path: Path) -> None:
     out = tmp_path / "report"
-    command = [
-        sys.executable, "-m", "loadtest", "compare", "--model", "mlp", "--concurrency", "1,4",
-        "--rate-fractions", "0.25,0.9", "--step-seconds", "2", "--warmup-seconds", "1", "--repeats", "1",
-        "--out", str(out),
-    ]  # fmt: skip
-    finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=280, check=False)
+    with ServerProcess("bare", "mlp", ["--mode", "sync"]) as bare:
+        command = [
+            sys.executable, "-m", "loadtest", "compare", "--model", "mlp", "--concurrency", "2",
+            "--rates", "150", "--step-seconds", "1.5", "--warmup-seconds", "0.5", "--repeats", "2",
+            "--target", f"bare={bare.target}", "--out", str(out),
+        ]  # fmt: skip
+        finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=380, check=False)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert "report: " in finished.stderr
     results = _check_report_folder(out)
-    assert set(results["servers"]) == {"torch", "tensorflow"}
+    assert set(results["servers"]) == {"torch", "tensorflow", "bare"}
     assert results["failures"] == []
-    for framework, server in results["servers"].items():
-        assert server["starts"][0]["cold_start_s"] > 0
-        assert server["starts"][0]["idle_rss_bytes"] > 0
-        assert server["model_config"]["parameters"]["framework_version"]
-        scenarios = [(step["mode"], step["concurrency"] or step["offered_rps"]) for step in server["steps"]]
-        assert scenarios == [("closed", 1), ("closed", 4), *(("open", rate) for rate in server["rates"])], framework
-        for step in server["steps"]:
-            assert step["throughput_rps"] > 0
-            assert step["latency_ms"]["p99"] > 0
-            assert step["server_cpu_pct"]["mean"] is not None
-            assert step["generator_cpu_pct"]["mean"] is not None
-            assert step["server_metrics"]["batch_size_mean"] >= 1
-            assert isinstance(step["valid"], bool)
-    assert len(results["verdict"]) == 8
+    forward, backward = ["torch", "tensorflow", "bare"], ["bare", "tensorflow", "torch"]
+    assert [entry["arm"] for entry in results["order"]] == (forward + backward) * 2  # closed, then open: ABBA
+    views = [compare.settings_view(results["servers"][fw]["model_config"]) for fw in ("torch", "tensorflow")]
+    assert views[0] == views[1]
+    assert views[0]["device"] == "cpu"
+    assert views[0]["threads"] == "1"
+    steps = [(name, step) for name, server in results["servers"].items() for step in server["steps"]]
+    for name in ("torch", "tensorflow"):
+        server = results["servers"][name]
+        assert server["prepare"]["first_start_s"] > 0
+        assert server["prepare"]["export_s"] is not None
+        assert [(s["phase"], s["repeat"]) for s in server["starts"]] == [(p, r) for p in ("closed", "open")
+                                                                         for r in (0, 1)]  # fmt: skip
+        assert all(start["cold_start_s"] > 0 and start["idle_rss_bytes"] > 0 for start in server["starts"])
+    # At 2 users and 150 req/s nothing should strain the generator or the servers: every step is valid
+    # unless another process on this (shared) host was busy, which is the one reason a test cannot control.
+    for name, step in steps:
+        neighbours = all(reason.startswith("other processes used") for reason in step["invalid_reasons"])
+        assert step["valid"] or neighbours, (name, step["invalid_reasons"])
+        assert step["valid"] == (not step["invalid_reasons"])
+    valid = [(name, step) for name, step in steps if step["valid"]]
+    if not valid:
+        pytest.skip("every step was disturbed by other processes on this host")
+    for name, step in valid:
+        assert step["throughput_rps"] > 0, name
+        assert step["error_rate"] == 0.0, name
+        assert 0 < step["latency_ms"]["p50"] <= step["latency_ms"]["p99"], name
+        assert step["generator_cpu_pct"]["mean"] is not None, name
+        if name != "bare":
+            assert step["server_cpu_pct"]["mean"] is not None, name
+            assert step["server_metrics"]["batch_size_mean"] >= 1, name
+        if step["mode"] == "open":
+            assert step["offered_rps"] == 150.0
+            assert step["sent_rps"] == pytest.approx(150.0, rel=0.35), name
+    rows = results["verdict"]
+    assert {row["variant"] for row in rows} == {"as set"}
+    assert all(set(row["values"]) == {"torch", "tensorflow"} for row in rows)
+    cold = next(row for row in rows if row["characteristic"].startswith("cold start"))
+    assert len(cold["values"]["torch"]) == 4
+    assert cold["p_value"] == pytest.approx(2 / 70)
