@@ -24,7 +24,7 @@ end happen on time, not on Locust's once-a-second shape tick.
 
 ``--latency-file PREFIX`` makes every load-generating process write its exact latencies to
 ``PREFIX.<pid>.npz`` at test stop (Locust rounds its percentiles to whole milliseconds):
-format in ``grpc_user.LatencyRecorder``, merge with ``grpc_user.load_latencies``. Each file's
+format and reader in ``loadtest.latency_file``. Each file's
 meta also holds the process's CPU time over the run (a saturated generator invalidates a
 run) and, open loop, its offered vs achieved rate.
 """
@@ -43,8 +43,9 @@ from locust.env import Environment
 from locust.runners import MasterRunner
 
 from loadtest import openloop
-from loadtest.grpc_user import GrpcUser, LoadSettings, attach_recorder, detach_recorder, recorder_for
+from loadtest.grpc_user import GrpcUser, attach_recorder, close_channels, detach_recorder, recorder_for
 from loadtest.openloop import ArrivalSettings, OpenLoopUser
+from loadtest.workload import LoadSettings
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ def add_options(parser: Any) -> None:
     option("--deadline-ms", 1000.0, "per-request gRPC deadline (open loop: from the scheduled send time)")
     option("--seq-len", "16", "size of variable (-1) non-batch dimensions: N, or MIN:MAX drawn per request")
     option("--pool-size", 64, "pre-encoded requests per process, cycled")
+    option("--connections", 1, "gRPC channels (HTTP/2 connections) per process, shared by its users")
     option("--load-shape", "none", "none (-u/-r/-t), step, spike, or rate (open loop)", choices=list(LOAD_SHAPES))
     option("--step-users", 4, "step shape: users added per step")
     option("--step-time", 10.0, "step shape: seconds per step")
@@ -194,6 +196,7 @@ def on_test_stop(environment: Environment, **_: Any) -> None:
         "encoding": settings.encoding,
         "deadline_ms": settings.deadline_s * 1000,
         "seq_len": list(settings.seq_len),
+        "connections": settings.connections,
         "wall_s": round(wall, 3),
         "cpu_s": round(cpu, 3),
         "openloop": summary,
@@ -209,6 +212,7 @@ def on_test_stop(environment: Environment, **_: Any) -> None:
 def on_quitting(environment: Environment, **_: Any) -> None:
     if isinstance(environment.runner, MasterRunner) and (summary := openloop.summary(environment)):
         log_summary(summary)
+    close_channels()
 
 
 def log_summary(summary: dict[str, Any]) -> None:

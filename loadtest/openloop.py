@@ -4,15 +4,16 @@ A closed-loop user sends its next request only after the previous reply, so a sl
 server slows the generator down and its queueing never shows in the numbers
 ("coordinated omission"). ``OpenLoopUser`` is one arrival stream instead: its requests
 are scheduled at fixed or Poisson (exponential) intervals, each is sent at its
-scheduled time in its own greenlet whether or not earlier replies have arrived, and
-its latency and deadline both count from the scheduled time. A saturated server (or
+scheduled time whether or not earlier replies have arrived (no greenlet waits for a
+reply: the hub reports it), and its latency and deadline both count from the scheduled
+time. A saturated server (or
 generator) therefore shows as latency that grows with the backlog.
 
 The target rate (``--arrival-rate``, req/s in total) is split evenly over
 ``--arrival-users`` streams, spread by Locust over its processes/workers. Per stream at
 most ``--max-in-flight`` requests are outstanding: an arrival that finds the stream full
-is not sent and counts as a failure (``ClientBacklog``, response time 0: it fails fast,
-like a client-side concurrency limit). The cap only bounds the generator's memory: with
+is not sent and counts as a failure (``ClientBacklog``; Locust sees response time 0, the
+comparison counts it at the deadline). The cap only bounds the generator's memory: with
 the deadline counted from the scheduled time a stream never holds more than about
 ``rate x deadline`` requests, so any backlog failure means the generator, not the
 server, limited the offered load and the run is invalid.
@@ -34,12 +35,11 @@ import weakref
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from gevent.pool import Pool
+from gevent.event import Event
 from locust.env import Environment
 from locust.runners import MasterRunner
 
-from contract.protocol import inference_pb2 as pb
-from loadtest.grpc_user import ClientBacklog, GrpcUser, recorder_for, scheduled_start
+from loadtest.grpc_user import ClientBacklog, GrpcUser, Outcome, recorder_for
 
 #: A send later than this after its scheduled time counts as late.
 LATE_S = 0.002
@@ -155,9 +155,11 @@ def summary(environment: Environment) -> dict[str, Any] | None:
 class OpenLoopUser(GrpcUser):
     """One arrival stream at ``rate / users`` req/s (see the module docstring).
 
-    Each task run is one arrival; ``wait_time`` sleeps until the next scheduled one, so
-    Locust's start/stop (graceful or not) work as for any user. On stop, requests still
-    in flight are waited for (at most one deadline) so the backlog is measured too.
+    Each task run sends every arrival that is due (normally one) and ``wait_time`` sleeps
+    until the next, so Locust's start/stop (graceful or not) work as for any user. A request
+    is only sent from the stream's greenlet (``TimedRpc.start``): its reply is handled by the
+    hub, so no greenlet waits per request. On stop, requests still in flight are waited for
+    (at most one deadline and a second) so the backlog is measured too.
     """
 
     abstract = True
@@ -167,15 +169,16 @@ class OpenLoopUser(GrpcUser):
         self.arrivals = ArrivalSettings.from_options(environment.parsed_options)
         self.stream_rate = self.arrivals.rate / self.arrivals.users
         self._poisson = self.arrivals.process == "poisson"
-        self._inflight = Pool(self.arrivals.max_in_flight)
         self._next_at = 0.0
+        self.in_flight = 0
+        self._idle = Event()
+        self._idle.set()
 
     def on_start(self) -> None:
         super().on_start()
         self.stats = stats_for(self.environment)
         self._record = recorder_for(self.environment)
         self._backlog = ClientBacklog(f"{self.arrivals.max_in_flight} requests in flight on this stream")
-        self._name = f"{self.settings.model}/ModelInfer"
         # Fixed intervals start at a random phase so that streams do not send in lockstep.
         first = self._gap() if self._poisson else random.uniform(0.0, 1.0 / self.stream_rate)
         self._next_at = time.perf_counter() + first
@@ -190,47 +193,60 @@ class OpenLoopUser(GrpcUser):
 
     @task
     def arrive(self) -> None:
-        scheduled = self._next_at
-        self._next_at = scheduled + self._gap()
-        self.stats.scheduled += 1
-        if self._inflight.full():
-            self.stats.dropped += 1
+        now = time.perf_counter()
+        while self._next_at <= now:
+            scheduled = self._next_at
+            self._next_at = scheduled + self._gap()
+            self._send(scheduled, now)
+
+    def _send(self, scheduled: float, now: float) -> None:
+        stats = self.stats
+        stats.scheduled += 1
+        if self.in_flight >= self.arrivals.max_in_flight:
+            stats.dropped += 1
             if self._record is not None:
                 self._record.record((scheduled, -1.0, False, -1.0))
             self.environment.events.request.fire(
                 request_type="grpc",
-                name=self._name,
+                name=self.infer_name,
                 response_time=0.0,
                 response_length=0,
                 exception=self._backlog,
                 context=self.request_context,
             )
             return
-        assert self.pool is not None
-        self._inflight.spawn(self._send, self.pool.next(), scheduled)
-
-    def _send(self, request: pb.ModelInferRequest, scheduled: float) -> None:
-        scheduled_start.set(scheduled)
-        lag = time.perf_counter() - scheduled
-        stats = self.stats
+        lag = now - scheduled
         stats.sent += 1
         if lag > LATE_S:
             stats.late += 1
             stats.max_lag_s = max(stats.max_lag_s, lag)
+        self.in_flight += 1
+        self._idle.clear()
         # The deadline counts from the scheduled time too; an already expired one still
         # goes out (and fails DEADLINE_EXCEEDED at once) so that it is counted.
-        response = self.infer(request, timeout=max(self.settings.deadline_s - lag, 0.0))
-        if response is None:
-            stats.failed += 1
-        else:
+        self.infer_rpc.start(
+            self.next_payload(),
+            max(self.settings.deadline_s - lag, 0.0),
+            scheduled=scheduled,
+            then=self._replied,
+            name=self.infer_name,
+        )
+
+    def _replied(self, outcome: Outcome) -> None:
+        stats = self.stats
+        if outcome[1] is None:
             stats.ok += 1
+        else:
+            stats.failed += 1
         stats.finished = time.time()
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
 
     def on_stop(self) -> None:
         if self._next_at:
             self.stats.stopped = max(self.stats.stopped, time.time())
         try:
-            self._inflight.join(timeout=self.settings.deadline_s + 1.0)
+            self._idle.wait(timeout=self.settings.deadline_s + 1.0)
         finally:
-            self._inflight.kill(block=False)
             super().on_stop()

@@ -1,13 +1,17 @@
-"""How much our Locust layers cost: GrpcUser vs a bare Locust user making the same call.
+"""What our Locust user costs the load generator: CPU per request, against a minimal one.
 
-    python -m loadtest.overhead --target 127.0.0.1:8001 [--model mlp] [--seconds 10] [--users 8]
+    python -m loadtest.overhead [--mode sync|aio] [--users 8] [--seconds 5] [--rounds 2] [--rates 1000,3000]
+    python -m loadtest.overhead --target HOST:PORT ...     # a server that already runs
 
-Runs one Locust process (Locust as a library) alternately with ``GrpcUser`` (TimedRpc,
-pooled inputs, request context) and with a bare user that sends one pre-built request
-through a plain stub, times it by hand and fires the request event with the minimum of
-fields. Prints requests/s of each, their ratio (target >= 0.9) and the generator's CPU
-time per request: the ratio only measures our overhead when the generator, not the
-server, is the bottleneck (CPU near 100 %); the CPU per request measures it either way.
+By default it starts the bare identity server (``loadtest.bare``: no model, the cheapest
+replies) pinned to the first half of the cores and pins itself to the rest, so the
+generator's own cost is what limits it. Then, in one Locust process (Locust as a
+library), it runs rounds of ``GrpcUser`` (our user: shared channel, completions off the
+hub, exact latency records) and of a minimal user (one pre-built request through a plain
+blocking stub, timed by hand, the request event with the fewest fields), in ABBA order
+(ours, minimal, minimal, ours, ...). With ``--rates``, our open-loop user too, at those
+arrival rates. Prints requests/s, generator CPU % and CPU µs per request of each run and
+the medians, and whether GrpcUser meets ``TARGET_US`` per request (closed loop).
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ from locust import User, constant, task  # first: gevent monkey-patching (see gr
 
 # isort: split
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import gevent
 import grpc
@@ -27,11 +33,18 @@ from locust.env import Environment
 from locust.event import Events
 
 from contract.protocol import inference_pb2_grpc as pb_grpc
-from loadtest.grpc_user import CHANNEL_OPTIONS, GrpcUser, LoadSettings, shared_pool
+from loadtest.grpc_user import GrpcUser, attach_recorder, close_channels, shared_pool
+from loadtest.openloop import OpenLoopUser
+from loadtest.servers import ServerProcess
+from loadtest.workload import CHANNEL_OPTIONS, LoadSettings
+
+#: Generator CPU per request that leaves a one-core generator room for this box's servers (µs).
+TARGET_US = 200.0
 
 
 @dataclass(frozen=True)
 class RunResult:
+    name: str
     requests: int
     failures: int
     seconds: float
@@ -51,7 +64,7 @@ class RunResult:
 
 
 def user_classes(settings: LoadSettings) -> tuple[type[User], type[User]]:
-    """(ours, bare) user classes for ``settings``."""
+    """(ours, minimal) closed-loop user classes for ``settings``."""
 
     class OurUser(GrpcUser):
         wait_time = constant(0)
@@ -63,7 +76,7 @@ def user_classes(settings: LoadSettings) -> tuple[type[User], type[User]]:
         def model_infer(self) -> None:
             self.infer()
 
-    class BareUser(User):
+    class MinimalUser(User):
         wait_time = constant(0)
 
         def on_start(self) -> None:
@@ -92,12 +105,27 @@ def user_classes(settings: LoadSettings) -> tuple[type[User], type[User]]:
                 exception=exception,
             )
 
-    return OurUser, BareUser
+    return OurUser, MinimalUser
 
 
-def run(user_class: type[User], target: str, users: int, seconds: float, warmup: float = 1.0) -> RunResult:
-    """Requests/s of ``users`` instances of ``user_class`` over ``seconds`` (after ``warmup``)."""
-    environment = Environment(user_classes=[user_class], events=Events(), host=target)
+def open_loop_class(settings: LoadSettings) -> type[User]:
+    class OurOpenLoopUser(OpenLoopUser):
+        def load_settings(self) -> LoadSettings:
+            return settings
+
+    return OurOpenLoopUser
+
+
+def run(
+    name: str, user_class: type[User], target: str, users: int, seconds: float, warmup: float = 1.0, **options: float
+) -> RunResult:
+    """Requests/s and generator CPU of ``users`` instances of ``user_class`` over ``seconds`` (after ``warmup``).
+
+    ``options``: parsed options the users read (e.g. ``arrival_rate`` for the open-loop user).
+    """
+    environment = Environment(user_classes=[user_class], events=Events(), host=target,
+                              parsed_options=SimpleNamespace(**options))  # fmt: skip
+    attach_recorder(environment)  # as in a comparison: every request's exact figures are kept
     runner = environment.create_local_runner()
     runner.start(users, spawn_rate=users * 10)
     gevent.sleep(users / (users * 10) + warmup)
@@ -106,40 +134,73 @@ def run(user_class: type[User], target: str, users: int, seconds: float, warmup:
     gevent.sleep(seconds)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     total = environment.stats.total
-    result = RunResult(total.num_requests, total.num_failures, wall, cpu)
+    result = RunResult(name, total.num_requests, total.num_failures, wall, cpu)
     runner.quit()
     return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", required=True, help="server HOST:PORT")
+    parser.add_argument("--target", help="a running server's HOST:PORT (default: start the bare identity server)")
+    parser.add_argument("--mode", choices=["sync", "aio"], default="sync", help="the bare server's (%(default)s)")
     parser.add_argument("--model", default="mlp")
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per run")
-    parser.add_argument("--users", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=2, help="alternating (ours, bare) pairs")
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per run (%(default)s)")
+    parser.add_argument("--users", type=int, default=8, help="closed-loop users (%(default)s)")
+    parser.add_argument("--rounds", type=int, default=2, help="(ours, minimal) pairs, in ABBA order (%(default)s)")
+    parser.add_argument("--rates", default="", help="open-loop rates (req/s) to run our open-loop user at too")
+    parser.add_argument("--cpu-split", choices=["auto", "none"], default="auto",
+                        help="auto: bare server on the first half of the cores, this process on the rest")  # fmt: skip
     args = parser.parse_args(argv)
+    cpus = sorted(os.sched_getaffinity(0))
+    split = args.cpu_split == "auto" and len(cpus) >= 2
+    server_cpus, own_cpus = (cpus[: len(cpus) // 2], cpus[len(cpus) // 2 :]) if split else (None, None)
     settings = LoadSettings(model=args.model, batch_size=args.batch_size)
-    ours, bare = user_classes(settings)
-    results: dict[str, list[RunResult]] = {"GrpcUser": [], "bare": []}
-    for _ in range(args.rounds):
-        for name, user_class in (("GrpcUser", ours), ("bare", bare)):
-            result = run(user_class, args.target, args.users, args.seconds)
-            results[name].append(result)
+    ours, minimal = user_classes(settings)
+    rates = [float(rate) for rate in args.rates.split(",") if rate.strip()]
+    server = None
+    if args.target is None:
+        server = ServerProcess("bare", args.model, ["--mode", args.mode], cpus=server_cpus).start()
+    if own_cpus:
+        os.sched_setaffinity(0, own_cpus)
+    target = args.target or (server.target if server else "")
+    print(f"target {target} ({'bare identity server, ' + args.mode if server else 'given'}), server cpus "
+          f"{server_cpus}, generator cpus {own_cpus}", flush=True)  # fmt: skip
+    results: dict[str, list[RunResult]] = {"GrpcUser": [], "minimal": []}
+    try:
+        for round_index in range(args.rounds):
+            pair = [("GrpcUser", ours), ("minimal", minimal)]
+            for name, user_class in pair if round_index % 2 == 0 else reversed(pair):
+                result = run(name, user_class, target, args.users, args.seconds)
+                results[name].append(result)
+                print(
+                    f"{name:>8}: {result.rps:8.1f} req/s  {result.failures} failures  "
+                    f"generator CPU {result.cpu_percent:5.1f}%  {result.cpu_us_per_request:6.1f} us CPU/request",
+                    flush=True,
+                )
+        open_results = []
+        for rate in rates:
+            result = run(f"open {rate:g}/s", open_loop_class(settings), target, 4, args.seconds,
+                         arrival_rate=rate, arrival_users=4)  # fmt: skip
+            open_results.append(result)
             print(
-                f"{name:>8}: {result.rps:8.1f} req/s  {result.failures} failures  "
+                f"open loop {rate:g}/s: {result.rps:8.1f} req/s  {result.failures} failures  "
                 f"generator CPU {result.cpu_percent:5.1f}%  {result.cpu_us_per_request:6.1f} us CPU/request",
                 flush=True,
             )
+    finally:
+        close_channels()
+        if server is not None:
+            server.close()
     median = {name: statistics.median(r.rps for r in runs) for name, runs in results.items()}
     cpu = {name: statistics.median(r.cpu_us_per_request for r in runs) for name, runs in results.items()}
+    verdict = "meets" if cpu["GrpcUser"] <= TARGET_US else "MISSES"
     print(
-        f"median: GrpcUser {median['GrpcUser']:.1f} req/s, bare {median['bare']:.1f} req/s, "
-        f"ratio {median['GrpcUser'] / median['bare']:.3f} (target >= 0.9); "
-        f"CPU/request GrpcUser {cpu['GrpcUser']:.1f} us, bare {cpu['bare']:.1f} us"
+        f"median: GrpcUser {median['GrpcUser']:.1f} req/s, minimal {median['minimal']:.1f} req/s; "
+        f"CPU/request GrpcUser {cpu['GrpcUser']:.1f} us, minimal {cpu['minimal']:.1f} us; "
+        f"GrpcUser {verdict} the target of <= {TARGET_US:g} us per request"
     )
-    failed = any(r.failures for runs in results.values() for r in runs)
+    failed = any(r.failures for runs in results.values() for r in runs) or any(r.failures for r in open_results)
     return 1 if failed else 0
 
 

@@ -1,9 +1,10 @@
-"""Load-test suite: Locust against both servers, the open-loop proof, the input pool.
+"""Load-test suite: Locust against both servers, the open-loop proof (a lagging generator too),
+several Locust processes, the input pool, the latency files, the overhead tool.
 
 Locust only ever runs in child processes: importing it monkey-patches the interpreter
-with gevent, which must not leak into the rest of the pytest session. The input-pool
-checks (``check_*``) therefore run in a child too (``run_check``), against small
-in-process OIP servers defined here.
+with gevent, which must not leak into the rest of the pytest session. The input pool
+and the latency files (``loadtest.workload``, ``loadtest.latency_file``) are free of
+gevent and are tested here directly, against small in-process OIP servers.
 """
 
 from __future__ import annotations
@@ -24,11 +25,16 @@ import grpc
 import numpy as np
 import pytest
 
-from contract.datatypes import CONFIG_DATATYPES
+from contract.codec import request_inputs
+from contract.datatypes import CONFIG_DATATYPES, TensorSpec
 from contract.protocol import inference_pb2 as pb
+from loadtest import compare, stats
+from loadtest.latency_file import LatencyRecorder, Samples, read_latencies
 from loadtest.servers import ServerProcess
+from loadtest.workload import InputPool, LoadSettings
 
 ROOT = Path(__file__).resolve().parent.parent
+LOCUSTFILE = str(ROOT / "loadtest" / "locustfile.py")
 CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(Path(__file__).parent)])}
 SERVICE_S = 0.020
 
@@ -108,6 +114,13 @@ def slow_target() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
+def fast_target() -> Iterator[str]:
+    server, target = serve(SlowModel(0.0))
+    yield target
+    server.stop(grace=None)
+
+
+@pytest.fixture(scope="module")
 def no_config_target() -> Iterator[str]:
     server, target = serve(SlowModel(0.0), ("ModelMetadata", "ModelInfer"))
     yield target
@@ -117,10 +130,12 @@ def no_config_target() -> Iterator[str]:
 # ---- running Locust ----
 
 
-def run_locust(target: str, prefix: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_locust(
+    target: str, prefix: Path, *args: str, timeout: float = 60, locustfile: str = LOCUSTFILE
+) -> subprocess.CompletedProcess[str]:
     """Headless locustfile run writing ``prefix``_stats.csv, ``prefix``.json and latency files."""
     command = [
-        sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"),
+        sys.executable, "-m", "locust", "-f", locustfile,
         "--headless", "--only-summary", "--host", target, "--csv", str(prefix),
         "--json-file", str(prefix), "--latency-file", f"{prefix}-lat", *args,
     ]  # fmt: skip
@@ -141,16 +156,9 @@ def locust_count(prefix: Path) -> int:
     return sum(entry["num_requests"] for entry in json.loads(Path(f"{prefix}.json").read_text()))
 
 
-def latencies(prefix: Path) -> dict[str, Any]:
-    """The latency files of a run, merged and sorted by start time (format: grpc_user.LatencyRecorder)."""
-    files = sorted(prefix.parent.glob(f"{prefix.name}-lat.*.npz"))
-    assert files, "no latency file written"
-    parts = [dict(np.load(path)) for path in files]
-    merged: dict[str, Any] = {key: np.concatenate([p[key] for p in parts]) for key in ("start_us", "latency_us", "ok")}
-    order = np.argsort(merged["start_us"], kind="stable")
-    merged = {key: value[order] for key, value in merged.items()}
-    merged["meta"] = [json.loads(str(p["meta"])) for p in parts]
-    return merged
+def latencies(prefix: Path) -> Samples:
+    """The latency files of a run, merged and sorted by start time (the runner's own reader)."""
+    return read_latencies(f"{prefix}-lat")
 
 
 # ---- (a) both servers, closed loop ----
@@ -164,10 +172,10 @@ def test_headless_run_against_server(framework: str, tmp_path: Path) -> None:
     assert int(totals["Request Count"]) > 0
     assert int(totals["Failure Count"]) == 0
     samples = latencies(tmp_path / "run")
-    assert len(samples["latency_us"]) == locust_count(tmp_path / "run") >= int(totals["Request Count"])
-    assert samples["ok"].all()
-    assert (samples["latency_us"] > 0).all()
-    assert samples["meta"][0]["mode"] == "closed"
+    assert len(samples) == locust_count(tmp_path / "run") >= int(totals["Request Count"])
+    assert samples.ok.all()
+    assert (samples.latency_us > 0).all()
+    assert samples.metas[0]["mode"] == "closed"
 
 
 # ---- (b) open loop shows the backlog, closed loop hides it ----
@@ -183,46 +191,87 @@ def test_open_loop_latency_grows_with_backlog(slow_target: str, tmp_path: Path) 
     run_locust(slow_target, tmp_path / "closed", "--model", "slow", "-u", "1", "-r", "1", "-t", "2s")
 
     open_loop = latencies(tmp_path / "open")
-    assert len(open_loop["ok"]) == locust_count(tmp_path / "open") >= 250
-    assert open_loop["ok"].all()
-    open_ms = open_loop["latency_us"] / 1000
+    assert len(open_loop) == locust_count(tmp_path / "open") >= 250
+    assert open_loop.ok.all()
+    open_ms = open_loop.latency_us / 1000
     quarter = len(open_ms) // 4
     assert np.percentile(open_ms, 99) > 5 * SERVICE_S * 1000
     assert np.median(open_ms[-quarter:]) > 3 * np.median(open_ms[:quarter])
-    summary = open_loop["meta"][0]["openloop"]
+    summary = open_loop.metas[0]["openloop"]
     assert summary["offered_rps"] > 120
     assert summary["achieved_rps"] < 60
 
     closed_loop = latencies(tmp_path / "closed")
-    closed_ms = closed_loop["latency_us"] / 1000
-    assert closed_loop["ok"].all()
+    closed_ms = closed_loop.latency_us / 1000
+    assert closed_loop.ok.all()
     assert len(closed_ms) == locust_count(tmp_path / "closed") > 20
     assert np.median(closed_ms) < 2 * SERVICE_S * 1000
 
 
-# ---- (c) the input pool, checked in a child interpreter ----
+# ---- (c) a generator that lags: late sends are measured, counted from the schedule, and flagged ----
 
 
-def run_check(name: str, *args: str) -> None:
-    code = f"import locust; import test_locust; test_locust.{name}(*{args!r})"
-    result = subprocess.run(
-        [sys.executable, "-c", code], check=False, cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_open_loop_with_a_lagging_generator(fast_target: str, tmp_path: Path) -> None:
+    # tests/lag_injector.py stalls the Locust process's hub for 60 ms every 200 ms, as a generator short
+    # of CPU would; the server answers at once. 2 fixed streams of 100 req/s for 2 s.
+    arrivals = ["--arrival-rate", "200", "--arrival", "fixed", "--arrival-users", "2"]
+    locustfile = f"{LOCUSTFILE},{Path(__file__).parent / 'lag_injector.py'}"
+    run_locust(fast_target, tmp_path / "lag", "--model", "slow", "--load-shape", "rate", *arrivals, "-t", "2s",
+               locustfile=locustfile)  # fmt: skip
+    run = latencies(tmp_path / "lag")
+    assert run.ok.all()
+    lag_ms, latency_ms = run.lag_us / 1000, run.latency_us / 1000
+    assert lag_ms.max() > 40  # the stalls delayed sends...
+    assert np.mean(lag_ms > 5) > 0.1
+    assert (latency_ms >= lag_ms).all()  # ...and each delay is in its request's latency (from the schedule)
+    late = lag_ms > 20
+    assert np.median(latency_ms[late]) > 20
+    # The schedule itself did not slip: the stalled arrivals were sent late, not dropped or postponed.
+    assert len(run) >= 0.9 * 200 * 2 - 10
+    # No hole in the schedule either: a stall postpones sends, never the arrivals after it (each stream
+    # is due every 10 ms whatever happened, so no two consecutive arrivals are further apart).
+    assert np.diff(run.start_s).max() < 0.0105
+    assert run.metas[0]["openloop"]["late"] > 0.1 * len(run)
+    # The runner reads this window as invalid: the generator, not the server, set the latency.
+    start = float(run.start_s.min()) + 0.2
+    figures = stats.window_stats(run, start, start + 1.5, batch_size=1, deadline_s=1.0)
+    step = figures | {"mode": "open", "offered_rps": 200.0, "window_target_s": 1.5, "generator_exit_code": 0,
+                      "generator_processes": 1, "generator_cpu_pct": {"mean": 30.0},
+                      "other_cpu_pct": {"mean": 0.0}, "resource_window_s": 1.5}  # fmt: skip
+    reasons = compare.invalid_reasons(step)
+    assert any(reason.startswith("generator send lag p99") for reason in reasons), reasons
 
 
-def _pool(target: str, **settings: Any) -> Any:
-    from loadtest.grpc_user import InputPool, LoadSettings
+# ---- (d) several Locust processes share one open-loop rate ----
 
+
+def test_open_loop_over_several_processes(fast_target: str, tmp_path: Path) -> None:
+    arrivals = ["--arrival-rate", "200", "--arrival", "fixed", "--arrival-users", "4"]
+    run_locust(fast_target, tmp_path / "multi", "--model", "slow", "--load-shape", "rate", *arrivals, "-t", "2s",
+               "--processes", "2")  # fmt: skip
+    run = latencies(tmp_path / "multi")
+    workers = {meta["pid"] for meta in run.metas}
+    assert len(workers) == 2  # one latency file per worker, merged
+    assert run.ok.all()
+    loops = [meta["openloop"] for meta in run.metas]
+    assert sum(loop["target_rps"] for loop in loops) == pytest.approx(200.0)  # the rate split between them
+    assert len(run) == sum(loop["scheduled"] for loop in loops) > 100
+    for loop in loops:  # each worker kept its share of the schedule while it ran
+        assert loop["offered_rps"] == pytest.approx(loop["target_rps"], rel=0.15)
+        assert loop["sent"] == loop["scheduled"]
+
+
+# ---- (e) the input pool and the latency files ----
+
+
+def _pool(target: str, **settings: Any) -> InputPool:
     with grpc.insecure_channel(target) as channel:
         return InputPool.from_server(channel, LoadSettings(model="slow", **settings))
 
 
-def check_pool_follows_metadata(target: str) -> None:
-    from contract.codec import request_inputs
-
-    pool = _pool(target, batch_size=3, seq_len=(5, 5), pool_size=4)
-    assert len(pool.requests) == 4
+def test_input_pool_from_metadata(slow_target: str) -> None:
+    pool = _pool(slow_target, batch_size=3, seq_len=(5, 5), pool_size=4)
+    assert len(pool.requests) == len(pool.payloads) == 4
     request = pool.next()
     assert [t.name for t in request.inputs] == ["input", "ids", "flags"]  # the optional mask is left out
     assert [t.datatype for t in request.inputs] == ["FP32", "INT64", "BOOL"]
@@ -233,12 +282,13 @@ def check_pool_follows_metadata(target: str) -> None:
     assert arrays["ids"].min() >= 1
     assert arrays["ids"].max() < 1000
     assert [pool.next() for _ in range(4)][-1] is request  # round robin
+    payloads = pool.payload_cycle()
+    assert [pb.ModelInferRequest.FromString(next(payloads)) for _ in range(4)] == pool.requests
 
 
-def check_typed_matches_raw(target: str) -> None:
-    from contract.codec import request_inputs
-
-    raw, typed = _pool(target, batch_size=2, pool_size=2), _pool(target, batch_size=2, pool_size=2, encoding="typed")
+def test_input_pool_typed_encoding(slow_target: str) -> None:
+    raw = _pool(slow_target, batch_size=2, pool_size=2)
+    typed = _pool(slow_target, batch_size=2, pool_size=2, encoding="typed")
     request = typed.next()
     assert not request.raw_input_contents
     assert len(request.inputs[0].contents.fp32_contents) == 2 * 4
@@ -247,10 +297,8 @@ def check_typed_matches_raw(target: str) -> None:
         np.testing.assert_array_equal(request_inputs(request)[name], array)
 
 
-def check_without_model_config(target: str) -> None:
-    from contract.codec import request_inputs
-
-    pool = _pool(target, batch_size=2, seq_len=(8, 32), pool_size=16)
+def test_input_pool_without_model_config(no_config_target: str) -> None:
+    pool = _pool(no_config_target, batch_size=2, seq_len=(8, 32), pool_size=16)
     assert pool.batched
     lengths = set()
     for request in pool.requests:
@@ -264,27 +312,16 @@ def check_without_model_config(target: str) -> None:
     assert len(lengths) > 1
 
 
-def check_invalid_pools(target: str) -> None:
-    from contract.datatypes import TensorSpec
-    from loadtest.grpc_user import InputPool
-
+def test_input_pool_rejects_invalid_settings(slow_target: str) -> None:
     for settings in ({"batch_size": 9}, {"encoding": "json"}):
-        try:
-            _pool(target, **settings)
-        except ValueError:
-            continue
-        raise AssertionError(f"{settings} accepted")
-    try:
+        with pytest.raises(ValueError):  # noqa: PT011 - each names its own problem
+            _pool(slow_target, **settings)
+    with pytest.raises(ValueError, match="FP16/BF16"):
         InputPool("m", [TensorSpec("x", "FP16", (-1, 2))], encoding="typed")
-    except ValueError:
-        return
-    raise AssertionError("typed FP16 accepted")
 
 
-def check_latency_files(directory: str) -> None:
-    from loadtest.grpc_user import LatencyRecorder, load_latencies
-
-    prefix = Path(directory) / "lat"
+def test_latency_file_round_trip(tmp_path: Path) -> None:
+    prefix = tmp_path / "lat"
     recorder = LatencyRecorder()
     now = time.perf_counter()
     recorder.record((now + 0.002, 0.0015, True, 0.0))
@@ -293,29 +330,26 @@ def check_latency_files(directory: str) -> None:
     recorder.save(prefix, {"mode": "open"})
     recorder.record((now + 0.003, 0.0005, True, 0.0))
     recorder.save(prefix, {"mode": "open"})
-    arrays, metas = load_latencies(prefix)
-    assert [meta["pid"] for meta in metas] == [os.getpid()] * 2
-    assert arrays["latency_us"].tolist() == [250000, -1, 1500, 500]
-    assert arrays["ok"].tolist() == [False, False, True, True]
-    assert arrays["lag_us"].tolist() == [1000, -1, 0, 0]
-    assert abs(arrays["start_us"][0] / 1e6 - time.time()) < 5
+    run = read_latencies(prefix)
+    assert [meta["pid"] for meta in run.metas] == [os.getpid()] * 2
+    assert run.latency_us.tolist() == [250000, -1, 1500, 500]
+    assert run.ok.tolist() == [False, False, True, True]
+    assert run.sent.tolist() == [True, False, True, True]
+    assert run.lag_us.tolist() == [1000, -1, 0, 0]
+    assert abs(run.start_s[0] - time.time()) < 5
 
 
-def test_input_pool_from_metadata(slow_target: str) -> None:
-    run_check("check_pool_follows_metadata", slow_target)
+# ---- (f) the generator-overhead tool ----
 
 
-def test_input_pool_typed_encoding(slow_target: str) -> None:
-    run_check("check_typed_matches_raw", slow_target)
-
-
-def test_input_pool_without_model_config(no_config_target: str) -> None:
-    run_check("check_without_model_config", no_config_target)
-
-
-def test_input_pool_rejects_invalid_settings(slow_target: str) -> None:
-    run_check("check_invalid_pools", slow_target)
-
-
-def test_latency_file_round_trip(tmp_path: Path) -> None:
-    run_check("check_latency_files", str(tmp_path))
+def test_overhead_tool_runs_against_the_bare_server() -> None:
+    command = [sys.executable, "-m", "loadtest.overhead", "--seconds", "1", "--rounds", "1", "--users", "2",
+               "--rates", "100"]  # fmt: skip
+    result = subprocess.run(command, check=False, cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("target 127.0.0.1:")
+    assert "bare identity server" in lines[0]
+    assert [line.split(":")[0].strip() for line in lines[1:4]] == ["GrpcUser", "minimal", "open loop 100/s"]
+    assert "us CPU/request" in lines[1]
+    assert lines[-1].startswith("median: GrpcUser")
