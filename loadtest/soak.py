@@ -14,13 +14,14 @@ same rate (``--warmup-s``) is not counted.
 
 Reported (one JSON object): offered and achieved rate; requests, errors by status code
 (a deadline that passes counts; so does an arrival the generator could not send because
-``--max-in-flight`` were outstanding); the server's RSS (sampled every second) at the
-start and end of the soak, its peak, growth in % and its slope in MB/min; latency p50/p99
-over the whole soak and in its first and last ``--window-s`` (60 s: the first and last
-minute), with their ratio (drift); late sends (the generator missed a scheduled time by
-over 2 ms) and the generator's own CPU share (near 1.0: it, not the server, set the
-pace). The run passes (exit 0) with 0 errors and RSS growth under ``--max-rss-growth``
-percent (5). Loopback only, bounded by ``--minutes``.
+``--max-in-flight`` were outstanding) and per window; the server's RSS (sampled every second) at the
+start and end of the soak, its peak, growth in % (also from the end of the first
+window), its slope in MB/min and 21 samples of it; latency p50/p99 over the whole soak
+and in its first and last ``--window-s`` (60 s: the first and last minute), with their
+ratio (drift); late sends (the generator missed a scheduled time by over 2 ms) and the
+generator's own CPU share (near 1.0: it, not the server, set the pace). The run passes
+(exit 0) with 0 errors and RSS growth under ``--max-rss-growth`` percent (5). Loopback
+only, bounded by ``--minutes``.
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ class Record:
     #: (scheduled offset from the soak's start in seconds, latency in seconds) of each success.
     latencies: list[tuple[float, float]] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
+    #: Scheduled offset of each error, seconds.
+    error_offsets: list[float] = field(default_factory=list)
     scheduled: int = 0
     sent: int = 0
     late: int = 0
@@ -110,6 +113,7 @@ async def soak(settings: SoakSettings, pid: int | None) -> dict[str, Any]:
             except grpc.aio.AioRpcError as err:
                 if counted:
                     record.errors[err.code().name] += 1
+                    record.error_offsets.append(scheduled - measure_from)
                 return
             if counted:
                 record.latencies.append((scheduled - measure_from, time.perf_counter() - scheduled))
@@ -141,6 +145,7 @@ async def soak(settings: SoakSettings, pid: int | None) -> dict[str, Any]:
             if len(in_flight) >= settings.max_in_flight:
                 if counted:
                     record.errors["GENERATOR_BACKLOG"] += 1
+                    record.error_offsets.append(scheduled - measure_from)
             else:
                 if counted:
                     record.sent += 1
@@ -191,6 +196,9 @@ def summarize(settings: SoakSettings, record: Record, generator_cpu: float) -> d
         "completed": len(record.latencies),
         "errors": errors,
         "errors_by_code": dict(record.errors),
+        "errors_per_window": np.histogram(
+            record.error_offsets, bins=max(1, round(settings.seconds / window)), range=(0.0, settings.seconds)
+        )[0].tolist(),
         "late_sends": record.late,
         "generator_cpu": round(generator_cpu, 3),
         "latency_ms": _rounded(percentiles(latencies_ms)),
@@ -205,11 +213,14 @@ def summarize(settings: SoakSettings, record: Record, generator_cpu: float) -> d
         times = np.array([t for t, _ in record.rss])
         values = np.array([v for _, v in record.rss], dtype=np.float64)
         slope = float(np.polyfit(times, values, 1)[0]) * 60 / MiB if len(times) > 1 else 0.0
+        settled = next((v for t, v in record.rss if t >= window), end)
         report["rss_mb"] = {
             "start": round(start / MiB, 1),
             "end": round(end / MiB, 1),
             "peak": round(float(values.max()) / MiB, 1),
             "growth_pct": round(100.0 * (end - start) / start, 2),
+            # From the end of the first window: a step while load settles in is not a leak.
+            "growth_after_first_window_pct": round(100.0 * (end - settled) / settled, 2),
             "slope_mb_per_min": round(slope, 2),
             "samples": len(record.rss),
             # At most 21 evenly spaced samples: [seconds into the soak, MB].
