@@ -6,16 +6,23 @@ pool: a hand-off to a native thread and back, through pure-Python queues and con
 for every event. On this project's 2-core box a blocking unary call from a greenlet cost
 230-290 µs of generator CPU that way, against about 180 µs from plain threads.
 
-``install()`` changes where one loop runs: grpc's "channel spin", which takes the events of
-a channel's ``future()`` calls from its completion queue and runs their callbacks, runs on
-a native thread (from a small pool of them) instead of a greenlet, so it waits in C without
-touching the hub, and handles every event as it comes. A call's done-callback then hands
-its result to the hub with ``Completions.post``: one libev async watcher wakes the hub, which
-runs everything posted since in one go. Blocking calls (``stub.Method(request)``) keep
-grpc's own gevent path.
+Two things change that, both on grpc's internals (grpcio is pinned; the load tests
+exercise every path, so a grpcio that moves them fails there):
 
-Threads touch gevent's (monkey-patched) locks of grpc's call state from the spin thread;
-gevent supports locks shared between native threads.
+- ``install()``: grpc's "channel spin", the loop that takes a channel's call events from
+  its completion queue and hands each to its call, runs on a native thread (from a small
+  pool of them) instead of a greenlet, so it waits in C without touching the hub.
+- ``RawUnary``: a unary call started straight on the channel's core (serialized request
+  in, serialized reply out, one batch of six operations, the channel's own call
+  bookkeeping), without grpc's per-call Python state (a condition variable, a rendezvous
+  object, locks), which cost more than the call itself from a greenlet. Its callback runs
+  on the spin thread with the status and the reply, and hands them to the hub with
+  ``Completions.post``: one libev async watcher wakes the hub, which runs everything
+  posted since in one go.
+
+Blocking calls (``stub.Method(request)``) and ``future()`` calls keep working as usual.
+Threads touch gevent's (monkey-patched) lock of grpc's channel state from the spin
+thread; gevent supports locks shared between native threads.
 """
 
 from __future__ import annotations
@@ -23,12 +30,15 @@ from __future__ import annotations
 import collections
 import logging
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 import gevent.monkey
+import grpc
 from gevent.hub import Hub, get_hub
 from grpc import _channel as grpc_channel
+from grpc import _common as grpc_common
 from grpc._cython import cygrpc  # type: ignore[attr-defined]
 
 log = logging.getLogger(__name__)
@@ -164,3 +174,63 @@ def completions() -> Completions:
     if found is None or found.hub is not hub:
         found = _completions[id(hub)] = Completions(hub)
     return found
+
+
+#: A finished call's status code (``grpc.StatusCode``), details, serialized reply (None when
+#: failed) and ``time.perf_counter`` when the completion thread saw it end.
+Done = Callable[[grpc.StatusCode, str, bytes | None, float], None]
+
+_STATUS_CODES = grpc_common.CYGRPC_STATUS_CODE_TO_STATUS_CODE
+_RECEIVE_STATUS = cygrpc.OperationType.receive_status_on_client
+_RECEIVE_MESSAGE = cygrpc.OperationType.receive_message
+
+
+class RawUnary:
+    """One unary method of a channel, called with a serialized request (see the module docstring).
+
+    ``start(payload, timeout, done)`` sends and returns the call (``cancel`` it to give up);
+    ``done(code, details, reply, end)`` then runs once, on the channel's spin thread: keep
+    it short and thread-safe (``Completions.post`` is).
+    """
+
+    __slots__ = ("_create", "_handle", "_method")
+
+    def __init__(self, channel: grpc.Channel, method: str) -> None:
+        install()
+        state = channel._call_state  # type: ignore[attr-defined]
+        self._create = grpc_channel._channel_managed_call_management(state)
+        self._method = method.encode()
+        self._handle = channel._get_registered_call_handle(method)  # type: ignore[attr-defined]
+
+    def start(self, payload: bytes, timeout: float | None, done: Done) -> Any:
+        operations = (
+            cygrpc.SendInitialMetadataOperation(None, 0),
+            cygrpc.SendMessageOperation(payload, 0),
+            cygrpc.SendCloseFromClientOperation(0),
+            cygrpc.ReceiveInitialMetadataOperation(0),
+            cygrpc.ReceiveMessageOperation(0),
+            cygrpc.ReceiveStatusOnClientOperation(0),
+        )
+
+        def handle(event: Any) -> bool:
+            end = time.perf_counter()
+            code, details, reply = grpc.StatusCode.UNKNOWN, "", None
+            for operation in event.batch_operations:
+                kind = operation.type()
+                if kind == _RECEIVE_STATUS:
+                    code = _STATUS_CODES.get(operation.code(), grpc.StatusCode.UNKNOWN)
+                    details = operation.details()
+                elif kind == _RECEIVE_MESSAGE:
+                    reply = operation.message()
+            done(code, details, reply if code == grpc.StatusCode.OK else None, end)
+            return True  # one batch: the call is over
+
+        deadline = None if timeout is None else time.time() + timeout
+        flags = cygrpc.PropagationConstants.GRPC_PROPAGATE_DEFAULTS
+        return self._create(flags, self._method, None, deadline, None, None, (operations,), handle, None,
+                            self._handle)  # fmt: skip
+
+
+def cancel(call: Any, details: str) -> None:
+    """Give up a call started by ``RawUnary.start`` (its ``done`` still runs, with CANCELLED)."""
+    call.cancel(cygrpc.StatusCode.cancelled, details)

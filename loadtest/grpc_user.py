@@ -28,6 +28,7 @@ from locust import User  # first: gevent must patch the stdlib before grpc/ssl a
 # isort: split
 import itertools
 import os
+import sys
 import time
 import weakref
 from collections.abc import Callable
@@ -41,12 +42,15 @@ from locust.env import Environment
 from locust.exception import LocustError
 
 from contract.protocol import inference_pb2 as pb
-from contract.protocol import inference_pb2_grpc as pb_grpc
 from loadtest import gevent_grpc
 from loadtest.latency_file import LatencyRecorder
-from loadtest.workload import CHANNEL_OPTIONS, MODEL_INFER_METHOD, InputPool, LoadSettings, grpc_target
+from loadtest.workload import CHANNEL_OPTIONS, InputPool, LoadSettings, grpc_target
+
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 _gevent_ready_pid: int | None = None
+#: The interpreter's GIL switch interval in Locust processes (see ``init_gevent_grpc``).
+SWITCH_INTERVAL_S = 0.001
 
 
 def init_gevent_grpc() -> None:
@@ -59,25 +63,29 @@ def init_gevent_grpc() -> None:
     if _gevent_ready_pid != os.getpid():
         grpc.experimental.gevent.init_gevent()
         gevent_grpc.install()
+        # Replies are timed on gRPC's completion thread once it holds the GIL; a busy hub
+        # hands the GIL over every switch interval (5 ms by default), which would count as latency.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         _gevent_ready_pid = os.getpid()
 
 
 init_gevent_grpc()
 
 
-class RpcFailure(Exception):
+class RpcFailure(grpc.RpcError):
     """A failed call as Locust reports it: ``CODE: details`` (so equal errors group together)."""
 
     def __init__(self, code: grpc.StatusCode | None, details: str | None) -> None:
-        self.code = code
+        self._code = code
+        self._details = details
         name = code.name if code else "UNKNOWN"
         super().__init__(f"{name}: {details}" if details else name)
 
-    @classmethod
-    def of(cls, error: BaseException) -> RpcFailure:
-        if isinstance(error, grpc.Call):
-            return cls(error.code(), error.details())
-        return cls(None, str(error))
+    def code(self) -> grpc.StatusCode | None:  # type: ignore[override]
+        return self._code
+
+    def details(self) -> str | None:
+        return self._details
 
 
 class ClientBacklog(Exception):
@@ -105,22 +113,23 @@ def recorder_for(environment: Environment) -> LatencyRecorder | None:
 
 # ---- timing ----
 
-#: What a finished call hands to its continuation: (reply or None, error or None).
-Outcome = tuple[Any, BaseException | None]
+#: What a finished call hands to its continuation: (serialized reply or None, RpcFailure or None).
+Outcome = tuple[bytes | None, RpcFailure | None]
 
 
 class Pending:
     """A call in flight. ``abandon`` cancels it: it is then never reported (its caller was stopped)."""
 
-    __slots__ = ("abandoned", "future")
+    __slots__ = ("abandoned", "call")
 
-    def __init__(self, future: grpc.Future) -> None:
-        self.future = future
+    def __init__(self) -> None:
+        self.call: Any = None
         self.abandoned = False
 
     def abandon(self) -> None:
         self.abandoned = True
-        self.future.cancel()
+        if self.call is not None:
+            gevent_grpc.cancel(self.call, "the load-test user stopped")
 
 
 class TimedRpc:
@@ -130,22 +139,25 @@ class TimedRpc:
     ``time.perf_counter``: from the scheduled time when ``start`` is given one),
     ``response_length`` the reply's size, ``exception=RpcFailure`` on failure. The end time
     is taken on the completion thread as the reply arrives, not when the hub gets to it.
-    A thin wrapper rather than a ``grpc.UnaryUnaryClientInterceptor``: gRPC's interceptor
-    plumbing builds a new multicallable and call objects for every call.
+    Requests go out serialized (messages are serialized here); ``__call__`` parses the reply
+    with ``reply_type`` when given, and returns it serialized otherwise. Calls start on the
+    channel's core (``gevent_grpc.RawUnary``), neither through an interceptor nor a stub.
     """
 
-    __slots__ = ("_call", "_completions", "_context", "_fire", "_names", "_record", "_rpc")
+    __slots__ = ("_completions", "_context", "_fire", "_names", "_record", "_reply_type", "_rpc", "_unary")
 
     def __init__(
         self,
-        call: grpc.UnaryUnaryMultiCallable,
+        channel: grpc.Channel,
         rpc: str,
         environment: Environment,
         context: dict[str, Any] | None = None,
         recorder: LatencyRecorder | None = None,
+        reply_type: Any = None,
     ) -> None:
-        self._call = call
+        self._unary = gevent_grpc.RawUnary(channel, f"/{SERVICE}/{rpc}")
         self._rpc = rpc
+        self._reply_type = reply_type
         self._fire = environment.events.request.fire
         self._context = context if context is not None else {}
         self._record = recorder.record if recorder is not None else None
@@ -153,17 +165,17 @@ class TimedRpc:
         self._completions = gevent_grpc.completions()
 
     def __call__(self, request: Any, timeout: float | None = None, name: str | None = None) -> Any:
-        """Call and wait; the reply, or the ``grpc.RpcError`` raised (after it was reported)."""
+        """Call and wait; the reply, or the ``RpcFailure`` raised (after it was reported)."""
         waiter = Waiter(self._completions.hub)
         pending = self.start(request, timeout, then=waiter.switch, name=name)
         try:
-            response, error = waiter.get()
+            reply, error = waiter.get()
         except BaseException:  # this greenlet was killed (a user stopped): the call goes unreported
             pending.abandon()
             raise
         if error is not None:
             raise error
-        return response
+        return reply if self._reply_type is None else self._reply_type.FromString(reply)
 
     def start(
         self,
@@ -180,19 +192,20 @@ class TimedRpc:
         send lag count from it. ``name``: the request name (default ``<model>/<RPC>`` from
         the request message).
         """
-        sent = time.perf_counter()
         label = name or self._name(request)
-        pending = Pending(self._call.future(request, timeout=timeout))
+        payload = request if isinstance(request, bytes) else request.SerializeToString()
+        pending = Pending()
         completions = self._completions
-        completions.expect()
         post = completions.post
         finish = self._finish
+        sent = time.perf_counter()
         due = sent if scheduled is None else scheduled
 
-        def done(call: grpc.Future) -> None:
-            post(finish, pending, label, due, sent, time.perf_counter(), then)
+        def done(code: grpc.StatusCode, details: str, reply: bytes | None, end: float) -> None:
+            post(finish, pending, label, due, sent, code, details, reply, end, then)
 
-        pending.future.add_done_callback(done)
+        pending.call = self._unary.start(payload, timeout, done)
+        completions.expect()
         return pending
 
     def _finish(
@@ -201,30 +214,27 @@ class TimedRpc:
         label: str,
         scheduled: float,
         sent: float,
+        code: grpc.StatusCode,
+        details: str,
+        reply: bytes | None,
         end: float,
         then: Callable[[Outcome], None] | None,
     ) -> None:
         if pending.abandoned:
             return
-        call = pending.future
-        error = call.exception()
-        if error is None:
-            response = call.result()
-            length = len(response) if isinstance(response, bytes) else response.ByteSize()
-        else:
-            response, length = None, 0
+        error = None if reply is not None else RpcFailure(code, details)
         if self._record is not None:
             self._record((scheduled, end - scheduled, error is None, sent - scheduled))
         self._fire(
             request_type="grpc",
             name=label,
             response_time=(end - scheduled) * 1000.0,
-            response_length=length,
-            exception=None if error is None else RpcFailure.of(error),
+            response_length=0 if reply is None else len(reply),
+            exception=error,
             context=self._context,
         )
         if then is not None:
-            then((response, error))
+            then((reply, error))
 
     def _name(self, request: Any) -> str:
         model: str | None = getattr(request, "model_name", None)
@@ -318,15 +328,17 @@ class GrpcUser(User):
         self.pool = shared_pool(self.channel, self.target, self.settings)
         self._payloads = self.pool.payload_cycle()
         self.infer_name = f"{self.pool.model}/ModelInfer"
-        recorder = recorder_for(self.environment)
-        raw = self.channel.unary_unary(MODEL_INFER_METHOD, _registered_method=True)  # type: ignore[call-arg]
-        self.infer_rpc = TimedRpc(raw, "ModelInfer", self.environment, self.request_context, recorder)
+        self.infer_rpc = self.timed("ModelInfer")
 
-    def timed(self, rpc: str) -> TimedRpc:
-        """``rpc`` (a unary GRPCInferenceService method name) on this user's channel, timed."""
+    def timed(self, rpc: str, reply_type: Any = None) -> TimedRpc:
+        """``rpc`` (a unary GRPCInferenceService method name) on this user's channel, timed.
+
+        Its calls return the reply parsed as ``reply_type`` (e.g. ``pb.ModelMetadataResponse``),
+        or serialized when None.
+        """
         assert self.channel is not None, "timed() before on_start()"
-        stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
-        return TimedRpc(getattr(stub, rpc), rpc, self.environment, self.request_context, recorder_for(self.environment))
+        recorder = recorder_for(self.environment)
+        return TimedRpc(self.channel, rpc, self.environment, self.request_context, recorder, reply_type)
 
     def on_stop(self) -> None:
         self.channel = None  # shared: closed with the process's others (close_channels)
@@ -345,6 +357,6 @@ class GrpcUser(User):
             reply: bytes = self.infer_rpc(
                 payload, timeout=self.settings.deadline_s if timeout is None else timeout, name=name
             )
-        except grpc.RpcError:
+        except RpcFailure:
             return None
         return reply

@@ -32,9 +32,6 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_receive_message_length", -1),
 ]
 
-#: The ModelInfer method path, for calls that send pre-serialized requests.
-MODEL_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
-
 
 def grpc_target(host: str | None) -> str:
     """``HOST:PORT`` from Locust's ``--host`` (a ``grpc://`` or ``http://`` prefix is accepted)."""
