@@ -822,7 +822,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     arg("--tf-metrics", help="metrics URL of the running tf_server")
     arg("--locust-processes", default=defaults.locust_processes,
         help="Locust processes per step: a number, or auto (more when one would need over "
-        f"{PROCESS_CPU_BUDGET:.0%} of a core, at most one per generator core) (default: %(default)s)")  # fmt: skip
+        f"{PROCESS_CPU_BUDGET * 100:.0f}%% of a core, at most one per generator core) (%(default)s)")  # fmt: skip
     arg("--out", type=Path, help="report folder (default: reports/<timestamp>)")
     arg("--cpu-split", choices=["auto", "none"], default=defaults.cpu_split,
         help="auto: pin the server to the first half of the cores and Locust to the rest (%(default)s)")  # fmt: skip

@@ -228,6 +228,22 @@ def test_cpu_split_lists_matrix_and_targets() -> None:
         compare.parse_target("127.0.0.1:9000")
 
 
+def test_command_line_help_and_options() -> None:
+    from loadtest.__main__ import build_parser
+
+    parser = build_parser()
+    commands = next(action for action in parser._actions if action.dest == "command")
+    assert "--matrix" in commands.choices["compare"].format_help()  # type: ignore[attr-defined]
+    args = parser.parse_args(["compare", "--precision", "bf16", "--matrix", "compile=off,on", "--repeats", "3",
+                              "--target", "bare=127.0.0.1:9000", "--locust-processes", "2"])  # fmt: skip
+    opts = compare.options_from(args)
+    assert (opts.precision, opts.matrix, opts.repeats, opts.targets) == ("bf16", ["compile=off,on"], 3,
+                                                                         ["bare=127.0.0.1:9000"])  # fmt: skip
+    for bad in (["--locust-processes", "many"], ["--torch-target", "h:1"], ["--matrix", "colour=red"]):
+        with pytest.raises(ValueError):  # noqa: PT011 - each names its own problem
+            compare.options_from(parser.parse_args(["compare", *bad]))
+
+
 def test_every_server_flag_is_explicit_and_identical() -> None:
     opts = compare.Options(precision="bf16", compile="on", server_args=["--grace-period-s", "5"])
     arms, groups = compare.plan_arms(opts)
@@ -453,7 +469,10 @@ def test_throughput_characteristics_pick_the_best_valid_scenario() -> None:
 
 
 def _synthetic_step(repeat: int, mode: str, x: float, speed: float) -> dict[str, Any]:
-    latency_ms = np.random.default_rng(repeat).gamma(4.0, 1.0, 500)  # the same latencies for every server
+    # Latencies from one distribution for every server, the slower one's a little off per repeat, so that
+    # their means differ while their ranges overlap.
+    shift = 1.0 if speed == 1.0 else (1.04, 0.97, 1.01)[repeat % 3]
+    latency_ms = np.random.default_rng(repeat).gamma(4.0, 1.0, 500) * shift
     figures = stats.window_stats(
         samples(np.linspace(0, 5, 500), latency_ms, np.ones(500, bool)), 0, 5, batch_size=1, deadline_s=1.0
     )
@@ -498,7 +517,7 @@ def _synthetic_results(repeats: int = 3) -> dict[str, Any]:
                     "phase": phase,
                     "repeat": r,
                     "cold_start_s": None if framework is None else 3.0 / speed + r * 0.1,
-                    "idle_rss_bytes": 2e8 + r,
+                    "idle_rss_bytes": 2e8 + r * 1e6 + (0 if speed == 1.0 else 5e5),  # overlapping ranges
                 }
                 for phase in ("closed", "open")
                 for r in range(repeats)
@@ -571,14 +590,15 @@ def test_report_from_synthetic_results(tmp_path: Path) -> None:
     assert peak["values"] == {"torch": [400.0, 401.0, 402.0], "tensorflow": [320.0, 321.0, 322.0]}
     assert (peak["winner"], peak["verdict"]) == ("torch", "torch better")
     assert peak["margin_pct"] == pytest.approx(80.0 / 321.0 * 100)
-    # Same latency distribution on both: whatever the means say, no winner.
-    assert rows["p99 latency @ 4 users"]["winner"] is None
-    assert rows["p99 latency @ 4 users"]["verdict"] == "no difference beyond noise"
+    # Means that differ, ranges that overlap: a leader, and no winner.
+    p99 = rows["p99 latency @ 4 users"]
+    assert p99["leader"] is not None
+    assert (p99["winner"], p99["verdict"]) == (None, "no difference beyond noise")
     cold = rows["cold start (spawn to SERVING)"]
     assert len(cold["values"]["torch"]) == 6  # both phases' starts
     assert cold["winner"] == "torch"
-    assert rows["idle memory (RSS)"]["winner"] is None
-    assert rows["idle memory (RSS)"]["verdict"] == "no difference beyond noise"
+    idle = rows["idle memory (RSS)"]
+    assert (idle["leader"], idle["winner"], idle["verdict"]) == ("torch", None, "no difference beyond noise")
     memory = rows["memory under load (max RSS)"]
     assert max(memory["values"]["torch"]) == pytest.approx(3.1e8 / 2**20)  # invalid steps' 9e9 left out
     markdown = (tmp_path / "report.md").read_text()
