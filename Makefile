@@ -30,7 +30,7 @@ pytest: $(STAMP)
 test: lint typecheck proto-check pytest
 
 compare: $(STAMP)
-	$(PY) -m loadtest compare
+	$(PY) -m loadtest compare $(COMPARE_ARGS)
 
 serve-torch: $(STAMP)
 	$(PY) -m torch_server serve --model mlp

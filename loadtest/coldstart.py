@@ -23,7 +23,7 @@ from typing import Any
 
 import psutil
 
-from loadtest.compare import abba
+from loadtest.plan import abba
 from loadtest.servers import ServerProcess
 
 

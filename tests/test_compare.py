@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from contract.protocol import inference_pb2 as pb
-from loadtest import compare, report, sampling, stats
+from loadtest import compare, plan, report, sampling, stats
 from loadtest.latency_file import Samples, read_latencies
 from loadtest.servers import ServerProcess
 from loadtest.stats import Tick
@@ -186,34 +186,34 @@ def _step(**overrides: Any) -> dict[str, Any]:
 
 
 def test_invalid_reasons() -> None:
-    assert compare.invalid_reasons(_step()) == []
-    saturated = compare.invalid_reasons(_step(generator_cpu_pct={"mean": 97.0}, error_rate=0.05))
+    assert plan.invalid_reasons(_step()) == []
+    saturated = plan.invalid_reasons(_step(generator_cpu_pct={"mean": 97.0}, error_rate=0.05))
     assert [reason.split()[0] for reason in saturated] == ["generator", "error"]
     behind = _step(mode="open", offered_rps=1000.0, sent_rps=500.0, send_lag_ms={"p99": 30.0}, unsent=12)
-    assert compare.invalid_reasons(behind) == [
+    assert plan.invalid_reasons(behind) == [
         "generator behind schedule: sent 500/s of 1000/s",
         "generator dropped 12 arrivals (client backlog)",
         "generator send lag p99 30 ms > 10 ms",
     ]
-    assert compare.invalid_reasons(_step(mode="open", offered_rps=1000.0, sent_rps=999.0)) == []
-    assert compare.invalid_reasons(_step(window_s=5.0, resource_window_s=4.5)) == ["window cut to 5.0 s"]
-    assert compare.invalid_reasons(_step(resource_window_s=1.0)) == ["resource samples cover only 1.0 s of the window"]
-    assert compare.invalid_reasons(_step(generator_exit_code=-9)) == ["Locust did not stop in time and was killed"]
+    assert plan.invalid_reasons(_step(mode="open", offered_rps=1000.0, sent_rps=999.0)) == []
+    assert plan.invalid_reasons(_step(window_s=5.0, resource_window_s=4.5)) == ["window cut to 5.0 s"]
+    assert plan.invalid_reasons(_step(resource_window_s=1.0)) == ["resource samples cover only 1.0 s of the window"]
+    assert plan.invalid_reasons(_step(generator_exit_code=-9)) == ["Locust did not stop in time and was killed"]
     busy_host = _step(other_cpu_pct={"mean": 60.0})
-    assert compare.invalid_reasons(busy_host) == ["other processes used 60% CPU (> 25%)"]
-    assert compare.invalid_reasons(busy_host, local=False) == []
+    assert plan.invalid_reasons(busy_host) == ["other processes used 60% CPU (> 25%)"]
+    assert plan.invalid_reasons(busy_host, local=False) == []
     # Two Locust processes on two generator cores may use up to 90% of each.
     two = _step(generator_cpu_pct={"mean": 150.0}, generator_processes=2)
-    assert compare.invalid_reasons(two, generator_cores=2) == []
-    assert compare.invalid_reasons(two, generator_cores=1) == ["generator CPU 150% > 90%"]
+    assert plan.invalid_reasons(two, generator_cores=2) == []
+    assert plan.invalid_reasons(two, generator_cores=1) == ["generator CPU 150% > 90%"]
 
 
 def test_cpu_split_lists_matrix_and_targets() -> None:
-    assert compare.cpu_split("auto", [0, 1]) == ([0], [1])
-    assert compare.cpu_split("auto", [0]) == (None, None)
-    assert compare.cpu_split("none", [0, 1, 2, 3]) == (None, None)
-    assert compare.parse_list(" 1, 4,16,", int) == [1, 4, 16]
-    assert compare.parse_matrix(["precision=fp32,bf16", "compile=off,on"]) == [
+    assert plan.cpu_split("auto", [0, 1]) == ([0], [1])
+    assert plan.cpu_split("auto", [0]) == (None, None)
+    assert plan.cpu_split("none", [0, 1, 2, 3]) == (None, None)
+    assert plan.parse_list(" 1, 4,16,", int) == [1, 4, 16]
+    assert plan.parse_matrix(["precision=fp32,bf16", "compile=off,on"]) == [
         {"precision": "fp32", "compile": "off"},
         {"precision": "fp32", "compile": "on"},
         {"precision": "bf16", "compile": "off"},
@@ -221,11 +221,11 @@ def test_cpu_split_lists_matrix_and_targets() -> None:
     ]
     for bad in (["colour=red"], ["precision"], ["precision=fp32", "precision=bf16"]):
         with pytest.raises(ValueError, match="--matrix"):
-            compare.parse_matrix(bad)
-    assert compare.parse_target("bare=127.0.0.1:9000") == ("bare", "127.0.0.1:9000", None)
-    assert compare.parse_target("t=h:1,http://h:2/metrics") == ("t", "h:1", "http://h:2/metrics")
+            plan.parse_matrix(bad)
+    assert plan.parse_target("bare=127.0.0.1:9000") == ("bare", "127.0.0.1:9000", None)
+    assert plan.parse_target("t=h:1,http://h:2/metrics") == ("t", "h:1", "http://h:2/metrics")
     with pytest.raises(ValueError, match="NAME=HOST:PORT"):
-        compare.parse_target("127.0.0.1:9000")
+        plan.parse_target("127.0.0.1:9000")
 
 
 def test_command_line_help_and_options() -> None:
@@ -245,8 +245,8 @@ def test_command_line_help_and_options() -> None:
 
 
 def test_every_server_flag_is_explicit_and_identical() -> None:
-    opts = compare.Options(precision="bf16", compile="on", server_args=["--grace-period-s", "5"])
-    arms, groups = compare.plan_arms(opts)
+    opts = plan.Options(precision="bf16", compile="on", server_args=["--grace-period-s", "5"])
+    arms, groups = plan.plan_arms(opts)
     assert [arm.name for arm in arms] == ["torch", "tensorflow"]
     assert arms[0].server_args == arms[1].server_args == opts.server_args_for_all()
     args = opts.server_args_for_all()
@@ -259,8 +259,8 @@ def test_every_server_flag_is_explicit_and_identical() -> None:
 
 
 def test_matrix_and_reference_arms() -> None:
-    opts = compare.Options(matrix=["precision=fp32,bf16"], targets=["bare=127.0.0.1:9000"])
-    arms, groups = compare.plan_arms(opts)
+    opts = plan.Options(matrix=["precision=fp32,bf16"], targets=["bare=127.0.0.1:9000"])
+    arms, groups = plan.plan_arms(opts)
     assert [(arm.name, arm.kind) for arm in arms] == [
         ("torch[precision=fp32]", "local"),
         ("tensorflow[precision=fp32]", "local"),
@@ -290,12 +290,12 @@ def test_each_phase_runs_the_servers_in_abba_order(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(compare, "serving", fake_serving)
     monkeypatch.setattr(compare, "measure_step", fake_step)
-    opts = compare.Options(repeats=4, targets=["ref=127.0.0.1:1"])
-    arms, _ = compare.plan_arms(opts)
+    opts = plan.Options(repeats=4, targets=["ref=127.0.0.1:1"])
+    arms, _ = plan.plan_arms(opts)
     run = compare.Run(opts, tmp_path, tmp_path, None, None)
     records = {arm.name: {"steps": [], "starts": []} for arm in arms}
     order: list[dict[str, Any]] = []
-    compare.phase(run, arms, records, "closed", [compare.Scenario("closed", 1)], {}, order, [])
+    compare.phase(run, arms, records, "closed", [plan.Scenario("closed", 1)], {}, order, [])
     forward, backward = ["torch", "tensorflow", "ref"], ["ref", "tensorflow", "torch"]
     assert [entry["arm"] for entry in order] == forward + backward + forward + backward
     assert [(e["phase"], e["repeat"], e["arm"]) for e in order] == ran
@@ -321,23 +321,23 @@ def test_open_loop_grid_is_one_set_of_absolute_rates_from_the_lower_valid_peak()
         "torch": [_closed(4, 1000), _closed(4, 1100), _closed(16, 3000), _closed(32, 9000, valid=False)],
         "tensorflow": [_closed(4, 900), _closed(16, 2000), _closed(16, 2200)],
     }
-    grid = compare.rate_grid(steps, [0.25, 0.5, 0.9], 1.1)
+    grid = plan.rate_grid(steps, [0.25, 0.5, 0.9], 1.1)
     assert grid["peaks"] == {"torch": 3000, "tensorflow": 2100}  # the invalid 9000 left out
     assert grid["rates"] == [525.0, 1050.0, 1890.0, 3300.0]  # of 2100 (lower), and 1.1 x 3000 (higher)
     assert grid["invalid_peaks"] == []
-    no_valid = compare.rate_grid({"torch": [_closed(4, 500, valid=False)]}, [0.5], 0)
+    no_valid = plan.rate_grid({"torch": [_closed(4, 500, valid=False)]}, [0.5], 0)
     assert no_valid["rates"] == [250.0]
     assert no_valid["invalid_peaks"] == ["torch"]
 
 
 def test_locust_processes_follow_the_expected_generator_load() -> None:
-    open_3000 = compare.Scenario("open", 3000)
-    assert compare.locust_processes(open_3000, "auto", generator_cores=1, us_per_request=250, rate_hint=0) == 1
-    assert compare.locust_processes(open_3000, "auto", generator_cores=4, us_per_request=250, rate_hint=0) == 2
-    assert compare.locust_processes(open_3000, "auto", generator_cores=8, us_per_request=600, rate_hint=0) == 3
-    closed_2 = compare.Scenario("closed", 2)
-    assert compare.locust_processes(closed_2, "auto", generator_cores=8, us_per_request=600, rate_hint=9000) == 2
-    assert compare.locust_processes(closed_2, "3", generator_cores=1, us_per_request=1, rate_hint=0) == 3
+    open_3000 = plan.Scenario("open", 3000)
+    assert plan.locust_processes(open_3000, "auto", generator_cores=1, us_per_request=250, rate_hint=0) == 1
+    assert plan.locust_processes(open_3000, "auto", generator_cores=4, us_per_request=250, rate_hint=0) == 2
+    assert plan.locust_processes(open_3000, "auto", generator_cores=8, us_per_request=600, rate_hint=0) == 3
+    closed_2 = plan.Scenario("closed", 2)
+    assert plan.locust_processes(closed_2, "auto", generator_cores=8, us_per_request=600, rate_hint=9000) == 2
+    assert plan.locust_processes(closed_2, "3", generator_cores=1, us_per_request=1, rate_hint=0) == 3
 
 
 def _config(**parameters: str) -> dict[str, Any]:
@@ -347,22 +347,20 @@ def _config(**parameters: str) -> dict[str, Any]:
 
 
 def test_check_settings_refuses_servers_that_differ() -> None:
-    expected = compare.expected_settings(compare.Options(), {})
-    assert compare.check_settings({"a": _config(), "b": _config()}, expected) == []
-    assert compare.check_settings({"a": _config(), "b": _config(device="cuda:0")}, expected) == [
-        "device: a cpu, b cuda:0"
-    ]
-    assert compare.check_settings({"a": _config(threads="2"), "b": _config(precision="bf16")}) == [
+    expected = plan.expected_settings(plan.Options(), {})
+    assert plan.check_settings({"a": _config(), "b": _config()}, expected) == []
+    assert plan.check_settings({"a": _config(), "b": _config(device="cuda:0")}, expected) == ["device: a cpu, b cuda:0"]
+    assert plan.check_settings({"a": _config(threads="2"), "b": _config(precision="bf16")}) == [
         "threads: a 2, b 1",
         "precision: a fp32, b bf16",
     ]
     other_batching = _config() | {"dynamic_batching": None}
-    assert compare.check_settings({"a": _config(), "b": other_batching})[0].startswith("dynamic_batching:")
-    assert compare.check_settings({"a": _config(compile="on"), "b": _config(compile="on")}, expected) == [
+    assert plan.check_settings({"a": _config(), "b": other_batching})[0].startswith("dynamic_batching:")
+    assert plan.check_settings({"a": _config(compile="on"), "b": _config(compile="on")}, expected) == [
         "compile: asked for off, the servers report on"
     ]
     unreported = {"parameters": {}, "max_batch_size": 32, "instances": 1, "dynamic_batching": None}
-    assert "precision: asked for fp32, the servers report None" in compare.check_settings(
+    assert "precision: asked for fp32, the servers report None" in plan.check_settings(
         {"a": unreported, "b": unreported}, expected
     )
 
@@ -413,7 +411,7 @@ def fake_pair() -> Iterator[tuple[str, str]]:
 def test_comparison_refuses_servers_on_different_devices_before_measuring(
     fake_pair: tuple[str, str], tmp_path: Path
 ) -> None:
-    opts = compare.Options(torch_target=fake_pair[0], tf_target=fake_pair[1], out=tmp_path / "out")
+    opts = plan.Options(torch_target=fake_pair[0], tf_target=fake_pair[1], out=tmp_path / "out")
     with pytest.raises(compare.ComparisonRefused, match=r"device: torch_server cpu, tf_server cuda:0"):
         compare.run_comparison(opts)
     assert not list((tmp_path / "out" / "logs").iterdir())  # no Locust run, no server log
@@ -527,7 +525,7 @@ def _synthetic_results(repeats: int = 3) -> dict[str, Any]:
             "model_config": {"parameters": {"framework_version": "1.0", "device": "cpu"}, "max_batch_size": 32},
             "prepare": {"first_start_s": 9.0, "export_s": 2.5, "compile_s": 0.0, "model_dir": "/tmp/x"},
         }
-    options = compare.Options(concurrency=[1, 4], repeats=repeats, targets=["bare=127.0.0.1:1"])
+    options = plan.Options(concurrency=[1, 4], repeats=repeats, targets=["bare=127.0.0.1:1"])
     settings = {
         **vars(options),
         "out": None,
@@ -543,7 +541,7 @@ def _synthetic_results(repeats: int = 3) -> dict[str, Any]:
         {"phase": phase, "repeat": r, "arm": arm}
         for phase in ("closed", "open")
         for r in range(repeats)
-        for arm in compare.abba(["torch", "tensorflow", "bare"], r)
+        for arm in plan.abba(["torch", "tensorflow", "bare"], r)
     ]
     return {
         "meta": {"started": "2024-01-01T00:00:00", "duration_s": 1.0, "command": "", "out": ""},
@@ -634,7 +632,7 @@ def test_compare_end_to_end_on_mlp_with_a_reference_server(tmp_path: Path) -> No
     assert results["failures"] == []
     forward, backward = ["torch", "tensorflow", "bare"], ["bare", "tensorflow", "torch"]
     assert [entry["arm"] for entry in results["order"]] == (forward + backward) * 2  # closed, then open: ABBA
-    views = [compare.settings_view(results["servers"][fw]["model_config"]) for fw in ("torch", "tensorflow")]
+    views = [plan.settings_view(results["servers"][fw]["model_config"]) for fw in ("torch", "tensorflow")]
     assert views[0] == views[1]
     assert views[0]["device"] == "cpu"
     assert views[0]["threads"] == "1"

@@ -28,7 +28,7 @@ import pytest
 from contract.codec import request_inputs
 from contract.datatypes import CONFIG_DATATYPES, TensorSpec
 from contract.protocol import inference_pb2 as pb
-from loadtest import compare, stats
+from loadtest import plan, stats
 from loadtest.latency_file import LatencyRecorder, Samples, read_latencies
 from loadtest.servers import ServerProcess
 from loadtest.workload import InputPool, LoadSettings
@@ -238,7 +238,7 @@ def test_open_loop_with_a_lagging_generator(fast_target: str, tmp_path: Path) ->
     step = figures | {"mode": "open", "offered_rps": 200.0, "window_target_s": 1.5, "generator_exit_code": 0,
                       "generator_processes": 1, "generator_cpu_pct": {"mean": 30.0},
                       "other_cpu_pct": {"mean": 0.0}, "resource_window_s": 1.5}  # fmt: skip
-    reasons = compare.invalid_reasons(step)
+    reasons = plan.invalid_reasons(step)
     assert any(reason.startswith("generator send lag p99") for reason in reasons), reasons
 
 
