@@ -670,3 +670,37 @@ def test_compare_end_to_end_on_mlp_with_a_reference_server(tmp_path: Path) -> No
     cold = next(row for row in rows if row["characteristic"].startswith("cold start"))
     assert len(cold["values"]["torch"]) == 4
     assert cold["p_value"] == pytest.approx(2 / 70)
+
+
+def test_matrix_report_has_a_verdict_per_combination_and_a_row_per_server(tmp_path: Path) -> None:
+    results = _synthetic_results()
+    servers = results["servers"]
+    for precision in ("fp32", "bf16"):
+        for framework in ("torch", "tensorflow"):
+            arm = dict(servers[framework])
+            arm["label"] = f"{arm['label']} (precision {precision})"
+            arm["variant"] = {"precision": precision}
+            servers[f"{framework}[precision={precision}]"] = arm
+    del servers["torch"], servers["tensorflow"]
+    results["variants"] = []
+    for p in ("fp32", "bf16"):
+        arms = {fw: f"{fw}[precision={p}]" for fw in ("torch", "tensorflow")}
+        results["variants"].append({"name": f"precision {p}", "values": {"precision": p}, "arms": arms})
+    results["settings"]["matrix"] = ["precision=fp32,bf16"]
+    report.write_report(results, tmp_path)
+    markdown = (tmp_path / "report.md").read_text()
+    assert "## Verdict: precision fp32" in markdown
+    assert "## Verdict: precision bf16" in markdown
+    assert "| characteristic | torch_server (precision bf16) | tf_server (precision bf16) |" in markdown
+    every = markdown.split("## Every server", 1)[1].split("##", 1)[0]
+    assert [line.split("|")[1].strip() for line in every.splitlines() if line.startswith("| ") and "(" in line][1:] == [
+        "bare (reference)",
+        "torch_server (precision fp32)",
+        "tf_server (precision fp32)",
+        "torch_server (precision bf16)",
+        "tf_server (precision bf16)",
+    ]
+    assert {row["variant"] for row in json.loads((tmp_path / "results.json").read_text())["verdict"]} == {
+        "precision fp32",
+        "precision bf16",
+    }
