@@ -151,7 +151,14 @@ def main(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     from serving.server import StartupError, run
+    from serving.workers import WorkerPlace, supervise, worker_count
 
+    workers = worker_count(settings.workers)
+    if workers > 1 and WorkerPlace.from_environment() is None:
+        try:
+            return supervise(settings, workers)  # its workers run this same command line
+        except StartupError as err:
+            return _refuse(err)
     try:
         # Thread settings must precede the framework's first op.
         framework.configure(settings.threads, settings.device)

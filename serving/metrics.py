@@ -3,15 +3,20 @@
 One ``ModelMetrics`` records each event once and feeds both views, so the scrape and
 the RPC can never disagree. Events are cheap on the request path: plain counters and
 bucket counts updated under one lock per event (one per request, one per batch: a
-batch's queue waits go in together), turned into Prometheus families only when
-scraped. The registry is injected (no global state): each server, and each test, owns
-its own.
+batch's queue waits go in together). Reading flattens them into one row of numbers
+(``Layout``) in a ``MetricsTable``: a private one for a single server process, a file
+in shared memory with one row per worker when ``--workers`` runs several (each worker
+publishes its row every ``PUBLISH_INTERVAL_S`` and when read), so every worker answers
+ModelStatistics with the totals of all, and the supervisor exposes them on the one
+metrics port. The registry is injected (no global state): each server, and each test,
+owns its own.
 
 Families (same names on both servers): ``inference_requests_total{model,code}``,
 ``inference_request_duration_seconds``, ``inference_queue_duration_seconds``,
 ``inference_compute_duration_seconds``, ``inference_batch_size`` (histograms by
 model), ``inference_executions_total``, ``inference_rows_total``,
-``inference_queue_depth``, ``inference_inflight_requests``.
+``inference_queue_depth``, ``inference_inflight_requests``, and with several workers
+``inference_worker_requests_total{model,worker}`` (how the kernel spread the load).
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
+import grpc
+import numpy as np
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
@@ -35,6 +43,11 @@ LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+CODES = tuple(code.name for code in grpc.StatusCode)
+#: How often a worker of several writes its figures into the shared table.
+PUBLISH_INTERVAL_S = 0.1
+#: Largest batch size the standalone ModelMetrics (tests, tools) keeps per-size figures for.
+STANDALONE_MAX_BATCH = 1024
 
 
 class _Histogram:
@@ -51,13 +64,6 @@ class _Histogram:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sum += value
 
-    def add_to(self, family: HistogramMetricFamily, labels: list[str]) -> None:
-        cumulative, buckets = 0, []
-        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
-            cumulative += count
-            buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cumulative))
-        family.add_metric(labels, buckets, self.sum)
-
 
 class _Duration:
     """A Triton StatisticDuration: a count and nanoseconds."""
@@ -72,27 +78,63 @@ class _Duration:
         self.count += count
         self.ns += ns
 
-    def proto(self) -> pb.StatisticDuration:
-        return pb.StatisticDuration(count=self.count, ns=self.ns)
 
+class Layout:
+    """Where each figure of one model sits in a row of numbers (float64)."""
 
-class _BatchStats:
-    __slots__ = ("compute_infer", "compute_input", "compute_output")
+    DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
 
-    def __init__(self) -> None:
-        self.compute_input = _Duration()
-        self.compute_infer = _Duration()
-        self.compute_output = _Duration()
+    def __init__(self, max_batch_size: int) -> None:
+        self.max_batch_size = max_batch_size
+        position = 0
+
+        def take(size: int) -> slice:
+            nonlocal position
+            taken = slice(position, position + size)
+            position += size
+            return taken
+
+        self.codes = take(len(CODES))
+        self.inflight = take(1).start
+        self.queue_depth = take(1).start
+        self.request_hist = take(len(LATENCY_BUCKETS) + 2)  # counts, +Inf count, sum
+        self.queue_hist = take(len(LATENCY_BUCKETS) + 2)
+        self.compute_hist = take(len(LATENCY_BUCKETS) + 2)
+        self.batch_hist = take(len(BATCH_BUCKETS) + 2)
+        self.executions = take(1).start
+        self.rows = take(1).start
+        self.durations = {name: take(2) for name in self.DURATIONS}  # count, ns
+        self.last_inference_ms = take(1).start
+        self.batches = take(max_batch_size * 6)  # per batch size: (count, ns) of input, infer, output
+        self.width = position
+
+    def total(self, rows: np.ndarray) -> np.ndarray:
+        """The figures of every worker together: sums, but the latest inference time."""
+        total = rows.sum(axis=0)
+        total[self.last_inference_ms] = rows[:, self.last_inference_ms].max()
+        return total
 
 
 class ModelMetrics:
-    """Records one model's events into the counters behind Prometheus and ModelStatistics."""
+    """Records one model's events; its figures, with other workers', feed both views."""
 
-    def __init__(self, name: str, version: str = "1") -> None:
+    def __init__(
+        self,
+        name: str,
+        version: str = "1",
+        layout: Layout | None = None,
+        rows: np.ndarray | None = None,
+        index: int = 0,
+    ) -> None:
         self.name = name
         self.version = version
+        self.layout = layout or Layout(STANDALONE_MAX_BATCH)
+        #: Every worker's row of this model (``index`` is this process's); private when alone.
+        self.rows = np.zeros((1, self.layout.width)) if rows is None else rows
+        self.index = index
         self._lock = threading.Lock()
-        self._codes: dict[str, int] = {}
+        self._codes = [0] * len(CODES)
+        self._code_index = {code: i for i, code in enumerate(CODES)}
         self._inflight = 0
         self._request_duration = _Histogram(LATENCY_BUCKETS)
         self._queue_duration = _Histogram(LATENCY_BUCKETS)
@@ -100,18 +142,13 @@ class ModelMetrics:
         self._batch_size = _Histogram(BATCH_BUCKETS)
         self._rows = 0
         self._executions = 0
-        self._success = _Duration()
-        self._fail = _Duration()
-        self._queue = _Duration()
-        self._compute_input = _Duration()
-        self._compute_infer = _Duration()
-        self._compute_output = _Duration()
-        self._batches: dict[int, _BatchStats] = {}
+        self._durations = {name: _Duration() for name in Layout.DURATIONS}
+        self._batches = np.zeros((self.layout.max_batch_size, 6))
         self._last_inference_ms = 0
         self._queue_depth: Callable[[], int] = lambda: 0
 
     def bind_queue_depth(self, read: Callable[[], int]) -> None:
-        """Where the queue depth is read at scrape time (the model's batcher)."""
+        """Where the queue depth is read (the model's batcher)."""
         self._queue_depth = read
 
     def request_started(self) -> None:
@@ -122,77 +159,89 @@ class ModelMetrics:
         """One request finished with gRPC status ``code`` ("OK" on success)."""
         with self._lock:
             self._inflight -= 1
-            self._codes[code] = self._codes.get(code, 0) + 1
+            self._codes[self._code_index[code]] += 1
             self._request_duration.observe(duration_ns / 1e9)
             if code == "OK":
-                self._success.add(duration_ns)
+                self._durations["success"].add(duration_ns)
                 self._last_inference_ms = time.time_ns() // 1_000_000
             else:
-                self._fail.add(duration_ns)
+                self._durations["fail"].add(duration_ns)
 
     def batch_done(self, rows: int, waits_s: Sequence[float], input_ns: int, infer_ns: int, output_ns: int) -> None:
         """One execution of ``rows`` rows (padding included) for requests that waited ``waits_s`` in the queue."""
         requests = len(waits_s)
+        durations = self._durations
         with self._lock:
             for wait in waits_s:
                 self._queue_duration.observe(wait)
-            self._queue.add(int(sum(waits_s) * 1e9), requests)
+            durations["queue"].add(int(sum(waits_s) * 1e9), requests)
             self._batch_size.observe(rows)
             self._compute_duration.observe(infer_ns / 1e9)
             self._executions += 1
             self._rows += rows
             # Per-request compute figures, as Triton reports them: each request of the
             # batch is charged the batch's durations.
-            self._compute_input.add(input_ns * requests, requests)
-            self._compute_infer.add(infer_ns * requests, requests)
-            self._compute_output.add(output_ns * requests, requests)
-            stats = self._batches.get(rows)
-            if stats is None:
-                stats = self._batches[rows] = _BatchStats()
-            stats.compute_input.add(input_ns)
-            stats.compute_infer.add(infer_ns)
-            stats.compute_output.add(output_ns)
+            durations["compute_input"].add(input_ns * requests, requests)
+            durations["compute_infer"].add(infer_ns * requests, requests)
+            durations["compute_output"].add(output_ns * requests, requests)
+            if rows <= len(self._batches):
+                self._batches[rows - 1] += (1, input_ns, 1, infer_ns, 1, output_ns)
+
+    def publish(self) -> None:
+        """Write this process's figures into its row of the table."""
+        layout = self.layout
+        with self._lock:
+            row = np.zeros(layout.width)
+            row[layout.codes] = self._codes
+            row[layout.inflight] = self._inflight
+            row[layout.request_hist] = [*self._request_duration.counts, self._request_duration.sum]
+            row[layout.queue_hist] = [*self._queue_duration.counts, self._queue_duration.sum]
+            row[layout.compute_hist] = [*self._compute_duration.counts, self._compute_duration.sum]
+            row[layout.batch_hist] = [*self._batch_size.counts, self._batch_size.sum]
+            row[layout.executions] = self._executions
+            row[layout.rows] = self._rows
+            for name, duration in self._durations.items():
+                row[layout.durations[name]] = (duration.count, duration.ns)
+            row[layout.last_inference_ms] = self._last_inference_ms
+            row[layout.batches] = self._batches.ravel()
+        row[layout.queue_depth] = self._queue_depth()
+        self.rows[self.index] = row
+
+    def totals(self) -> np.ndarray:
+        """Every worker's figures together, this process's fresh."""
+        self.publish()
+        return self.layout.total(self.rows)
 
     def statistics(self) -> pb.ModelStatistics:
-        with self._lock:
-            return pb.ModelStatistics(
-                name=self.name,
-                version=self.version,
-                last_inference=self._last_inference_ms,
-                inference_count=self._rows,
-                execution_count=self._executions,
-                inference_stats=pb.InferStatistics(
-                    success=self._success.proto(),
-                    fail=self._fail.proto(),
-                    queue=self._queue.proto(),
-                    compute_input=self._compute_input.proto(),
-                    compute_infer=self._compute_infer.proto(),
-                    compute_output=self._compute_output.proto(),
-                ),
-                batch_stats=[
-                    pb.InferBatchStatistics(
-                        batch_size=size,
-                        compute_input=stats.compute_input.proto(),
-                        compute_infer=stats.compute_infer.proto(),
-                        compute_output=stats.compute_output.proto(),
-                    )
-                    for size, stats in sorted(self._batches.items())
-                ],
-            )
+        return statistics(self.name, self.version, self.layout, self.totals())
 
-    def _collect_into(self, families: _Families) -> None:
-        labels = [self.name]
-        with self._lock:
-            for code, count in sorted(self._codes.items()):
-                families.requests.add_metric([self.name, code], count)
-            self._request_duration.add_to(families.request_duration, labels)
-            self._queue_duration.add_to(families.queue_duration, labels)
-            self._compute_duration.add_to(families.compute_duration, labels)
-            self._batch_size.add_to(families.batch_size, labels)
-            families.executions.add_metric(labels, self._executions)
-            families.rows.add_metric(labels, self._rows)
-            families.inflight.add_metric(labels, self._inflight)
-        families.queue_depth.add_metric(labels, self._queue_depth())
+
+def statistics(name: str, version: str, layout: Layout, total: np.ndarray) -> pb.ModelStatistics:
+    """The ModelStatistics message of a model's (totalled) figures."""
+
+    def duration(place: slice) -> pb.StatisticDuration:
+        count, ns = total[place]
+        return pb.StatisticDuration(count=int(count), ns=int(ns))
+
+    batches = total[layout.batches].reshape(-1, 6)
+    return pb.ModelStatistics(
+        name=name,
+        version=version,
+        last_inference=int(total[layout.last_inference_ms]),
+        inference_count=int(total[layout.rows]),
+        execution_count=int(total[layout.executions]),
+        inference_stats=pb.InferStatistics(**{field: duration(place) for field, place in layout.durations.items()}),
+        batch_stats=[
+            pb.InferBatchStatistics(
+                batch_size=size + 1,
+                compute_input=pb.StatisticDuration(count=int(figures[0]), ns=int(figures[1])),
+                compute_infer=pb.StatisticDuration(count=int(figures[2]), ns=int(figures[3])),
+                compute_output=pb.StatisticDuration(count=int(figures[4]), ns=int(figures[5])),
+            )
+            for size, figures in enumerate(batches)
+            if figures[2]
+        ],
+    )
 
 
 class _Families:
@@ -227,28 +276,119 @@ class _Families:
         self.inflight = GaugeMetricFamily(
             "inference_inflight_requests", "Inference requests being handled.", labels=model
         )
+        self.worker_requests = CounterMetricFamily(
+            "inference_worker_requests",
+            "Inference requests answered by each worker process.",
+            labels=[*model, "worker"],
+        )
+
+    def add(self, name: str, layout: Layout, rows: np.ndarray) -> None:
+        """A model's figures: every worker's row (``rows``) totalled, and per worker."""
+        total = layout.total(rows)
+        labels = [name]
+        for code, count in zip(CODES, total[layout.codes], strict=True):
+            if count:
+                self.requests.add_metric([name, code], count)
+        for family, place, bounds in (
+            (self.request_duration, layout.request_hist, LATENCY_BUCKETS),
+            (self.queue_duration, layout.queue_hist, LATENCY_BUCKETS),
+            (self.compute_duration, layout.compute_hist, LATENCY_BUCKETS),
+            (self.batch_size, layout.batch_hist, BATCH_BUCKETS),
+        ):
+            figures = total[place]
+            counts = np.cumsum(figures[:-1])
+            edges = [repr(float(bound)) for bound in bounds] + ["+Inf"]
+            family.add_metric(labels, list(zip(edges, counts.tolist(), strict=True)), float(figures[-1]))
+        self.executions.add_metric(labels, total[layout.executions])
+        self.rows.add_metric(labels, total[layout.rows])
+        self.queue_depth.add_metric(labels, total[layout.queue_depth])
+        self.inflight.add_metric(labels, total[layout.inflight])
+        if len(rows) > 1:
+            for worker, row in enumerate(rows):
+                self.worker_requests.add_metric([name, str(worker)], row[layout.codes].sum())
 
     def __iter__(self) -> Iterator[Metric]:
         return iter(vars(self).values())
 
 
-class ServerMetrics(Collector):
-    """The metric families of one server process, registered on ``registry``."""
+class MetricsTable:
+    """Every model's figures, one row per worker: private memory for a lone server process,
+    or a file in shared memory that the workers of one server map (``path``)."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, models: Sequence[str], max_batch_size: int, workers: int = 1, path: Path | None = None) -> None:
+        self.layout = Layout(max_batch_size)
+        self.models = list(models)
+        self.workers = workers
+        shape = (workers, len(self.models), self.layout.width)
+        if path is None:
+            self.array: np.ndarray = np.zeros(shape)
+        else:
+            self.array = np.memmap(str(path), dtype=np.float64, mode="r+" if path.exists() else "w+", shape=shape)
+
+    def rows(self, model: str) -> np.ndarray:
+        """A model's rows, one per worker (a view: writes land in the table)."""
+        return self.array[:, self.models.index(model), :]
+
+
+class ServerMetrics(Collector):
+    """The metric families of one server process, registered on ``registry``.
+
+    ``table``: shared with the other workers of this server (row ``worker``); None: this
+    process alone. Models not in the table (the zoo allows more) get their own rows.
+    """
+
+    def __init__(self, registry: CollectorRegistry, table: MetricsTable | None = None, worker: int = 0) -> None:
         self.registry = registry
+        self.table = table
+        self.worker = worker
         self._models: dict[str, ModelMetrics] = {}
+        self._publisher: threading.Thread | None = None
         registry.register(self)
         ProcessCollector(registry=registry)
 
-    def for_model(self, name: str, version: str = "1") -> ModelMetrics:
-        metrics = self._models[name] = ModelMetrics(name, version)
+    def for_model(self, name: str, version: str = "1", max_batch_size: int = STANDALONE_MAX_BATCH) -> ModelMetrics:
+        table = self.table
+        if table is not None and name in table.models:
+            metrics = ModelMetrics(name, version, table.layout, table.rows(name), self.worker)
+        else:
+            metrics = ModelMetrics(name, version, Layout(max_batch_size))
+        self._models[name] = metrics
+        if table is not None and table.workers > 1 and self._publisher is None:
+            self._publisher = threading.Thread(target=self._publish, name="metrics-publisher", daemon=True)
+            self._publisher.start()
         return metrics
+
+    def _publish(self) -> None:
+        while True:
+            time.sleep(PUBLISH_INTERVAL_S)
+            self.publish()
+
+    def publish(self) -> None:
+        for metrics in list(self._models.values()):
+            metrics.publish()
 
     def collect(self) -> Iterator[Metric]:
         families = _Families()
         for metrics in list(self._models.values()):
-            metrics._collect_into(families)
+            metrics.publish()
+            families.add(metrics.name, metrics.layout, metrics.rows)
+        yield from families
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+class TableCollector(Collector):
+    """The metric families of every worker of a server together, read from their shared
+    table (for the supervisor's metrics port)."""
+
+    def __init__(self, table: MetricsTable) -> None:
+        self.table = table
+
+    def collect(self) -> Iterator[Metric]:
+        families = _Families()
+        for name in self.table.models:
+            families.add(name, self.table.layout, np.array(self.table.rows(name)))
         yield from families
 
     def describe(self) -> Iterator[Metric]:

@@ -40,15 +40,18 @@ from modelzoo.base import ModelDefinition
 from serving import repository
 from serving.backend import Backend, Framework
 from serving.guard import guard
-from serving.metrics import ServerMetrics, register_gpu_collector
+from serving.metrics import MetricsTable, ServerMetrics, register_gpu_collector
 from serving.runtime import ModelRuntime
 from serving.servicer import SERVICE, InferenceServicer
 from serving.settings import ServerSettings
+from serving.workers import Readiness, WorkerPlace
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = SERVICE.full_name
 SERVER_VERSION = "0.1.0"
+#: How often a worker looks whether every worker of its server serves.
+PEER_POLL_S = 0.05
 #: While draining, the transport stops once no request was refused for QUIET_S seconds,
 #: or LINGER_MAX_S after the queues emptied (within the grace period).
 QUIET_S = 0.2
@@ -103,7 +106,16 @@ class InferenceServer:
         self.framework = framework
         self.zoo = zoo
         self.registry = registry or CollectorRegistry()
-        self.metrics = ServerMetrics(self.registry)
+        #: Set when this process is one of several workers behind one port (serving.workers).
+        self.place = WorkerPlace.from_environment()
+        self.readiness: Readiness | None = None
+        table = None
+        if self.place is not None:
+            table = MetricsTable(
+                settings.model, settings.max_batch_size, workers=self.place.count + 1, path=self.place.table
+            )
+            self.readiness = Readiness(self.place.readiness, self.place.count)
+        self.metrics = ServerMetrics(self.registry, table, worker=self.place.index if self.place else 0)
         self.servicer = InferenceServicer(framework.server_name, SERVER_VERSION)
         # Watch streams get their own small pool, so they never hold a request thread.
         self.health = health.HealthServicer(
@@ -126,7 +138,8 @@ class InferenceServer:
         options = [
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            # Workers share their port (the supervisor reserved it); a lone server owns it.
+            ("grpc.so_reuseport", 1 if self.place else 0),
         ]
         threads = settings.handler_threads()
         pool = futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc")
@@ -144,7 +157,8 @@ class InferenceServer:
         reflector = reflection.ReflectionServicer(names, pool=_reflection_pool())
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(guard(reflector, REFLECTION_SERVICE, token), server)
         address = f"{settings.host}:{settings.port}"
-        _check_port_free(settings.host, settings.port, "--port")
+        if self.place is None:
+            _check_port_free(settings.host, settings.port, "--port")
         try:
             if settings.tls_cert and settings.tls_key:
                 self.port = server.add_secure_port(address, self._credentials())
@@ -226,14 +240,14 @@ class InferenceServer:
                 "framework_version": info.version,
                 "device_name": info.device,
                 "threads": str(settings.threads or "default"),
+                "workers": str(self.place.count if self.place else 1),
                 **info.extra,
                 "precision": settings.precision,
                 "compile": settings.compile,
                 **{key: f"{value:.3f}" for key, value in timings.items()},
             }
-            runtime = ModelRuntime(
-                model, backend, settings.batching(), self.metrics.for_model(name), self.framework.name, parameters
-            )
+            metrics = self.metrics.for_model(name, max_batch_size=settings.max_batch_size)
+            runtime = ModelRuntime(model, backend, settings.batching(), metrics, self.framework.name, parameters)
             if self.servicer.draining:
                 backend.close()
                 return
@@ -249,11 +263,31 @@ class InferenceServer:
         gc.collect()
         gc.freeze()
         self.ready_after_s = time.monotonic() - self.started_at
-        for service in ("", SERVICE_NAME):
-            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if self.readiness is not None and self.place is not None:
+            self.readiness.set(self.place.index, True)
+            self.servicer.peers_ready = self.readiness.all
+            threading.Thread(target=self._follow_peers, name="peer-health", daemon=True).start()
+        else:
+            self._set_health(True)
         if settings.port_file:
             self._write_port_file(settings.port_file)
         log.info("SERVING after %.2f s", self.ready_after_s)
+
+    def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            self.health.set(service, status)
+
+    def _follow_peers(self) -> None:
+        """A worker's health: SERVING only while every worker of the server serves."""
+        assert self.readiness is not None
+        serving = None
+        while not self._stopped.is_set() and not self.servicer.draining:
+            now = self.readiness.all()
+            if now != serving:
+                self._set_health(now)
+                serving = now
+            time.sleep(PEER_POLL_S)
 
     def _warm_up(self, backend: Backend) -> float:
         """Run every warm-up shape: each batch size times ``backend.warm_up_inputs``; seconds taken.
@@ -293,6 +327,8 @@ class InferenceServer:
             grace = self.settings.grace_period_s if grace is None else grace
             started = time.monotonic()
             self.servicer.draining = True
+            if self.readiness is not None and self.place is not None:
+                self.readiness.set(self.place.index, False)
             self.health.enter_graceful_shutdown()
             runtimes = list(self.servicer.models.values())
             # Health and metadata keep answering (NOT_SERVING) while queued and running
@@ -370,7 +406,10 @@ def run(
         while not stop_requested.wait(1.0):
             pass
         if failure:
-            log.error("model loading failed: %s", " ".join(str(failure[0]).split()) or repr(failure[0]))
+            reason = " ".join(str(failure[0]).split()) or repr(failure[0])
+            log.error("model loading failed: %s", reason)
+            if settings.port_file:  # what a supervisor reports for this worker
+                settings.port_file.with_suffix(".error").write_text(reason + "\n")
             server.stop(0)
             return 1
         log.info("signal received: draining for up to %.1f s", settings.grace_period_s)

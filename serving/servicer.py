@@ -11,7 +11,7 @@ import functools
 import logging
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -41,13 +41,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.server_version = server_version
         self.models: dict[str, ModelRuntime] = {}
         self.draining = False
+        #: Whether the other workers of this server serve too (serving.workers); alone: yes.
+        self.peers_ready: Callable[[], bool] = lambda: True
 
     def add(self, runtime: ModelRuntime) -> None:
         self.models[runtime.model.name] = runtime
 
     @property
     def ready(self) -> bool:
-        return bool(self.models) and not self.draining and all(m.ready for m in self.models.values())
+        return (
+            bool(self.models)
+            and not self.draining
+            and all(m.ready for m in self.models.values())
+            and self.peers_ready()
+        )
 
     def _model(self, name: str, version: str = "") -> ModelRuntime:
         runtime = self.models.get(name)

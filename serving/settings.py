@@ -68,6 +68,11 @@ class ServerSettings(BatchingSettings):
         "Model repository (<model>/<version>/); exported there on first use if missing.", default=None
     )
     host: str = _doc("Address to bind.", default="0.0.0.0")
+    workers: str = _doc(
+        "Server processes behind the one port (SO_REUSEPORT), each with its own model copy; auto: one per usable "
+        "CPU, at most 8. The kernel spreads connections, not requests: a client needs several channels to spread.",
+        default="1",
+    )
     grpc_threads: int = _doc(
         "gRPC handler threads, and the most RPCs in flight (a request waiting for its batch holds one); beyond it "
         "calls are refused with RESOURCE_EXHAUSTED before any work (0: two full batches per instance, plus 16).",
@@ -127,6 +132,9 @@ class ServerSettings(BatchingSettings):
             raise ValueError(f"--compile {self.compile}: must be one of {', '.join(COMPILE_MODES)}")
         if self.precision == "tf32" and self.device.strip().lower() == "cpu":
             raise ValueError("--precision tf32: it changes only CUDA matmul/convolution math; --device cpu has none")
+        from serving.workers import worker_count
+
+        worker_count(self.workers)  # raises ValueError naming --workers
         if self.grpc_threads and self.grpc_threads < 2:
             raise ValueError(f"--grpc-threads {self.grpc_threads}: must be 0 (auto) or >= 2")
         if self.threads is not None and self.threads < 1:

@@ -27,23 +27,31 @@ CALLERS = 64
 GRACE_S = 20.0
 
 
-async def keep_sending(target: str, stop: threading.Event, outcomes: collections.Counter[str]) -> None:
-    """CALLERS callers sending mlp requests back to back until ``stop``, or until refused."""
+async def keep_sending(
+    target: str, stop: threading.Event, outcomes: collections.Counter[str], connections: int = 1
+) -> None:
+    """CALLERS callers sending mlp requests back to back until ``stop``, or until refused,
+    spread over ``connections`` channels (each its own connection)."""
     request = codec.build_request("mlp", {"input": np.ones((1, 64), np.float32)})
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    opened = [grpc.aio.insecure_channel(target, options=options) for _ in range(connections)]
+    stubs = [pb_grpc.GRPCInferenceServiceStub(channel) for channel in opened]
 
-        async def caller() -> None:
-            while not stop.is_set():
-                try:
-                    await stub.ModelInfer(request, timeout=30)
-                    outcomes["OK"] += 1
-                except grpc.aio.AioRpcError as err:
-                    outcomes[err.code().name] += 1
-                    if err.code() == grpc.StatusCode.UNAVAILABLE:
-                        return  # refused: the server is going away
+    async def caller(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+        while not stop.is_set():
+            try:
+                await stub.ModelInfer(request, timeout=30)
+                outcomes["OK"] += 1
+            except grpc.aio.AioRpcError as err:
+                outcomes[err.code().name] += 1
+                if err.code() == grpc.StatusCode.UNAVAILABLE:
+                    return  # refused: the server is going away
 
-        await asyncio.gather(*(caller() for _ in range(CALLERS)))
+    try:
+        await asyncio.gather(*(caller(stubs[i % connections]) for i in range(CALLERS)))
+    finally:
+        for channel in opened:
+            await channel.close()
 
 
 def health_status(target: str) -> str:
@@ -55,15 +63,16 @@ def health_status(target: str) -> str:
         return f"error:{err.code().name}"
 
 
-@pytest.mark.parametrize("framework", ["torch", "tensorflow"])
-def test_sigterm_under_load_finishes_or_refuses_every_request(framework: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("framework", "workers"), [("torch", 1), ("tensorflow", 1), ("torch", 2)])
+def test_sigterm_under_load_finishes_or_refuses_every_request(framework: str, workers: int, tmp_path: Path) -> None:
     # A 300 ms batching window keeps requests queued when the signal arrives.
     args = ["--threads", "1", "--device", "cpu", "--model-dir", str(tmp_path), "--max-queue-delay-us", "300000",
-            "--grace-period-s", str(GRACE_S)]  # fmt: skip
+            "--grace-period-s", str(GRACE_S), "--workers", str(workers)]  # fmt: skip
     with ServerProcess(framework, "mlp", args) as server:
         stop = threading.Event()
         outcomes: collections.Counter[str] = collections.Counter()
-        load = threading.Thread(target=asyncio.run, args=(keep_sending(server.target, stop, outcomes),))
+        sending = keep_sending(server.target, stop, outcomes, connections=8 * workers)
+        load = threading.Thread(target=asyncio.run, args=(sending,))
         load.start()
         time.sleep(1.5)
         served_before = outcomes["OK"]
