@@ -33,7 +33,8 @@ DTYPES: dict[str, tf.DType] = {"fp32": tf.float32, "tf32": tf.float32, "bf16": t
 
 def mask_value(dtype: tf.DType) -> float:
     """``MASK_VALUE``, or half the most negative finite value of ``dtype`` where it does not
-    fit (fp16: -1e9 would round to -inf, and 0 * -inf is NaN for every unmasked key)."""
+    fit (fp16: TensorFlow refuses -1e9 as an fp16 constant; as -inf, a row whose keys are
+    all masked would softmax to NaN)."""
     return max(MASK_VALUE, float(dtype.min) / 2)
 
 

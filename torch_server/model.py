@@ -41,7 +41,8 @@ DTYPES: dict[str, torch.dtype] = {
 
 def mask_value(dtype: torch.dtype) -> float:
     """``MASK_VALUE``, or half the most negative finite value of ``dtype`` where it does not
-    fit (fp16: -1e9 would round to -inf, and 0 * -inf is NaN for every unmasked key)."""
+    fit (fp16: -1e9 would round to -inf, and TensorFlow refuses it): the same value as
+    tf_server's ``mask_value``, so both servers mask alike in every precision."""
     return max(MASK_VALUE, float(torch.finfo(dtype).min) / 2)
 
 

@@ -1,0 +1,580 @@
+"""The GPU check: every precision and compile mode of the servers on one CUDA GPU, in minutes.
+
+    scripts/gpu_check.sh OUTDIR            # a host with one CUDA GPU and PyTorch, no network
+    scripts/gpu_check.sh --cpu OUTDIR      # the same path on the CPU, small models (CI runs it)
+
+For each framework that can run here (torch always; TensorFlow only where it imports and,
+on a GPU run, sees a GPU: otherwise the report says it was skipped and why), each model
+(resnet, encoder), precision (fp32, bf16, fp16) and compile mode (off, on), it
+
+1. starts the server (``python -m <server> serve``) on the device with those options and
+   reads back what ModelConfig reports (device, precision, compile mode, start-up times);
+2. checks parity: a batch over gRPC against the model's fp32 reference computed on the CPU
+   (its torch module), within ``serving.backend.TOLERANCES``;
+3. loads it with ``concurrency`` closed-loop callers (``loadtest.driver``: grpc.aio, no
+   Locust) for ``seconds``: requests/s, p50/p99, the mean batch the server formed (its own
+   counters), and the GPU memory the server process used (NVML, sampled);
+4. stops it and times the model's forward pass in-process at that mean batch
+   (``python -m <server> forward``, interpolated between the two whole sizes around it):
+   serving efficiency = served rows/s / in-process rows/s.
+
+Artifacts (each precision's export, the AOTInductor packages) are built first, one process
+per (model, precision) in parallel, so the measured starts load them from the model
+repository. A time budget (``--budget-s``) skips what would not fit, and says so.
+
+Results go to ``OUTDIR/gpu_check.json`` and ``OUTDIR/gpu_check.md`` (also printed). The
+exit status is 1 when a run failed (a server did not start, parity or a reported option
+was wrong), else 0. ``--server-arg`` passes a flag to every server (e.g.
+``--server-arg=--workers=4``, for a worker sweep of mlp at 64 callers).
+
+This module imports neither TensorFlow nor Locust: the TensorFlow server runs in its own
+process, and only when the probe finds it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import modelzoo
+from loadtest.driver import drive
+from loadtest.servers import MODULES, ROOT, ServerProcess, ServerStartError
+from modelzoo.base import ModelDefinition
+from serving.backend import TOLERANCES
+from serving.settings import COMPILE_MODES, PRECISIONS
+
+#: Model parameters of a GPU run: enough compute per row that the GPU, not the Python
+#: front end, can be the limit at 64 callers (resnet ~15 GFLOP per 112x112 image).
+GPU_MODEL_ARGS = {
+    "resnet": "image_size=112,widths=[64,128,256,512],blocks_per_stage=2",
+    "encoder": "hidden=768,heads=12,layers=4,ffn=3072,max_len=128,vocab_size=8192",
+    "mlp": "",
+}
+#: Small models for a CPU run (CI): the same code path in seconds.
+CPU_MODEL_ARGS = {
+    "resnet": "image_size=16,widths=[8,16]",
+    "encoder": "hidden=32,heads=4,layers=1,ffn=64,max_len=32",
+    "mlp": "hidden=[32,32]",
+}
+#: Sequence length of the encoder's requests.
+SEQ_LEN = 16
+#: Rows of the parity batch.
+PARITY_ROWS = 8
+#: Under XLA every batch size is a compilation: TensorFlow's compiled runs use these buckets.
+XLA_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclasses.dataclass
+class Options:
+    out: Path
+    device: str
+    frameworks: list[str]
+    models: list[str]
+    precisions: list[str]
+    compile_modes: list[str]
+    concurrency: int
+    seconds: float
+    warmup: float
+    max_batch_size: int
+    budget_s: float
+    model_args: dict[str, str]
+    server_args: list[str]
+    threads: int | None
+
+
+def log(message: str) -> None:
+    print(f"[gpu_check {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def probe_tensorflow(device: str) -> str | None:
+    """None when tf_server can run on ``device`` here, else why not (in a child process, so
+    TensorFlow never loads into this one)."""
+    code = "import tensorflow as tf; print(len(tf.config.list_physical_devices('GPU')))"
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    except subprocess.TimeoutExpired:
+        return "TensorFlow did not import within 120 s"
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        return f"TensorFlow does not import here ({lines[-1].strip() if lines else 'exit ' + str(done.returncode)})"
+    gpus = int(done.stdout.strip().splitlines()[-1])
+    if device != "cpu" and gpus == 0:
+        return "TensorFlow imports but sees no GPU (a CPU-only build, or no CUDA libraries for it)"
+    return None
+
+
+def reference_outputs(model: ModelDefinition, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The fp32 reference: the model's torch module on the CPU."""
+    import torch
+
+    from torch_server.model import build
+
+    with torch.inference_mode():
+        outputs = build(model)(*(torch.from_numpy(inputs[spec.name]) for spec in model.inputs))
+    return {name: tensor.numpy() for name, tensor in outputs.items()}
+
+
+def parity_inputs(model: ModelDefinition) -> dict[str, np.ndarray]:
+    kwargs = {"seq_len": SEQ_LEN} if model.pad_values else {}
+    return model.example_inputs(PARITY_ROWS, np.random.default_rng(2026), **kwargs)
+
+
+def check_parity(target: str, model: ModelDefinition, precision: str) -> dict[str, Any]:
+    from client import InferenceClient
+
+    inputs = parity_inputs(model)
+    expected = reference_outputs(model, model.complete_inputs(inputs))
+    tolerance = TOLERANCES[precision]
+    with InferenceClient(target, timeout=120) as client:
+        served = client.infer(model.name, inputs)
+    outputs = {}
+    for name, want in expected.items():
+        error, relative = tolerance.errors(served[name], want)
+        outputs[name] = {"max_abs": error, "max_rel_to_largest": relative, "ok": tolerance.holds(served[name], want)}
+    return {
+        "ok": all(entry["ok"] for entry in outputs.values()),
+        "tolerance": dataclasses.asdict(tolerance),
+        "outputs": outputs,
+    }
+
+
+def model_config(target: str, model: str) -> dict[str, str]:
+    from client import InferenceClient
+
+    with InferenceClient(target, timeout=60) as client:
+        config = client.model_config(model)
+    return {key: value.string_value for key, value in config.parameters.items()}
+
+
+def scrape(url: str | None, model: str) -> dict[str, float]:
+    """The server's rows and executions counters of ``model``."""
+    if url is None:
+        return {}
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        text = reply.read().decode()
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in ("inference_rows_total", "inference_executions_total") and (
+                sample.labels.get("model") == model
+            ):
+                found[sample.name] = float(sample.value)
+    return found
+
+
+class GpuMemory:
+    """Peak GPU memory of one process (NVML; the device's rise over a baseline where the
+    runtime lists no processes). Inert on the CPU or without NVML."""
+
+    def __init__(self, device: str) -> None:
+        self.nvml: Any = None
+        self.handle: Any = None
+        if device == "cpu":
+            self.reason = "cpu run"
+            return
+        try:
+            import pynvml  # nvidia-ml-py
+
+            pynvml.nvmlInit()
+            index = int(device.partition(":")[2] or 0)
+            self.nvml, self.handle = pynvml, pynvml.nvmlDeviceGetHandleByIndex(index)
+            self.reason = ""
+        except Exception as err:  # no NVML: memory is reported as unknown, with why
+            self.reason = f"NVML unavailable ({err})"
+
+    def device_used(self) -> int:
+        return int(self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used)
+
+    def process_used(self, pid: int) -> int | None:
+        try:
+            for process in self.nvml.nvmlDeviceGetComputeRunningProcesses(self.handle):
+                if process.pid == pid and process.usedGpuMemory is not None:
+                    return int(process.usedGpuMemory)
+        except Exception:  # some runtimes (containers, gVisor) list no processes
+            return None
+        return None
+
+    def watch(self, pid: int, baseline: int, stop: threading.Event, peak: dict[str, int]) -> None:
+        while not stop.is_set():
+            own = self.process_used(pid)
+            if own is not None:
+                peak["process_bytes"] = max(peak.get("process_bytes", 0), own)
+            peak["device_rise_bytes"] = max(peak.get("device_rise_bytes", 0), self.device_used() - baseline)
+            stop.wait(0.2)
+
+
+def forward_rows_per_s(
+    opts: Options, framework: str, model: str, precision: str, compile: str, mean_batch: float, repo: Path
+) -> dict[str, Any]:
+    """In-process rows/s at ``mean_batch``: ``python -m <server> forward`` at the whole batch
+    sizes around it, interpolated linearly."""
+    low = max(1, math.floor(mean_batch))
+    high = min(opts.max_batch_size, max(low, math.ceil(mean_batch)))
+    sizes = sorted({low, high})
+    command = [
+        sys.executable, "-m", MODULES[framework], "forward",
+        "--model", model, "--model-arg", opts.model_args.get(model, ""), "--model-dir", str(repo),
+        "--batch-sizes", ",".join(map(str, sizes)), "--seconds", "1.0", "--device", opts.device,
+        "--precision", precision, "--compile", compile,
+    ]  # fmt: skip
+    if opts.threads:
+        command += ["--threads", str(opts.threads)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=900, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"forward failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    rates = {entry["batch_size"]: entry["rows_per_s"] for entry in result["results"]}
+    if low == high:
+        rows_per_s = rates[low]
+    else:
+        share = mean_batch - low
+        rows_per_s = rates[low] * (1 - share) + rates[high] * share
+    return {"rows_per_s": rows_per_s, "at_batch_sizes": rates, "reference": result.get("reference")}
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    return env
+
+
+def server_args(opts: Options, framework: str, model: str, precision: str, compile: str, repo: Path) -> list[str]:
+    args = [
+        "--device", opts.device, "--precision", precision, "--compile", compile, "--model-dir", str(repo),
+        "--max-batch-size", str(opts.max_batch_size), "--model-arg", opts.model_args.get(model, ""),
+    ]  # fmt: skip
+    if framework == "tensorflow" and compile == "on":
+        sizes = [size for size in XLA_BATCH_SIZES if size < opts.max_batch_size] + [opts.max_batch_size]
+        args += ["--preferred-batch-sizes", ",".join(map(str, sizes))]
+    if opts.threads:
+        args += ["--threads", str(opts.threads)]
+    return [*args, *opts.server_args]
+
+
+def prepare(opts: Options, framework: str, repo: Path, deadline: float) -> list[dict[str, Any]]:
+    """Export each model, then build every (model, precision, compile) artifact in parallel
+    (a ``forward`` run each: it exports, compiles and caches what the server will load)."""
+    notes = []
+    for model in opts.models:
+        command = [sys.executable, "-m", MODULES[framework], "export", "--model", model,
+                   "--model-arg", opts.model_args.get(model, ""), "--out", str(repo)]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=_env(), check=False)
+        if done.returncode != 0:
+            notes.append({"step": f"export {model}", "error": done.stderr.strip().splitlines()[-1:]})
+    # One job per (model, precision) that has something to build: its own export (bf16,
+    # fp16) and, for torch, its AOTInductor package. XLA keeps nothing between processes.
+    compile = "on" if framework == "torch" and "on" in opts.compile_modes else "off"
+    jobs = [
+        (model, precision, compile)
+        for model in opts.models
+        for precision in opts.precisions
+        if compile == "on" or precision in ("bf16", "fp16")
+    ]
+
+    def build(job: tuple[str, str, str]) -> dict[str, Any]:
+        model, precision, compile = job
+        command = [
+            sys.executable, "-m", MODULES[framework], "forward", "--model", model,
+            "--model-arg", opts.model_args.get(model, ""), "--model-dir", str(repo), "--batch-sizes", "1",
+            "--seconds", "0.01", "--device", opts.device, "--precision", precision, "--compile", compile,
+        ]  # fmt: skip
+        started = time.perf_counter()
+        left = max(1.0, deadline - time.monotonic())
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=left,
+                                  check=False)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return {"step": f"build {model} {precision} compile {compile}", "error": "time budget"}
+        note: dict[str, Any] = {"step": f"build {model} {precision} compile {compile}",
+                                "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+        if done.returncode != 0:
+            note["error"] = done.stderr.strip().splitlines()[-1:]
+        return note
+
+    workers = max(1, min(len(jobs), (os.cpu_count() or 2) // 2, 8))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        notes += list(pool.map(build, jobs))
+    return notes
+
+
+def run_one(opts: Options, framework: str, model_name: str, precision: str, compile: str, repo: Path) -> dict[str, Any]:
+    model = modelzoo.get(model_name, **_params(opts.model_args.get(model_name, "")))
+    result: dict[str, Any] = {"framework": framework, "model": model_name, "precision": precision, "compile": compile}
+    memory = GpuMemory(opts.device)
+    baseline = memory.device_used() if memory.nvml else 0
+    server = ServerProcess(framework, model_name, server_args(opts, framework, model_name, precision, compile, repo))
+    try:
+        server.start(timeout=900)
+        result["cold_start_s"] = server.cold_start_s
+        reported = model_config(server.target, model_name)
+        result["reported"] = {key: reported.get(key) for key in
+                              ("device", "device_name", "precision", "compile", "export_s", "load_s", "compile_s",
+                               "warmup_s")}  # fmt: skip
+        wanted = {"precision": precision, "compile": compile}
+        result["reported_ok"] = all(reported.get(key) == value for key, value in wanted.items()) and (
+            reported.get("device", "").split(":")[0] == opts.device.split(":")[0]
+        )
+        result["parity"] = check_parity(server.target, model, precision)
+        seq_len = SEQ_LEN if model.pad_values else 1
+        asyncio.run(drive(server.target, model_name, opts.concurrency, opts.warmup, 0.0, 1, seq_len))
+        before = scrape(server.metrics_url, model_name)
+        stop, peak = threading.Event(), dict[str, int]()
+        watcher = None
+        if memory.nvml:
+            watcher = threading.Thread(target=memory.watch, args=(server.pid, baseline, stop, peak), daemon=True)
+            watcher.start()
+        load = asyncio.run(drive(server.target, model_name, opts.concurrency, opts.seconds, 0.0, 1, seq_len))
+        stop.set()
+        if watcher:
+            watcher.join()
+        after = scrape(server.metrics_url, model_name)
+        executions = after.get("inference_executions_total", 0) - before.get("inference_executions_total", 0)
+        rows = after.get("inference_rows_total", 0) - before.get("inference_rows_total", 0)
+        latency = load["latency_us"]
+        result["served"] = {
+            "concurrency": opts.concurrency,
+            "requests_per_s": load["requests_per_s"],
+            "p50_ms": None if latency.get("p50") is None else latency["p50"] / 1e3,
+            "p99_ms": None if latency.get("p99") is None else latency["p99"] / 1e3,
+            "errors": load["errors"],
+            "mean_batch": rows / executions if executions else None,
+            "generator_cpu": load["generator_cpu"],
+        }
+        result["gpu_memory_mib"] = (
+            {key.replace("_bytes", ""): round(value / 2**20, 1) for key, value in peak.items()}
+            if memory.nvml
+            else memory.reason
+        )
+    except (ServerStartError, RuntimeError, OSError) as err:
+        result["error"] = " ".join(str(err).split())[-2000:]
+        return result
+    finally:
+        server.close()
+    mean_batch = result["served"]["mean_batch"]
+    if mean_batch:
+        try:
+            forward = forward_rows_per_s(opts, framework, model_name, precision, compile, mean_batch, repo)
+            result["in_process"] = forward
+            result["efficiency"] = result["served"]["requests_per_s"] / forward["rows_per_s"]
+        except (RuntimeError, subprocess.TimeoutExpired, ValueError) as err:
+            result["in_process"] = {"error": str(err)}
+    return result
+
+
+def _params(text: str) -> dict[str, str]:
+    from serving.settings import parse_model_args
+
+    return parse_model_args(text)
+
+
+def run_check(opts: Options) -> dict[str, Any]:
+    started = time.monotonic()
+    deadline = started + opts.budget_s
+    report: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "device": opts.device,
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(opts).items()},
+        "frameworks": {},
+        "runs": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:
+        for framework in opts.frameworks:
+            why_not = probe_tensorflow(opts.device) if framework == "tensorflow" else None
+            if why_not:
+                report["frameworks"][framework] = {"skipped": why_not}
+                log(f"{framework}: skipped: {why_not}")
+                continue
+            repo = Path(scratch) / framework
+            log(f"{framework}: building artifacts")
+            notes = prepare(opts, framework, repo, deadline)
+            report["frameworks"][framework] = {"prepared": notes}
+            for compile in opts.compile_modes:
+                for model in opts.models:
+                    for precision in opts.precisions:
+                        combo = f"{framework} {model} {precision} compile {compile}"
+                        if time.monotonic() > deadline:
+                            report["runs"].append({"framework": framework, "model": model, "precision": precision,
+                                                   "compile": compile, "skipped": "time budget spent"})  # fmt: skip
+                            log(f"{combo}: skipped (time budget)")
+                            continue
+                        log(f"{combo}: running")
+                        entry = run_one(opts, framework, model, precision, compile, repo)
+                        report["runs"].append(entry)
+                        log(f"{combo}: {summary(entry)}")
+    report["elapsed_s"] = round(time.monotonic() - started, 1)
+    report["ok"] = all(run_ok(entry) for entry in report["runs"] if "skipped" not in entry)
+    return report
+
+
+def run_ok(entry: dict[str, Any]) -> bool:
+    return "error" not in entry and bool(entry.get("reported_ok")) and bool(entry.get("parity", {}).get("ok"))
+
+
+def summary(entry: dict[str, Any]) -> str:
+    if "error" in entry:
+        return f"FAILED: {entry['error'][:300]}"
+    served = entry.get("served", {})
+    parity = "ok" if entry["parity"]["ok"] else "FAILED"
+    efficiency = entry.get("efficiency")
+    return (
+        f"parity {parity}, {served.get('requests_per_s', 0):.0f} req/s, p99 {served.get('p99_ms') or 0:.2f} ms, "
+        f"batch {served.get('mean_batch') or 0:.1f}, efficiency {efficiency:.2f}"
+        if efficiency is not None
+        else f"parity {parity}"
+    )
+
+
+def _cell(value: Any, spec: str = ".3g") -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return format(value, spec)
+    return str(value)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"# GPU check ({report['device']}), {report['date']}",
+        "",
+        f"Host {report['host']}, Python {report['python']}, {report['elapsed_s']} s; "
+        f"{report['options']['concurrency']} closed-loop callers for {report['options']['seconds']} s per run. "
+        "Efficiency = served rows/s / in-process rows/s at the mean batch the server formed. "
+        f"Overall: {'OK' if report['ok'] else 'FAILED'}.",
+        "",
+    ]
+    for framework, state in report["frameworks"].items():
+        if "skipped" in state:
+            lines.append(f"- **{framework}: skipped** — {state['skipped']}.")
+        else:
+            failed = [note for note in state["prepared"] if "error" in note]
+            lines.append(f"- {framework}: ran; artifact builds: {len(state['prepared'])}, failed: {len(failed)}.")
+    lines += [
+        "",
+        "| framework | model | precision | compile | parity (max abs) | reported | cold start s | load / compile s | "
+        "req/s | p50 ms | p99 ms | mean batch | in-process rows/s | efficiency | GPU MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for entry in report["runs"]:
+        head = f"| {entry['framework']} | {entry['model']} | {entry['precision']} | {entry['compile']} |"
+        if "skipped" in entry:
+            lines.append(f"{head} skipped: {entry['skipped']} |" + " |" * 10)
+            continue
+        if "error" in entry:
+            lines.append(f"{head} FAILED: {entry['error'][:200]} |" + " |" * 10)
+            continue
+        parity = entry["parity"]
+        worst = max(output["max_abs"] for output in parity["outputs"].values())
+        served = entry.get("served", {})
+        memory = entry.get("gpu_memory_mib")
+        mib = memory.get("process", memory.get("device_rise")) if isinstance(memory, dict) else None
+        reported = entry["reported"]
+        startup = f"{reported.get('load_s') or '–'} / {reported.get('compile_s') if entry['compile'] == 'on' else '–'}"
+        lines.append(
+            f"{head} {'ok' if parity['ok'] else 'FAILED'} ({worst:.2g}) | {'ok' if entry['reported_ok'] else 'WRONG'} "
+            f"| {_cell(entry.get('cold_start_s'), '.1f')} | {startup} "
+            f"| {_cell(served.get('requests_per_s'), '.0f')} | {_cell(served.get('p50_ms'), '.2f')} "
+            f"| {_cell(served.get('p99_ms'), '.2f')} | {_cell(served.get('mean_batch'), '.1f')} "
+            f"| {_cell(entry.get('in_process', {}).get('rows_per_s'), '.0f')} "
+            f"| {_cell(entry.get('efficiency'), '.2f')} | {_cell(mib)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def parse_model_args(items: Sequence[str], defaults: dict[str, str]) -> dict[str, str]:
+    """``MODEL:KEY=VALUE,...`` items over the defaults."""
+    chosen = dict(defaults)
+    for item in items:
+        model, sep, args = item.partition(":")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"--model-arg {item!r} is not MODEL:KEY=VALUE,...")
+        chosen[model] = args
+    return chosen
+
+
+def _list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path, help="folder for gpu_check.json and gpu_check.md")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU with small models (the CI check)")
+    parser.add_argument("--device", default=None, help="default: cuda:0, or cpu with --cpu")
+    parser.add_argument("--frameworks", default="torch,tensorflow")
+    parser.add_argument("--models", default="resnet,encoder")
+    parser.add_argument("--precisions", default="fp32,bf16,fp16")
+    parser.add_argument("--compile", default="off,on", dest="compile_modes")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=None, help="measured seconds per run (GPU 4, CPU 1)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before each measured run")
+    parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--budget-s", type=float, default=None, help="stop starting runs after this (GPU 420 s)")
+    parser.add_argument("--model-arg", action="append", default=[], help="MODEL:KEY=VALUE,... (repeatable)")
+    parser.add_argument("--server-arg", action="append", default=[], help="one more server flag (repeatable)")
+    parser.add_argument("--threads", type=int, default=None, help="--threads of servers and forward (CPU: 1)")
+    args = parser.parse_args(argv)
+    device = args.device or ("cpu" if args.cpu else "cuda:0")
+    opts = Options(
+        out=args.out,
+        device=device,
+        frameworks=_list(args.frameworks),
+        models=_list(args.models),
+        precisions=_list(args.precisions),
+        compile_modes=_list(args.compile_modes),
+        concurrency=args.concurrency,
+        seconds=args.seconds if args.seconds is not None else (1.0 if device == "cpu" else 4.0),
+        warmup=args.warmup,
+        max_batch_size=args.max_batch_size,
+        budget_s=args.budget_s if args.budget_s is not None else (900.0 if device == "cpu" else 420.0),
+        model_args=parse_model_args(args.model_arg, CPU_MODEL_ARGS if device == "cpu" else GPU_MODEL_ARGS),
+        server_args=list(args.server_arg),
+        threads=args.threads if args.threads is not None else (1 if device == "cpu" else None),
+    )
+    unknown = [
+        *(f"--frameworks {name}" for name in opts.frameworks if name not in ("torch", "tensorflow")),
+        *(f"--models {name}" for name in opts.models if name not in modelzoo.names()),
+        *(f"--precisions {name}" for name in opts.precisions if name not in PRECISIONS),
+        *(f"--compile {name}" for name in opts.compile_modes if name not in COMPILE_MODES),
+    ]
+    if unknown:
+        print(f"error: unknown {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    if device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            print(f"error: --device {device}: torch {torch.__version__} sees no CUDA GPU (use --cpu)", file=sys.stderr)
+            return 2
+    report = run_check(opts)
+    opts.out.mkdir(parents=True, exist_ok=True)
+    (opts.out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    text = markdown(report)
+    (opts.out / "gpu_check.md").write_text(text)
+    print(text)
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
