@@ -3,7 +3,8 @@
     python -m loadtest.driver --target 127.0.0.1:8001 --model mlp --concurrency 8 --seconds 5
 
 ``concurrency`` coroutines each send pre-built ModelInfer requests back to back on
-one shared channel for ``warmup`` + ``seconds``; only requests that start after the
+``channels`` connections (default one; a server of several workers needs several, since
+the kernel spreads connections, not requests) for ``warmup`` + ``seconds``; only requests that start after the
 warm-up count. Prints one JSON object: requests, errors, rows/s, requests/s,
 latency percentiles (µs) and this process's CPU use (to detect a saturated
 generator). Locust is the load driver for scenarios; this is the minimal-overhead
@@ -42,12 +43,26 @@ def random_inputs(metadata: pb.ModelMetadataResponse, batch_size: int, seq_len: 
 
 
 async def drive(
-    target: str, model: str, concurrency: int, seconds: float, warmup: float, batch_size: int, seq_len: int
+    target: str,
+    model: str,
+    concurrency: int,
+    seconds: float,
+    warmup: float,
+    batch_size: int,
+    seq_len: int,
+    channels: int = 1,
 ) -> dict[str, Any]:
-    options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-    async with grpc.aio.insecure_channel(target, options=options) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        metadata = await stub.ModelMetadata(pb.ModelMetadataRequest(name=model), timeout=30)
+    """``concurrency`` callers over ``channels`` connections (a server of several workers
+    gets connections, not requests, spread over them)."""
+    options = [
+        ("grpc.max_receive_message_length", 64 << 20),
+        ("grpc.max_send_message_length", 64 << 20),
+        ("grpc.use_local_subchannel_pool", 1),  # a connection per channel
+    ]
+    opened = [grpc.aio.insecure_channel(target, options=options) for _ in range(channels)]
+    try:
+        stubs = [pb_grpc.GRPCInferenceServiceStub(channel) for channel in opened]
+        metadata = await stubs[0].ModelMetadata(pb.ModelMetadataRequest(name=model), timeout=30)
         rng = np.random.default_rng(0)
         pool = [codec.build_request(model, random_inputs(metadata, batch_size, seq_len, rng)) for _ in range(16)]
         start = time.perf_counter()
@@ -58,6 +73,7 @@ async def drive(
         completed = [0]
 
         async def worker(index: int) -> None:
+            stub = stubs[index % channels]
             i = index
             while True:
                 sent = time.perf_counter()
@@ -77,11 +93,15 @@ async def drive(
         wall_before = time.perf_counter()
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
         cpu = (time.process_time() - cpu_before) / (time.perf_counter() - wall_before)
+    finally:
+        for channel in opened:
+            await channel.close(None)
     latencies_us = np.asarray(latencies) * 1e6
     return {
         "target": target,
         "model": model,
         "concurrency": concurrency,
+        "channels": channels,
         "batch_size": batch_size,
         "seconds": seconds,
         "requests": len(latencies),
@@ -103,9 +123,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=16, help="size of -1 dimensions beyond the batch")
+    parser.add_argument("--channels", type=int, default=1, help="connections the callers share (spread workers)")
     args = parser.parse_args(argv)
     result = asyncio.run(
-        drive(args.target, args.model, args.concurrency, args.seconds, args.warmup, args.batch_size, args.seq_len)
+        drive(
+            args.target,
+            args.model,
+            args.concurrency,
+            args.seconds,
+            args.warmup,
+            args.batch_size,
+            args.seq_len,
+            args.channels,
+        )
     )
     json.dump(result, sys.stdout)
     print()

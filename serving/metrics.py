@@ -303,9 +303,11 @@ class _Families:
         self.rows.add_metric(labels, total[layout.rows])
         self.queue_depth.add_metric(labels, total[layout.queue_depth])
         self.inflight.add_metric(labels, total[layout.inflight])
-        if len(rows) > 1:
-            for worker, row in enumerate(rows):
+        if len(rows) > 1:  # several workers: their rows, then one kept for workers that were replaced
+            for worker, row in enumerate(rows[:-1]):
                 self.worker_requests.add_metric([name, str(worker)], row[layout.codes].sum())
+            if rows[-1][layout.codes].sum():
+                self.worker_requests.add_metric([name, "replaced"], rows[-1][layout.codes].sum())
 
     def __iter__(self) -> Iterator[Metric]:
         return iter(vars(self).values())

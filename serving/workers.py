@@ -32,9 +32,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -117,19 +118,42 @@ def _reserve_port(host: str, port: int) -> socket.socket:
     return reserved
 
 
-class _WorkerProcesses(Collector):
-    """CPU and memory of the supervisor and its workers: process totals, and per worker."""
+class WorkerProcesses(Collector):
+    """CPU and memory of a server's processes: totals (``process_*``, as one server), and per
+    worker: resident memory, and GPU memory where NVML answers (each worker holds its own
+    CUDA context and model copy)."""
 
-    def __init__(self, supervisor: Supervisor) -> None:
-        self.supervisor = supervisor
+    def __init__(self, workers: Callable[[], list[tuple[int, int]]]) -> None:
+        #: (worker index, pid) of the running workers.
+        self.workers = workers
+        self._nvml: Any = None
+        try:
+            import pynvml  # nvidia-ml-py
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+        except Exception:  # no NVML library or no driver: a CPU host
+            self._nvml = None
+
+    def _gpu_memory(self) -> dict[int, float]:
+        nvml, used = self._nvml, dict[int, float]()
+        if nvml is None:
+            return used
+        for device in range(nvml.nvmlDeviceGetCount()):
+            for process in nvml.nvmlDeviceGetComputeRunningProcesses(nvml.nvmlDeviceGetHandleByIndex(device)):
+                used[process.pid] = used.get(process.pid, 0.0) + float(process.usedGpuMemory or 0)
+        return used
 
     def collect(self) -> Iterator[Metric]:
         cpu = CounterMetricFamily("process_cpu_seconds", "User and system CPU of the server's processes.")
         rss = GaugeMetricFamily("process_resident_memory_bytes", "Resident memory of the server's processes.")
         worker_rss = GaugeMetricFamily("worker_resident_memory_bytes", "Resident memory per worker.", labels=["worker"])
+        worker_gpu = GaugeMetricFamily(
+            "worker_gpu_memory_used_bytes", "GPU memory per worker (NVML).", labels=["worker"]
+        )
+        gpu = self._gpu_memory()
         total_cpu, total_rss = 0.0, 0.0
-        processes = [(None, os.getpid())] + [(i, p.pid) for i, p in enumerate(self.supervisor.processes) if p]
-        for index, pid in processes:
+        for index, pid in [(-1, os.getpid()), *self.workers()]:
             try:
                 process = psutil.Process(pid)
                 times, memory = process.cpu_times(), process.memory_info().rss
@@ -137,11 +161,13 @@ class _WorkerProcesses(Collector):
                 continue
             total_cpu += times.user + times.system
             total_rss += memory
-            if index is not None:
+            if index >= 0:
                 worker_rss.add_metric([str(index)], memory)
+                if pid in gpu:
+                    worker_gpu.add_metric([str(index)], gpu[pid])
         cpu.add_metric([], total_cpu)
         rss.add_metric([], total_rss)
-        yield from (cpu, rss, worker_rss)
+        yield from (cpu, rss, worker_rss, worker_gpu)
 
     def describe(self) -> Iterator[Metric]:
         return iter(())
@@ -164,6 +190,10 @@ class Supervisor:
         self.port = 0
         self.restarts = 0
         self._stopping = threading.Event()
+
+    def running(self) -> list[tuple[int, int]]:
+        """(index, pid) of the workers started."""
+        return [(index, process.pid) for index, process in enumerate(self.processes) if process is not None]
 
     def _port_file(self, index: int) -> Path:
         return Path(self._dir.name) / f"worker-{index}.json"
@@ -199,7 +229,7 @@ class Supervisor:
             if settings.metrics_port >= 0:
                 registry = CollectorRegistry()
                 registry.register(TableCollector(self.table))
-                registry.register(_WorkerProcesses(self))
+                registry.register(WorkerProcesses(self.running))
                 metrics_http, _ = start_http_server(settings.metrics_port, settings.host, registry=registry)
             print(f"listening on port {self.port} with {self.count} workers", flush=True)
             # The first worker alone first: it exports and compiles what the repository lacks,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -46,10 +47,16 @@ def test_server_services_parse_and_match_settings(compose: dict[str, Any], servi
     for name in spec["environment"]:
         assert name.startswith(impl.env_prefix), name
         assert name.removeprefix(impl.env_prefix) in SETTINGS_FIELDS, name
-    health = [_expand(part) for part in spec["healthcheck"]["test"][1:]]
-    assert health[:3] == ["python", "-m", "client"]
-    health_args = client.cli.build_parser().parse_args(health[3:])
-    assert health_args.target.endswith(f":{args.port}")
+    kind, probe = spec["healthcheck"]["test"]
+    assert kind == "CMD-SHELL"
+    # The probe without TLS, and with the trust a TLS deployment gives it ($$: a literal $).
+    for tls in ("", "--root-certs /certs/ca.pem"):
+        health = shlex.split(probe.replace("$${HEALTH_TLS_ARGS:-}", tls))
+        assert health[:3] == ["python", "-m", "client"]
+        health_args = client.cli.build_parser().parse_args(health[3:])
+        assert health_args.target.endswith(f":{args.port}")
+        assert health_args.command == "health"
+        assert health_args.root_certs == (tls.split()[1] if tls else None)
     assert spec["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
 
 

@@ -51,7 +51,7 @@ async def keep_sending(
         await asyncio.gather(*(caller(stubs[i % connections]) for i in range(CALLERS)))
     finally:
         for channel in opened:
-            await channel.close()
+            await channel.close(None)
 
 
 def health_status(target: str) -> str:

@@ -135,3 +135,46 @@ def test_a_worker_that_cannot_load_fails_the_whole_start(tmp_path: Path) -> None
     assert "worker 1 of 2" in failures[0]
     assert "cannot read its model" in failures[0]
     assert "Traceback" not in result.stderr
+
+
+def test_worker_memory_per_process_with_gpu_memory_from_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each worker holds its own CUDA context and model copy: its GPU memory is reported
+    apart (NVML faked: no GPU here), beside its resident memory and the server's totals."""
+    me = os.getpid()
+
+    class FakeNvml:
+        @staticmethod
+        def nvmlInit() -> None:
+            pass
+
+        @staticmethod
+        def nvmlDeviceGetCount() -> int:
+            return 1
+
+        @staticmethod
+        def nvmlDeviceGetHandleByIndex(index: int) -> str:
+            return f"gpu{index}"
+
+        @staticmethod
+        def nvmlDeviceGetComputeRunningProcesses(handle: str) -> list[object]:
+            process = type("Process", (), {"pid": me, "usedGpuMemory": 3 << 30})
+            other = type("Process", (), {"pid": 1, "usedGpuMemory": 1 << 30})  # not a worker
+            return [process, other]
+
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml)
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from serving.workers import WorkerProcesses
+
+    registry = CollectorRegistry()
+    registry.register(WorkerProcesses(lambda: [(0, me)]))
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for sample in family.samples
+    }
+    assert samples[("worker_gpu_memory_used_bytes", (("worker", "0"),))] == 3 << 30
+    assert samples[("worker_resident_memory_bytes", (("worker", "0"),))] > 0
+    assert (
+        samples[("process_resident_memory_bytes", ())] >= samples[("worker_resident_memory_bytes", (("worker", "0"),))]
+    )
