@@ -38,8 +38,9 @@ from typing import Any
 import numpy as np
 import psutil
 
-from loadtest.compare import metric_deltas, scrape
+from loadtest.sampling import scrape
 from loadtest.servers import MODULES, ROOT, ServerProcess, pin_to
+from loadtest.stats import metric_deltas
 
 GENERATOR_LIMIT = 0.9
 BARE_MODES = ("aio", "sync")
@@ -87,7 +88,7 @@ def drive(server: ServerProcess, concurrency: int, opts: argparse.Namespace, cpu
     cpu_before = sum(process.cpu_times()[:2])
     command = [sys.executable, "-m", "loadtest.driver", "--target", server.target, "--model", opts.model,
                "--concurrency", str(concurrency), "--seconds", str(opts.seconds), "--warmup", str(opts.warmup),
-               "--batch-size", str(opts.batch_size)]  # fmt: skip
+               "--batch-size", str(opts.batch_size), "--channels", str(getattr(opts, "channels", 1))]  # fmt: skip
     result = _run_json(command, cpus, timeout=opts.seconds + opts.warmup + 120)
     cpu = sum(process.cpu_times()[:2]) - cpu_before
     answered = result["requests_all"]  # warm-up included, as the server's CPU time is

@@ -12,8 +12,9 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loadtest.compare import metric_deltas, scrape
+from loadtest.sampling import scrape
 from loadtest.servers import ROOT, ServerProcess
+from loadtest.stats import metric_deltas
 
 CALLERS = 64
 HEALTH_P99_LIMIT_S = 0.050

@@ -1,0 +1,179 @@
+"""Overload without collapse: open-loop load past a server's capacity, and back.
+
+    python -m loadtest.overload --server both --model resnet --deadline-ms 250
+
+Per server (pinned to core 0; this generator to core 1): the closed-loop peak with 64
+callers (loadtest.driver), then one continuous open-loop run (Poisson arrivals; latency
+and deadline counted from each request's scheduled send time) at 0.8x the peak, 2x the
+peak, then 0.5x. Printed per server: goodput during the overload vs the peak, how fast
+refusals (RESOURCE_EXHAUSTED) were answered, the admitted requests' p99 vs the p99 at
+0.8x, the error mix, and the p99 once the overload has been over for a second. JSON too.
+The generator's own send lag is reported: a lagging generator offered less than asked.
+
+The server's admission control is what is measured: a request that would wait past its
+deadline at the measured service rate is refused at once instead of queued
+(``serving.batcher``), so the queue never holds more than about rate x deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from contract import codec
+from contract.protocol import inference_pb2 as pb
+from contract.protocol import inference_pb2_grpc as pb_grpc
+from loadtest.bench import drive
+from loadtest.driver import random_inputs
+from loadtest.servers import ServerProcess
+from loadtest.stats import percentiles
+
+PHASES = (("80%", 0.8), ("200%", 2.0), ("after", 0.5))
+
+
+async def open_loop(
+    target: str, model: str, phases: Sequence[tuple[str, float, float]], deadline_s: float, seed: int = 0
+) -> list[tuple[str, float, float, float, str]]:
+    """Poisson arrivals at each phase's rate (req/s) for its seconds; one record per request:
+    (phase, scheduled time from the start, send lag, latency from the scheduled time, status)."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        metadata = await stub.ModelMetadata(pb.ModelMetadataRequest(name=model), timeout=30)
+        rng = np.random.default_rng(seed)
+        pool = [codec.build_request(model, random_inputs(metadata, 1, 16, rng)) for _ in range(16)]
+        records: list[tuple[str, float, float, float, str]] = []
+        tasks: set[asyncio.Task[None]] = set()
+        arrivals = random.Random(seed)
+
+        async def send(phase: str, index: int, scheduled: float, origin: float) -> None:
+            lag = time.perf_counter() - scheduled
+            try:
+                await stub.ModelInfer(pool[index % len(pool)], timeout=max(deadline_s - lag, 0.001))
+                status = "OK"
+            except grpc.aio.AioRpcError as err:
+                status = err.code().name
+                if status == "RESOURCE_EXHAUSTED":  # who refused: grpcio's cap or our admission
+                    status += ": " + " ".join((err.details() or "").split()[:3])
+            records.append((phase, scheduled - origin, lag, time.perf_counter() - scheduled, status))
+
+        origin = time.perf_counter()
+        scheduled = origin
+        index = 0
+        for phase, rate, seconds in phases:
+            phase_end = scheduled + seconds
+            while True:
+                scheduled += arrivals.expovariate(rate)
+                if scheduled >= phase_end:
+                    scheduled = phase_end
+                    break
+                delay = scheduled - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                task = asyncio.get_running_loop().create_task(send(phase, index, scheduled, origin))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                index += 1
+        while tasks:
+            await asyncio.gather(*list(tasks))
+        return records
+
+
+def summarize(records: list[tuple[str, float, float, float, str]], peak: float, seconds: dict[str, float]) -> dict:
+    by_phase: dict[str, dict[str, Any]] = {}
+    overload_end = seconds["80%"] + seconds["200%"]
+    for phase, _ in PHASES:
+        rows = [r for r in records if r[0] == phase]
+        ok = np.array([r[3] for r in rows if r[4] == "OK"]) * 1e3
+        refused = np.array([r[3] for r in rows if r[4].startswith("RESOURCE_EXHAUSTED")]) * 1e3
+        statuses: dict[str, int] = {}
+        for row in rows:
+            statuses[row[4]] = statuses.get(row[4], 0) + 1
+        by_phase[phase] = {
+            "offered_rps": len(rows) / seconds[phase],
+            "goodput_rps": len(ok) / seconds[phase],
+            "statuses": statuses,
+            "admitted_latency_ms": percentiles(ok),
+            "refusal_latency_ms": percentiles(refused),
+            "send_lag_p99_ms": float(np.percentile([r[2] for r in rows], 99) * 1e3) if rows else None,
+        }
+    settled = np.array([r[3] for r in records if r[0] == "after" and r[1] >= overload_end + 1.0 and r[4] == "OK"])
+    normal_p99 = by_phase["80%"]["admitted_latency_ms"]["p99"]
+    overload = by_phase["200%"]
+    return {
+        "peak_rps": peak,
+        "phases": by_phase,
+        "goodput_vs_peak": overload["goodput_rps"] / peak if peak else None,
+        "refusal_p99_ms": overload["refusal_latency_ms"]["p99"],
+        "admitted_p99_vs_80pct_p99": (overload["admitted_latency_ms"]["p99"] or 0) / normal_p99 if normal_p99 else None,
+        "p99_1s_after_overload_ms": float(np.percentile(settled, 99) * 1e3) if len(settled) else None,
+        "p99_at_80pct_ms": normal_p99,
+    }
+
+
+def measure(framework: str, args: argparse.Namespace, server_cpus: list[int] | None, model_dir: Path) -> dict:
+    server_args = ["--threads", "1", "--device", "cpu", "--model-dir", str(model_dir / framework), *args.server_arg]
+    with ServerProcess(framework, args.model, server_args, cpus=server_cpus) as server:
+        opts = argparse.Namespace(model=args.model, seconds=3.0, warmup=1.0, batch_size=1)
+        peak = drive(server, 64, opts, None)["requests_per_s"]
+        seconds = {name: args.seconds for name, _ in PHASES}
+        phases = [(name, fraction * peak, seconds[name]) for name, fraction in PHASES]
+        cpu_before = time.process_time()
+        records = asyncio.run(open_loop(server.target, args.model, phases, args.deadline_ms / 1e3))
+        generator_cpu = (time.process_time() - cpu_before) / sum(seconds.values())
+    result = summarize(records, peak, seconds)
+    result["generator_cpu"] = generator_cpu
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--server", choices=["torch", "tensorflow", "both"], default="both")
+    parser.add_argument("--model", default="resnet")
+    parser.add_argument("--deadline-ms", type=float, default=250.0, help="every request's deadline")
+    parser.add_argument("--seconds", type=float, default=4.0, help="seconds per phase")
+    parser.add_argument("--server-arg", action="append", default=[], help="extra server flag, repeatable")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    cpus = sorted(os.sched_getaffinity(0))
+    server_cpus = None
+    if len(cpus) >= 2:
+        server_cpus = cpus[:1]
+        os.sched_setaffinity(0, cpus[1:])
+    frameworks = ["torch", "tensorflow"] if args.server == "both" else [args.server]
+    results = {"model": args.model, "deadline_ms": args.deadline_ms, "servers": {}}
+    with tempfile.TemporaryDirectory(prefix="overload-") as tmp:
+        for framework in frameworks:
+            result = measure(framework, args, server_cpus, Path(tmp))
+            results["servers"][framework] = result
+            over = result["phases"]["200%"]
+            print(
+                f"{framework}: peak {result['peak_rps']:.0f} req/s; at 2x ({over['offered_rps']:.0f} req/s offered): "
+                f"goodput {over['goodput_rps']:.0f} req/s = {result['goodput_vs_peak']:.2f}x peak, "
+                f"refusals answered p99 {result['refusal_p99_ms'] or 0:.2f} ms, admitted p99 "
+                f"{over['admitted_latency_ms']['p99'] or 0:.1f} ms = {result['admitted_p99_vs_80pct_p99'] or 0:.2f}x "
+                f"the p99 at 0.8x ({result['p99_at_80pct_ms'] or 0:.1f} ms), statuses {over['statuses']}; "
+                f"1 s after: p99 {result['p99_1s_after_overload_ms'] or 0:.1f} ms; generator CPU "
+                f"{result['generator_cpu']:.2f}, send lag p99 {over['send_lag_p99_ms'] or 0:.1f} ms",
+                flush=True,
+            )
+    text = json.dumps(results, indent=2)
+    if args.out:
+        args.out.write_text(text)
+    print(text, file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

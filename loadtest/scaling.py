@@ -1,0 +1,79 @@
+"""Worker scaling: throughput of 1..N server processes behind one port (``--workers``).
+
+    python -m loadtest.scaling --server torch --model resnet --model-arg image_size=96 --workers 1,2
+
+For each worker count W the server runs pinned to the first W cores (one worker per
+core, one framework thread each) and a closed-loop driver (loadtest.driver, spread
+over ``--channels`` connections so that the kernel hands every worker some) loads it.
+Prints throughput per worker count, the ratio to one worker, the driver's CPU (it
+shares the cores: a compute-bound model keeps it small), and how the requests spread
+over the workers (the server's ``inference_worker_requests_total``). JSON too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from loadtest.bench import drive
+from loadtest.sampling import scrape
+from loadtest.servers import ServerProcess
+
+
+def measure(framework: str, workers: int, args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
+    cpus = sorted(os.sched_getaffinity(0))[:workers]
+    server_args = ["--workers", str(workers), "--threads", "1", "--device", "cpu", "--model-dir", str(model_dir)]
+    if args.model_arg:
+        server_args += ["--model-arg", args.model_arg]
+    with ServerProcess(framework, args.model, server_args, cpus=cpus) as server:
+        opts = argparse.Namespace(
+            model=args.model, seconds=args.seconds, warmup=args.warmup, batch_size=1, channels=args.channels
+        )
+        step = drive(server, args.concurrency, opts, None)
+        counts = scrape(server.metrics_url, args.model)
+    spread = {key: value for key, value in counts.items() if key.startswith("inference_worker_requests_total")}
+    return {"workers": workers, "server_cpus": cpus, "step": step, "requests_per_worker": spread}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--server", choices=["torch", "tensorflow"], default="torch")
+    parser.add_argument("--model", default="resnet")
+    parser.add_argument("--model-arg", default="image_size=96", help="zoo model parameters (a heavy forward pass)")
+    parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--channels", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    counts = [int(part) for part in args.workers.split(",") if part.strip()]
+    results: dict[str, Any] = {"server": args.server, "model": args.model, "model_arg": args.model_arg, "runs": []}
+    with tempfile.TemporaryDirectory(prefix="scaling-") as tmp:
+        for workers in counts:
+            run = measure(args.server, workers, args, Path(tmp))
+            results["runs"].append(run)
+            step = run["step"]
+            base = results["runs"][0]["step"]["requests_per_s"]
+            print(
+                f"{args.server} {args.model} ({args.model_arg}), {workers} worker(s) on cores {run['server_cpus']}: "
+                f"{step['requests_per_s']:.1f} req/s ({step['requests_per_s'] / base:.2f}x one worker), "
+                f"p50 {step['latency_us']['p50'] / 1e3:.1f} ms, driver CPU {step['generator_cpu']:.0%}, "
+                f"errors {step['errors'] or 0}, per worker {sorted(run['requests_per_worker'].values())}",
+                flush=True,
+            )
+    text = json.dumps(results, indent=2)
+    if args.out:
+        args.out.write_text(text)
+    print(text, file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
