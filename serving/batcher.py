@@ -21,10 +21,10 @@ deadline or past ``max_queue_wait`` (when set). Overload is therefore answered w
 quick refusals while the admitted requests keep a bounded wait, instead of every request
 queueing until its deadline. The queue is also bounded in requests (``max_queue_size``).
 A request whose deadline passes while queued anyway is answered DEADLINE_EXCEEDED and
-never computed; a cancelled one is dropped. An error in a forward
-pass reaches every request of that batch and the batcher goes on; the leader that met
-it hands over as usual, so no failure leaves the model without a runner. Each request
-gets exactly its own rows back.
+never computed; a cancelled one is dropped. An error in a forward pass reaches every
+request of that batch and the batcher goes on; the leader that met it hands over as
+usual, so no failure leaves the model without a runner. Each request gets exactly its
+own rows back.
 
 Inputs with variable dimensions beyond the batch dimension (token sequences) are padded
 to the batch's longest with the model's pad value; the k-th variable dimension of each
@@ -127,7 +127,6 @@ class DynamicBatcher:
         self._predict = predict
         self._input_specs = {spec.name: spec for spec in inputs}
         self._output_specs = {spec.name: spec for spec in outputs}
-        self._settings = settings
         self._metrics = metrics
         self._pad_values = dict(pad_values or {})
         self._ragged_inputs = [spec.name for spec in inputs if any(dim == -1 for dim in spec.shape[1:])]
