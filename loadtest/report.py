@@ -165,6 +165,8 @@ class Characteristic:
     unit: str
     higher_is_better: bool
     read: Reader
+    #: Read from the load steps (valid ones only), not from the server starts.
+    from_steps: bool = True
 
 
 def characteristics(settings: dict[str, Any]) -> list[Characteristic]:
@@ -174,8 +176,8 @@ def characteristics(settings: dict[str, Any]) -> list[Characteristic]:
         Characteristic(f"max throughput with p99 ≤ {settings['slo_ms']:g} ms", "req/s", True, _slo_throughput),
         Characteristic(f"p50 latency @ {ref} users", "ms", False, _at_reference("latency_ms.p50")),
         Characteristic(f"p99 latency @ {ref} users", "ms", False, _at_reference("latency_ms.p99")),
-        Characteristic("cold start (spawn to SERVING)", "s", False, _start_figure("cold_start_s")),
-        Characteristic("idle memory (RSS)", "MiB", False, _start_figure("idle_rss_bytes", MIB)),
+        Characteristic("cold start (spawn to SERVING)", "s", False, _start_figure("cold_start_s"), from_steps=False),
+        Characteristic("idle memory (RSS)", "MiB", False, _start_figure("idle_rss_bytes", MIB), from_steps=False),
         Characteristic("memory under load (max RSS)", "MiB", False, _memory_under_load),
         Characteristic(f"server CPU per request @ {ref} users", "ms", False, _cpu_per_request),
     ]
@@ -196,9 +198,13 @@ def verdict(results: dict[str, Any]) -> list[dict[str, Any]]:
         names = list(group["arms"].values())
         if len(names) != 2:
             continue
+        measured = any(servers[name]["steps"] for name in names)
         for item in characteristics(settings):
             readings = {name: item.read(servers[name], settings) for name in names}
             values = {name: reading[0] for name, reading in readings.items()}
+            decision = decide(values, item.higher_is_better)
+            if decision["verdict"] == "not measured" and measured and item.from_steps:
+                decision["verdict"] = "no valid step to judge by (see Invalid steps)"
             rows.append(
                 {
                     "variant": group["name"],
@@ -208,7 +214,7 @@ def verdict(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "values": values,
                     "where": {name: reading[1] for name, reading in readings.items()},
                     "means": {name: statistics.fmean(v) if v else None for name, v in values.items()},
-                    **decide(values, item.higher_is_better),
+                    **decision,
                 }
             )
     return rows
