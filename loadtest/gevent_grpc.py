@@ -6,7 +6,7 @@ pool: a hand-off to a native thread and back, through pure-Python queues and con
 for every event. On this project's 2-core box a blocking unary call from a greenlet cost
 230-290 µs of generator CPU that way, against about 180 µs from plain threads.
 
-Two things change that, both on grpc's internals (grpcio is pinned; the load tests
+Two things change that (and a third detail, see ``install``), all on grpc's internals (grpcio is pinned; the load tests
 exercise every path, so a grpcio that moves them fails there):
 
 - ``install()``: grpc's "channel spin", the loop that takes a channel's call events from
@@ -39,6 +39,7 @@ import grpc
 from gevent.hub import Hub, get_hub
 from grpc import _channel as grpc_channel
 from grpc import _common as grpc_common
+from grpc import _observability as grpc_observability
 from grpc._cython import cygrpc  # type: ignore[attr-defined]
 
 log = logging.getLogger(__name__)
@@ -111,14 +112,38 @@ def _native_channel_spin(state: Any) -> None:
     _spin_threads.run(spin)
 
 
+class _CurrentPlugin:
+    """``grpc._observability.get_plugin()`` without its lock: the plugin as it is now."""
+
+    def __enter__(self) -> Any:
+        return grpc_observability._OBSERVABILITY_PLUGIN
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_current_plugin = _CurrentPlugin()
+
+
+def _get_plugin() -> _CurrentPlugin:
+    return _current_plugin
+
+
 def install() -> None:
-    """Run channel spins on native threads (once per process; after ``init_gevent``)."""
+    """Run channel spins on native threads (once per process; after ``init_gevent``).
+
+    Also reads grpc's observability plugin (asked for on every call) without taking its lock:
+    under gevent that lock is a pure-Python RLock, and with a generator-based context manager
+    around it, about a sixth of a call's cost in the hub. A load generator registers no plugin.
+    """
     global _installed
     if _installed:
         return
-    if not callable(getattr(grpc_channel, "_run_channel_spin_thread", None)):
-        raise RuntimeError("this grpcio has no grpc._channel._run_channel_spin_thread: loadtest.gevent_grpc needs one")
+    for module, name in ((grpc_channel, "_run_channel_spin_thread"), (grpc_observability, "get_plugin")):
+        if not callable(getattr(module, name, None)):
+            raise RuntimeError(f"this grpcio has no {module.__name__}.{name}: loadtest.gevent_grpc needs one")
     grpc_channel._run_channel_spin_thread = _native_channel_spin
+    grpc_observability.get_plugin = _get_plugin  # type: ignore[assignment]
     _installed = True
 
 
