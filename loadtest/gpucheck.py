@@ -24,8 +24,9 @@ repository. A time budget (``--budget-s``) skips what would not fit, and says so
 
 Results go to ``OUTDIR/gpu_check.json`` and ``OUTDIR/gpu_check.md`` (also printed). The
 exit status is 1 when a run failed (a server did not start, parity or a reported option
-was wrong), else 0. ``--server-arg`` passes a flag to every server (e.g.
-``--server-arg=--workers=4``, for a worker sweep of mlp at 64 callers).
+was wrong), else 0. ``--server-arg`` passes a flag to every server: a worker sweep of mlp
+at 64 callers is ``--models mlp --precisions fp32 --compile off --server-arg=--workers=4
+--channels 16`` (the kernel spreads connections, not requests, over workers).
 
 This module imports neither TensorFlow nor Locust: the TensorFlow server runs in its own
 process, and only when the probe finds it.
@@ -76,8 +77,8 @@ CPU_MODEL_ARGS = {
 }
 #: Sequence length of the encoder's requests.
 SEQ_LEN = 16
-#: Rows of the parity batch.
-PARITY_ROWS = 8
+#: Parity batches: (rows, encoder sequence length, seed).
+PARITY_BATCHES = ((1, 5, 1), (8, SEQ_LEN, 2), (32, 64, 3))
 #: Under XLA every batch size is a compilation: TensorFlow's compiled runs use these buckets.
 XLA_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -98,6 +99,8 @@ class Options:
     model_args: dict[str, str]
     server_args: list[str]
     threads: int | None
+    parity_only: bool = False
+    channels: int = 1
 
 
 def log(message: str) -> None:
@@ -132,26 +135,34 @@ def reference_outputs(model: ModelDefinition, inputs: dict[str, np.ndarray]) -> 
     return {name: tensor.numpy() for name, tensor in outputs.items()}
 
 
-def parity_inputs(model: ModelDefinition) -> dict[str, np.ndarray]:
-    kwargs = {"seq_len": SEQ_LEN} if model.pad_values else {}
-    return model.example_inputs(PARITY_ROWS, np.random.default_rng(2026), **kwargs)
+def parity_inputs(model: ModelDefinition, max_batch_size: int) -> list[dict[str, np.ndarray]]:
+    batches = []
+    for rows, seq_len, seed in PARITY_BATCHES:
+        kwargs = {"seq_len": min(seq_len, int(model.params["max_len"]))} if model.pad_values else {}
+        batches.append(model.example_inputs(min(rows, max_batch_size), np.random.default_rng(seed), **kwargs))
+    return batches
 
 
-def check_parity(target: str, model: ModelDefinition, precision: str) -> dict[str, Any]:
+def check_parity(target: str, model: ModelDefinition, precision: str, max_batch_size: int) -> dict[str, Any]:
+    """Each parity batch over gRPC against the fp32 reference: the largest errors per output."""
     from client import InferenceClient
 
-    inputs = parity_inputs(model)
-    expected = reference_outputs(model, model.complete_inputs(inputs))
     tolerance = TOLERANCES[precision]
+    outputs: dict[str, dict[str, Any]] = {}
     with InferenceClient(target, timeout=120) as client:
-        served = client.infer(model.name, inputs)
-    outputs = {}
-    for name, want in expected.items():
-        error, relative = tolerance.errors(served[name], want)
-        outputs[name] = {"max_abs": error, "max_rel_to_largest": relative, "ok": tolerance.holds(served[name], want)}
+        for inputs in parity_inputs(model, max_batch_size):
+            expected = reference_outputs(model, model.complete_inputs(inputs))
+            served = client.infer(model.name, inputs)
+            for name, want in expected.items():
+                error, relative = tolerance.errors(served[name], want)
+                entry = outputs.setdefault(name, {"max_abs": 0.0, "max_rel_to_largest": 0.0, "ok": True})
+                entry["max_abs"] = max(entry["max_abs"], error)
+                entry["max_rel_to_largest"] = max(entry["max_rel_to_largest"], relative)
+                entry["ok"] = entry["ok"] and tolerance.holds(served[name], want)
     return {
         "ok": all(entry["ok"] for entry in outputs.values()),
         "tolerance": dataclasses.asdict(tolerance),
+        "batches": [rows for rows, _, _ in PARITY_BATCHES],
         "outputs": outputs,
     }
 
@@ -334,16 +345,20 @@ def run_one(opts: Options, framework: str, model_name: str, precision: str, comp
         result["reported_ok"] = all(reported.get(key) == value for key, value in wanted.items()) and (
             reported.get("device", "").split(":")[0] == opts.device.split(":")[0]
         )
-        result["parity"] = check_parity(server.target, model, precision)
+        result["parity"] = check_parity(server.target, model, precision, opts.max_batch_size)
+        if opts.parity_only:
+            return result
         seq_len = SEQ_LEN if model.pad_values else 1
-        asyncio.run(drive(server.target, model_name, opts.concurrency, opts.warmup, 0.0, 1, seq_len))
+        asyncio.run(drive(server.target, model_name, opts.concurrency, opts.warmup, 0.0, 1, seq_len, opts.channels))
         before = scrape(server.metrics_url, model_name)
         stop, peak = threading.Event(), dict[str, int]()
         watcher = None
         if memory.nvml:
             watcher = threading.Thread(target=memory.watch, args=(server.pid, baseline, stop, peak), daemon=True)
             watcher.start()
-        load = asyncio.run(drive(server.target, model_name, opts.concurrency, opts.seconds, 0.0, 1, seq_len))
+        load = asyncio.run(
+            drive(server.target, model_name, opts.concurrency, opts.seconds, 0.0, 1, seq_len, opts.channels)
+        )
         stop.set()
         if watcher:
             watcher.join()
@@ -370,7 +385,7 @@ def run_one(opts: Options, framework: str, model_name: str, precision: str, comp
         return result
     finally:
         server.close()
-    mean_batch = result["served"]["mean_batch"]
+    mean_batch = result.get("served", {}).get("mean_batch")
     if mean_batch:
         try:
             forward = forward_rows_per_s(opts, framework, model_name, precision, compile, mean_batch, repo)
@@ -533,6 +548,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=None, help="stop starting runs after this (GPU 420 s)")
     parser.add_argument("--model-arg", action="append", default=[], help="MODEL:KEY=VALUE,... (repeatable)")
     parser.add_argument("--server-arg", action="append", default=[], help="one more server flag (repeatable)")
+    parser.add_argument("--channels", type=int, default=1, help="connections of the load driver (workers: several)")
+    parser.add_argument("--parity-only", action="store_true", help="check parity and reported options, no load")
     parser.add_argument("--threads", type=int, default=None, help="--threads of servers and forward (CPU: 1)")
     args = parser.parse_args(argv)
     device = args.device or ("cpu" if args.cpu else "cuda:0")
@@ -551,6 +568,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_args=parse_model_args(args.model_arg, CPU_MODEL_ARGS if device == "cpu" else GPU_MODEL_ARGS),
         server_args=list(args.server_arg),
         threads=args.threads if args.threads is not None else (1 if device == "cpu" else None),
+        parity_only=args.parity_only,
+        channels=args.channels,
     )
     unknown = [
         *(f"--frameworks {name}" for name in opts.frameworks if name not in ("torch", "tensorflow")),
