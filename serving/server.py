@@ -117,6 +117,7 @@ class InferenceServer:
             self.readiness = Readiness(self.place.readiness, self.place.count)
         self.metrics = ServerMetrics(self.registry, table, worker=self.place.index if self.place else 0)
         self.servicer = InferenceServicer(framework.server_name, SERVER_VERSION)
+        self.servicer.configured = set(settings.model)
         # Watch streams get their own small pool, so they never hold a request thread.
         self.health = health.HealthServicer(
             experimental_non_blocking=True, experimental_thread_pool=futures.ThreadPoolExecutor(2)

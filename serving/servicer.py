@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from contract.errors import ModelNotFound, ServingError
+from contract.errors import ModelNotFound, ServingError, Unavailable
 from contract.protocol import inference_pb2 as pb
 from contract.protocol import inference_pb2_grpc as pb_grpc
 from serving.batcher import FINISHED, Request
@@ -40,6 +40,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.server_name = server_name
         self.server_version = server_version
         self.models: dict[str, ModelRuntime] = {}
+        #: Every model this server is to serve, loaded or not yet (UNAVAILABLE until loaded).
+        self.configured: set[str] = set()
         self.draining = False
         #: Whether the other workers of this server serve too (serving.workers); alone: yes.
         self.peers_ready: Callable[[], bool] = lambda: True
@@ -59,7 +61,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _model(self, name: str, version: str = "") -> ModelRuntime:
         runtime = self.models.get(name)
         if runtime is None:
-            raise ModelNotFound(f"unknown model {name!r}; this server serves {sorted(self.models)}")
+            if name in self.configured:
+                raise Unavailable(f"model {name!r} is not ready (still loading); retry later")
+            raise ModelNotFound(f"unknown model {name!r}; this server serves {sorted(self.configured)}")
         if version and version != VERSION:
             raise ModelNotFound(f"model {name!r} has no version {version!r}; versions: [{VERSION!r}]")
         return runtime

@@ -251,8 +251,8 @@ def test_not_ready_while_loading_is_unavailable(tmp_path: Path) -> None:
             assert not stub.ServerReady(pb.ServerReadyRequest(), timeout=10).ready
             with pytest.raises(grpc.RpcError) as info:
                 stub.ModelInfer(codec.build_request("double", {"x": X}), timeout=10)
-            # Not loaded yet: the model is unknown to the servicer until ready.
-            assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # not NOT_FOUND: it is coming
+            assert "not ready" in (info.value.details() or "")
             framework.controls.load_gate.set()
             server.loading.result(30)
             assert stub.ServerReady(pb.ServerReadyRequest(), timeout=10).ready
