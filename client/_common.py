@@ -32,6 +32,7 @@ from contract.datatypes import TensorSpec
 from contract.errors import ServingError
 from contract.protocol import inference_pb2 as pb
 
+C = TypeVar("C")
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 10.0
@@ -151,10 +152,19 @@ class ClientOptions:
     token: str | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    #: PEM certificate chain and private key this client presents (mutual TLS; implies TLS).
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = None
+    #: Connections the calls take turns on (a server of several workers gets connections spread).
+    channels: int = 1
 
     def __post_init__(self) -> None:
         if not self.target:
             raise ValueError("target must be HOST:PORT")
+        if (self.certificate_chain is None) != (self.private_key is None):
+            raise ValueError("a client certificate and its private key go together")
+        if self.channels < 1:
+            raise ValueError(f"channels must be at least 1, got {self.channels}")
         if self.timeout is None or not 0 < self.timeout < float("inf"):
             raise ValueError(f"timeout must be a positive number of seconds (every call has one), got {self.timeout}")
         if self.max_message_bytes <= 0:
@@ -162,10 +172,21 @@ class ClientOptions:
 
     @property
     def secure(self) -> bool:
-        return self.tls or self.root_certificates is not None
+        return self.tls or self.root_certificates is not None or self.certificate_chain is not None
 
     def credentials(self) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(root_certificates=self.root_certificates)
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.root_certificates,
+            private_key=self.private_key,
+            certificate_chain=self.certificate_chain,
+        )
+
+    def open_channels(self, secure: Callable[..., C], insecure: Callable[..., C]) -> list[C]:
+        """``channels`` channels to the target, each with a connection of its own."""
+        options = self.channel_options
+        if self.secure:
+            return [secure(self.target, self.credentials(), options=options) for _ in range(self.channels)]
+        return [insecure(self.target, options=options) for _ in range(self.channels)]
 
     @property
     def channel_options(self) -> list[tuple[str, Any]]:
@@ -174,6 +195,8 @@ class ClientOptions:
         # instead, so that a retry can find a server that has just come up.
         backoff_ms = max(int(self.retry.backoff * 1000), 10)
         return [
+            # A connection per channel: gRPC would otherwise share one between equal channels.
+            ("grpc.use_local_subchannel_pool", 1 if self.channels > 1 else 0),
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.initial_reconnect_backoff_ms", backoff_ms),

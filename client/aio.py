@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+import itertools
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -55,20 +56,33 @@ class AsyncInferenceClient:
         token: str | None = None,
         retry: RetryPolicy | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        client_certificate: bytes | None = None,
+        client_key: bytes | None = None,
+        channels: int = 1,
     ) -> None:
         self._options = ClientOptions(
-            target, timeout, tls, root_certificates, token, retry or RetryPolicy(), max_message_bytes
+            target,
+            timeout,
+            tls,
+            root_certificates,
+            token,
+            retry or RetryPolicy(),
+            max_message_bytes,
+            client_certificate,
+            client_key,
+            channels,
         )
-        options = self._options.channel_options
-        self._channel = (
-            grpc.aio.secure_channel(target, self._options.credentials(), options=options)
-            if self._options.secure
-            else grpc.aio.insecure_channel(target, options=options)
+        self._channels = self._options.open_channels(grpc.aio.secure_channel, grpc.aio.insecure_channel)
+        # Calls take turns on the channels (thread-safe: one C-level step per call).
+        self._stubs: Iterator[dict[str, Any]] = itertools.cycle(
+            [
+                {
+                    _common.INFERENCE: pb_grpc.GRPCInferenceServiceStub(channel),
+                    _common.HEALTH: health_pb2_grpc.HealthStub(channel),
+                }
+                for channel in self._channels
+            ]
         )
-        self._stubs: dict[str, Any] = {
-            _common.INFERENCE: pb_grpc.GRPCInferenceServiceStub(self._channel),
-            _common.HEALTH: health_pb2_grpc.HealthStub(self._channel),
-        }
 
     @property
     def target(self) -> str:
@@ -80,7 +94,8 @@ class AsyncInferenceClient:
         return self._options.timeout
 
     async def close(self) -> None:
-        await self._channel.close(None)
+        for channel in self._channels:
+            await channel.close(None)
 
     async def __aenter__(self) -> AsyncInferenceClient:
         return self
@@ -92,7 +107,7 @@ class AsyncInferenceClient:
 
     async def _call(self, call: Call[T], timeout: float | None, *, wait_for_ready: bool | None = None) -> T:
         attempts = self._options.attempts(call, timeout)
-        method = getattr(self._stubs[call.service], call.method)
+        method = getattr(next(self._stubs)[call.service], call.method)
         while True:
             try:
                 response = await method(
@@ -178,7 +193,7 @@ class AsyncInferenceClient:
             else StreamRequests(encoder, requests)
         )
         attempt = self._options.stream_attempt(timeout)
-        call = self._stubs[_common.INFERENCE].ModelStreamInfer(
+        call = next(self._stubs)[_common.INFERENCE].ModelStreamInfer(
             source, timeout=attempt.timeout(), metadata=self._options.metadata
         )
         try:

@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--tls", action="store_true", help="use TLS (system roots unless --root-certs)")
     parser.add_argument("--root-certs", metavar="PEM", help="trust these root certificates (implies --tls)")
+    parser.add_argument(
+        "--client-cert", metavar="PEM", help="present this certificate chain (mutual TLS; implies --tls)"
+    )
+    parser.add_argument("--client-key", metavar="PEM", help="the private key of --client-cert")
     parser.add_argument("--token", help="bearer token sent as 'authorization' metadata")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -111,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exit_.code if isinstance(exit_.code, int) else 2
     try:
         root_certificates = Path(args.root_certs).read_bytes() if args.root_certs else None
+        client_certificate = Path(args.client_cert).read_bytes() if args.client_cert else None
+        client_key = Path(args.client_key).read_bytes() if args.client_key else None
         with InferenceClient(
             args.target,
             timeout=args.timeout,
@@ -118,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             root_certificates=root_certificates,
             token=args.token,
             retry=RetryPolicy(attempts=args.attempts),
+            client_certificate=client_certificate,
+            client_key=client_key,
         ) as client:
             status: int = args.handler(client, args)
             return status

@@ -9,6 +9,7 @@ is retried when that cannot run it twice (see ``client.RetryPolicy``).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
@@ -51,6 +52,10 @@ class InferenceClient:
             (default ``RetryPolicy()``: 3 tries, backoff from 0.1 s; ``RetryPolicy(attempts=1)``
             never retries).
         max_message_bytes: largest message sent or received.
+        client_certificate, client_key: PEM certificate chain and key this client presents
+            (mutual TLS; implies TLS).
+        channels: connections the calls take turns on; a server of several workers
+            (``--workers``) spreads connections, not requests, so give it several.
     """
 
     def __init__(
@@ -63,20 +68,33 @@ class InferenceClient:
         token: str | None = None,
         retry: RetryPolicy | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        client_certificate: bytes | None = None,
+        client_key: bytes | None = None,
+        channels: int = 1,
     ) -> None:
         self._options = ClientOptions(
-            target, timeout, tls, root_certificates, token, retry or RetryPolicy(), max_message_bytes
+            target,
+            timeout,
+            tls,
+            root_certificates,
+            token,
+            retry or RetryPolicy(),
+            max_message_bytes,
+            client_certificate,
+            client_key,
+            channels,
         )
-        options = self._options.channel_options
-        self._channel = (
-            grpc.secure_channel(target, self._options.credentials(), options=options)
-            if self._options.secure
-            else grpc.insecure_channel(target, options=options)
+        self._channels = self._options.open_channels(grpc.secure_channel, grpc.insecure_channel)
+        # Calls take turns on the channels (thread-safe: one C-level step per call).
+        self._stubs: Iterator[dict[str, Any]] = itertools.cycle(
+            [
+                {
+                    _common.INFERENCE: pb_grpc.GRPCInferenceServiceStub(channel),
+                    _common.HEALTH: health_pb2_grpc.HealthStub(channel),
+                }
+                for channel in self._channels
+            ]
         )
-        self._stubs: dict[str, Any] = {
-            _common.INFERENCE: pb_grpc.GRPCInferenceServiceStub(self._channel),
-            _common.HEALTH: health_pb2_grpc.HealthStub(self._channel),
-        }
 
     @property
     def target(self) -> str:
@@ -88,7 +106,8 @@ class InferenceClient:
         return self._options.timeout
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     def __enter__(self) -> InferenceClient:
         return self
@@ -100,7 +119,7 @@ class InferenceClient:
 
     def _call(self, call: Call[T], timeout: float | None, *, wait_for_ready: bool | None = None) -> T:
         attempts = self._options.attempts(call, timeout)
-        method = getattr(self._stubs[call.service], call.method)
+        method = getattr(next(self._stubs)[call.service], call.method)
         while True:
             try:
                 response = method(
@@ -191,7 +210,7 @@ class InferenceClient:
         """
         source = StreamRequests(InferEncoder(model, outputs, version, "", raw, datatypes), requests)
         attempt = self._options.stream_attempt(timeout)
-        call = self._stubs[_common.INFERENCE].ModelStreamInfer(
+        call = next(self._stubs)[_common.INFERENCE].ModelStreamInfer(
             source, timeout=attempt.timeout(), metadata=self._options.metadata
         )
         try:

@@ -13,6 +13,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from client import InferenceClient
+from client.cli import main as client_main
 from contract import codec
 from contract.protocol import inference_pb2 as pb
 from contract.protocol import inference_pb2_grpc as pb_grpc
@@ -103,6 +105,18 @@ def test_mutual_tls_needs_a_certificate_from_the_client_ca(pki: Pki, tmp_path: P
     try:
         with pki.channel(server.target, (pki.client_key, pki.client_cert)) as channel:
             np.testing.assert_array_equal(codec.response_outputs(_infer(channel))["y"], X * 2)
+        # Our client and its command line present the certificate too.
+        with InferenceClient(
+            server.target,
+            root_certificates=pki.ca.read_bytes(),
+            client_certificate=pki.client_cert.read_bytes(),
+            client_key=pki.client_key.read_bytes(),
+        ) as client:
+            np.testing.assert_array_equal(client.infer("double", {"x": X})["y"], X * 2)
+        trust = ["--target", server.target, "--root-certs", str(pki.ca)]
+        mutual = [*trust, "--client-cert", str(pki.client_cert), "--client-key", str(pki.client_key)]
+        assert client_main([*mutual, "health"]) == 0
+        assert client_main([*trust, "--attempts", "1", "health"]) != 0
         for client in (None, (pki.stranger_key, pki.stranger_cert)):
             with pki.channel(server.target, client) as channel, pytest.raises(grpc.RpcError) as info:
                 _infer(channel)

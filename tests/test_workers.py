@@ -19,6 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from client import InferenceClient
 from contract import codec
 from contract.protocol import inference_pb2 as pb
 from contract.protocol import inference_pb2_grpc as pb_grpc
@@ -73,6 +74,17 @@ def test_two_workers_answer_as_one_server(two_workers: ServerProcess) -> None:
         counts = {stub.ModelStatistics(pb.ModelStatisticsRequest(name="mlp"), timeout=10).model_stats[0].inference_count
                   for stub in stubs}  # fmt: skip
         assert counts == {5 * CHANNELS}
+        # Our client spreads its calls when given several channels.
+        with InferenceClient(two_workers.target, channels=CHANNELS) as client:
+            for _ in range(2 * CHANNELS):
+                client.infer("mlp", {"input": X})
+        time.sleep(0.5)
+        now = counters(two_workers.metrics_url or "")
+        spread = [
+            now[("inference_worker_requests_total", (*model, ("worker", str(i))))] - per_worker[i] for i in (0, 1)
+        ]
+        assert sum(spread) == 2 * CHANNELS
+        assert all(count > 0 for count in spread), spread
         config = stubs[0].ModelConfig(pb.ModelConfigRequest(name="mlp"), timeout=10).config
         assert config.parameters["workers"].string_value == "2"
         assert all(health(channel) == SERVING for channel in opened)
