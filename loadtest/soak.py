@@ -46,12 +46,12 @@ import modelzoo
 from contract import codec
 from contract.protocol import inference_pb2 as pb
 from contract.protocol import inference_pb2_grpc as pb_grpc
+from loadtest.stats import percentiles
 
 #: A send later than this after its scheduled time counts as late.
 LATE_S = 0.002
 RSS_INTERVAL_S = 1.0
 MiB = 1 << 20
-QUANTILES = {"p50": 50.0, "p90": 90.0, "p99": 99.0, "p99.9": 99.9}
 
 
 @dataclass
@@ -166,15 +166,6 @@ def requests(model: str, seq_len: int, count: int = 64) -> list[pb.ModelInferReq
     rng = np.random.default_rng(0)
     extra = {"seq_len": seq_len} if "max_len" in definition.params else {}
     return [codec.build_request(model, definition.example_inputs(1, rng, **extra)) for _ in range(count)]
-
-
-def percentiles(values_ms: np.ndarray) -> dict[str, float | None]:
-    """Nearest-rank percentiles, mean and max of exact latencies (None without any)."""
-    if len(values_ms) == 0:
-        return dict.fromkeys([*QUANTILES, "max", "mean"])
-    ranked = np.percentile(values_ms, list(QUANTILES.values()), method="inverted_cdf")
-    stats = {name: float(value) for name, value in zip(QUANTILES, ranked, strict=True)}
-    return {**stats, "max": float(np.max(values_ms)), "mean": float(np.mean(values_ms))}
 
 
 def summarize(settings: SoakSettings, record: Record, generator_cpu: float) -> dict[str, Any]:
