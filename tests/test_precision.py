@@ -201,6 +201,16 @@ def test_served_compiled_model(tmp_path: Path, framework: Framework, model: str,
         server.stop()
 
 
+def test_tf_placement_logged_once(repo: Path, caplog: pytest.LogCaptureFixture) -> None:
+    model = modelzoo.get("mlp", **SMALL["mlp"])
+    with caplog.at_level("INFO", logger="tf_server.backend"):
+        loaded(TF, model, repo, "fp32", "off").close()
+    placed = [record.getMessage() for record in caplog.records if "placement" in record.getMessage()]
+    assert len(placed) == 1
+    assert placed[0].startswith("mlp: placement: variables on ")
+    assert placed[0].endswith("device:CPU:0")
+
+
 def test_settings_precision_and_compile() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)

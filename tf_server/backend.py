@@ -21,8 +21,8 @@ Precision and compilation (``--precision``, ``--compile``):
   longest sequence, and outputs cut back, so warm-up can compile every shape the batcher
   can produce: each batch size times each sequence bucket (``warm_up_inputs``). A shape
   met for the first time while serving is compiled then, and logged as a warning.
-- On a GPU every op must run there: soft device placement is off (no silent CPU fallback)
-  and where the variables and outputs live is logged once at load. Inputs reach the GPU
+- On a GPU every op must run there: soft device placement is off (no silent CPU fallback).
+  Where the variables and outputs live is logged once at load, and checked. Inputs reach the GPU
   as one host-to-device copy per input (TensorFlow stages them through its own pinned
   buffers) and outputs come back once each (``.numpy()``).
 """
@@ -175,8 +175,7 @@ class TFBackend(Backend):
             self._call = flat_call(self._xla_function())
             self._check(structured, strict=False)
             self.timings["compile_s"] = time.perf_counter() - started
-        if not self._on_cpu:
-            self._log_placement()
+        self._log_placement()
 
     def _xla_function(self) -> Any:
         """The signature inside a ``tf.function(jit_compile=True)``, as a concrete function."""
@@ -213,7 +212,7 @@ class TFBackend(Backend):
     def _log_placement(self) -> None:
         """Say once where the weights live and where the graph computes (soft placement is off,
         so an op without a kernel on this device fails instead of moving to the CPU)."""
-        variables = {variable.device for variable in self._saved_model.variables}
+        variables = {variable.device for variable in self._signature.variables}
         rng = np.random.default_rng(0)
         inputs = self._feed(self.model.complete_inputs(self.model.example_inputs(1, rng)))
         with tf.device(self._tf_device):
