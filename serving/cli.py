@@ -128,7 +128,10 @@ def main(
 ) -> int:
     args = build_parser(framework).parse_args(argv)
     if args.command == "forward":
-        print(json.dumps(forward_benchmark(framework, args)))
+        try:
+            print(json.dumps(forward_benchmark(framework, args)))
+        except ValueError as err:  # options the framework cannot run here
+            return _refuse(err)
         return 0
     if args.command == "export":
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -313,7 +313,12 @@ class InferenceServer:
         return time.perf_counter() - started
 
     def _write_port_file(self, path: Path) -> None:
-        payload = {"port": self.port, "metrics_port": self.metrics_port, "ready_after_s": self.ready_after_s}
+        payload = {
+            "port": self.port,
+            "metrics_port": self.metrics_port,
+            "ready_after_s": self.ready_after_s,
+            "models": self.model_timings,  # per model: export, load, compile, warm-up seconds
+        }
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(json.dumps(payload))
         tmp.replace(path)
