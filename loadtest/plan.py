@@ -26,7 +26,8 @@ from typing import Any
 FRAMEWORKS = ("torch", "tensorflow")
 SERVER_LABELS = {"torch": "torch_server", "tensorflow": "tf_server"}
 GENERATOR_CPU_LIMIT = 0.90
-ERROR_RATE_LIMIT = 0.01
+#: Most failed requests a step may have and still meet the latency objective (``--slo-ms``).
+SLO_ERROR_RATE = 0.01
 SEND_LAG_LIMIT_MS = 10.0
 OTHER_CPU_LIMIT = 0.25
 MIN_WINDOW_FRACTION = 0.8
@@ -283,10 +284,10 @@ def invalid_reasons(step: dict[str, Any], *, local: bool = True, generator_cores
     other = step["other_cpu_pct"]["mean"]
     if local and other is not None and other > OTHER_CPU_LIMIT * 100:
         reasons.append(f"other processes used {other:.0f}% CPU (> {OTHER_CPU_LIMIT * 100:.0f}%)")
+    # Failed requests are the server's result (counted in latency, in the error rate, against the SLO),
+    # not a fault of the measurement; only a window without a single success says nothing.
     if step["error_rate"] is None or step["successes"] == 0:
         reasons.append("no successful request in the window")
-    elif step["error_rate"] > ERROR_RATE_LIMIT:
-        reasons.append(f"error rate {step['error_rate']:.1%} > {ERROR_RATE_LIMIT:.0%}")
     if step["generator_exit_code"] < 0:
         reasons.append("Locust did not stop in time and was killed")
     if step["window_s"] < MIN_WINDOW_FRACTION * step["window_target_s"]:

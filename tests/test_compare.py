@@ -190,7 +190,10 @@ def _step(**overrides: Any) -> dict[str, Any]:
 def test_invalid_reasons() -> None:
     assert plan.invalid_reasons(_step()) == []
     saturated = plan.invalid_reasons(_step(generator_cpu_pct={"mean": 97.0}, error_rate=0.05))
-    assert [reason.split()[0] for reason in saturated] == ["generator", "error"]
+    assert saturated == ["generator CPU 97% > 90%"]
+    # Errors are the server's result, not a fault of the measurement; a window without a success is.
+    assert plan.invalid_reasons(_step(error_rate=0.3)) == []
+    assert plan.invalid_reasons(_step(error_rate=1.0, successes=0)) == ["no successful request in the window"]
     behind = _step(mode="open", offered_rps=1000.0, sent_rps=500.0, send_lag_ms={"p99": 30.0}, unsent=12)
     assert plan.invalid_reasons(behind) == [
         "generator behind schedule: sent 500/s of 1000/s",
@@ -455,15 +458,17 @@ def test_separation_p_value() -> None:
 
 
 def test_throughput_characteristics_pick_the_best_valid_scenario() -> None:
-    def step(users: int, rps: float, p99: float, repeat: int = 0, valid: bool = True) -> dict[str, Any]:
+    def step(users: int, rps: float, p99: float, repeat: int = 0, valid: bool = True, errors: float = 0.0) -> Any:
         return {"mode": "closed", "concurrency": users, "offered_rps": None, "repeat": repeat,
-                "throughput_rps": rps, "latency_ms": {"p99": p99}, "valid": valid}  # fmt: skip
+                "throughput_rps": rps, "latency_ms": {"p99": p99}, "valid": valid, "error_rate": errors}  # fmt: skip
 
-    server = {"steps": [step(4, 100, 10), step(4, 110, 12, repeat=1), step(16, 300, 80), step(8, 900, 4, valid=False)]}
+    server = {"steps": [step(4, 100, 10), step(4, 110, 12, repeat=1), step(16, 300, 80), step(8, 900, 4, valid=False),
+                        step(6, 200, 3, errors=0.02)]}  # fmt: skip
     for slo_ms, expected in ((50.0, ([100, 110], "4 users")), (5.0, ([0.0], "none meets it"))):
-        settings = {"reference_concurrency": 4, "slo_ms": slo_ms}
+        settings = {"reference_concurrency": 4, "slo_ms": slo_ms, "limits": {"slo_error_rate": 0.01}}
         read = {item.name.split(" (")[0]: item.read for item in report.characteristics(settings)}
-        assert read[f"max throughput with p99 ≤ {slo_ms:g} ms"](server, settings) == expected
+        # 6 users meets the latency objective but fails 2% of its requests: it does not count.
+        assert read[f"max throughput with p99 ≤ {slo_ms:g} ms, errors ≤ 1%"](server, settings) == expected
         assert read["peak throughput"](server, settings) == ([300], "16 users")
         assert read["p99 latency @ 4 users"](server, settings) == ([10, 12], "")
 
@@ -493,7 +498,7 @@ def _synthetic_step(repeat: int, mode: str, x: float, speed: float) -> dict[str,
         "other_cpu_pct": {"mean": 3.0, "max": 5.0},
         "gpu": None,
         "server_metrics": stats.metric_deltas({}, {}) | {"queue_ms_mean": 0.5, "compute_ms_mean": 1},
-        "invalid_reasons": ["error rate 5.0% > 1%"] if invalid else [],
+        "invalid_reasons": ["generator send lag p99 30 ms > 10 ms"] if invalid else [],
         "valid": not invalid,
     }
 
@@ -535,7 +540,7 @@ def _synthetic_results(repeats: int = 3) -> dict[str, Any]:
         "server_args_for_all": options.server_args_for_all(),
         "reference_concurrency": options.reference_concurrency,
         "pinning": {"mode": "auto", "server_cpus": [0], "generator_cpus": [1]},
-        "limits": {"generator_cpu_pct_per_core": 90.0},
+        "limits": {"generator_cpu_pct_per_core": 90.0, "slo_error_rate": 0.01},
         "latency_note": compare.LATENCY_NOTE,
         "decision_rule": stats.DECISION_RULE,
     }
@@ -606,7 +611,7 @@ def test_report_from_synthetic_results(tmp_path: Path) -> None:
     assert "no difference beyond noise (ranges overlap)" in markdown
     assert "bare (reference)" in markdown  # a row beside the two servers
     assert "closed r1: torch_server, tf_server, bare (reference); closed r2: bare (reference), tf_server" in markdown
-    assert "error rate 5.0% &gt; 1%" in (tmp_path / "report.html").read_text()
+    assert "generator send lag p99 30 ms &gt; 10 ms" in (tmp_path / "report.html").read_text()
     assert "| tf_server | open | 2 | tf_server exited with 1 |" in markdown
 
 
