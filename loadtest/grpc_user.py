@@ -220,6 +220,7 @@ class TimedRpc:
         end: float,
         then: Callable[[Outcome], None] | None,
     ) -> None:
+        pending.call = None  # the call's state refers back to this callback: no cycle left for the collector
         if pending.abandoned:
             return
         error = None if reply is not None else RpcFailure(code, details)

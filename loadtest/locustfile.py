@@ -34,6 +34,7 @@ from __future__ import annotations
 from locust import LoadTestShape, User, constant, events, task  # first: gevent monkey-patching
 
 # isort: split
+import gc
 import logging
 import time
 from typing import Any
@@ -171,6 +172,11 @@ def on_test_start(environment: Environment, **_: Any) -> None:
     else:
         detach_recorder(environment)
     _clock.update(wall=time.perf_counter(), cpu=time.process_time())
+    # What exists now (Locust, gRPC, the input pool) lives for the whole run: keep the cyclic garbage
+    # collector from scanning it again and again. Its full collections otherwise stalled the hub for
+    # 50-90 ms every couple of seconds at 4,600 req/s (late sends, invalid open-loop steps).
+    gc.collect()
+    gc.freeze()
 
 
 @events.test_stop.add_listener

@@ -20,6 +20,7 @@ from locust import User, constant, task  # first: gevent monkey-patching (see gr
 
 # isort: split
 import argparse
+import gc
 import os
 import statistics
 import time
@@ -129,6 +130,8 @@ def run(
     runner = environment.create_local_runner()
     runner.start(users, spawn_rate=users * 10)
     gevent.sleep(users / (users * 10) + warmup)
+    gc.collect()
+    gc.freeze()  # as the locustfile does at test start
     environment.stats.reset_all()
     wall, cpu = time.perf_counter(), time.process_time()
     gevent.sleep(seconds)
