@@ -24,9 +24,10 @@ repository. A time budget (``--budget-s``) skips what would not fit, and says so
 
 Results go to ``OUTDIR/gpu_check.json`` and ``OUTDIR/gpu_check.md`` (also printed). The
 exit status is 1 when a run failed (a server did not start, parity or a reported option
-was wrong), else 0. ``--server-arg`` passes a flag to every server: a worker sweep of mlp
-at 64 callers is ``--models mlp --precisions fp32 --compile off --server-arg=--workers=4
---channels 16`` (the kernel spreads connections, not requests, over workers).
+was wrong), else 0. ``--server-arg`` passes a flag to every server. Last, a worker sweep:
+torch_server's mlp (fp32) behind ``--workers`` 1, 2, 4, 8 server processes (1, 2 on the
+CPU; ``--workers none`` skips it), 64 callers over 64 connections (the kernel spreads
+connections, not requests, over workers), one worker per core.
 
 This module imports neither TensorFlow nor Locust: the TensorFlow server runs in its own
 process, and only when the probe finds it.
@@ -101,6 +102,8 @@ class Options:
     threads: int | None
     parity_only: bool = False
     channels: int = 1
+    #: Worker counts of the sweep (mlp, fp32, 64 callers over 64 connections); empty: none.
+    workers: list[int] = dataclasses.field(default_factory=list)
 
 
 def log(message: str) -> None:
@@ -450,9 +453,41 @@ def run_check(opts: Options) -> dict[str, Any]:
                         entry = run_one(opts, framework, model, precision, compile, repo, deadline)
                         report["runs"].append(entry)
                         log(f"{combo}: {summary(entry)}")
+        if opts.workers and not opts.parity_only:
+            report["workers"] = worker_sweep(opts, Path(scratch) / "workers")
     report["elapsed_s"] = round(time.monotonic() - started, 1)
-    report["ok"] = all(run_ok(entry) for entry in report["runs"] if "skipped" not in entry)
+    report["ok"] = all(run_ok(entry) for entry in report["runs"] if "skipped" not in entry) and all(
+        "error" not in entry for entry in report.get("workers", [])
+    )
     return report
+
+
+def worker_sweep(opts: Options, repo: Path) -> list[dict[str, Any]]:
+    """torch_server's mlp (fp32) behind 1, 2, 4, 8 ... workers, 64 callers over 64 connections:
+    what more server processes buy when Python around a small model is the limit."""
+    from loadtest.scaling import measure
+
+    args = argparse.Namespace(model="mlp", model_arg="", device=opts.device, threads=opts.threads or 0,
+                              seconds=opts.seconds, warmup=opts.warmup, concurrency=64, channels=64)  # fmt: skip
+    entries = []
+    for count in opts.workers:
+        log(f"torch mlp with {count} worker(s): running")
+        try:
+            run = measure("torch", count, args, repo)
+        except Exception as err:  # a run that failed is reported, the others still run
+            entries.append({"workers": count, "error": " ".join(str(err).split())[:500]})
+            continue
+        step = run["step"]
+        entries.append({
+            "workers": count,
+            "requests_per_s": step["requests_per_s"],
+            "p50_ms": step["latency_us"]["p50"] / 1e3,
+            "p99_ms": step["latency_us"]["p99"] / 1e3,
+            "errors": step["errors"],
+            "requests_per_worker": run["requests_per_worker"],
+        })  # fmt: skip
+        log(f"torch mlp with {count} worker(s): {step['requests_per_s']:.0f} req/s")
+    return entries
 
 
 def run_ok(entry: dict[str, Any]) -> bool:
@@ -526,6 +561,25 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {_cell(entry.get('in_process', {}).get('rows_per_s'), '.0f')} "
             f"| {_cell(entry.get('efficiency'), '.2f')} | {_cell(mib)} |"
         )
+    if report.get("workers"):
+        base = next((w["requests_per_s"] for w in report["workers"] if "error" not in w), None)
+        lines += [
+            "",
+            "Workers (torch_server, mlp fp32, 64 callers over 64 connections; one worker per core):",
+            "",
+            "| workers | req/s | vs 1 worker | p50 ms | p99 ms | errors | requests per worker |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for entry in report["workers"]:
+            if "error" in entry:
+                lines.append(f"| {entry['workers']} | FAILED: {entry['error'][:200]} | | | | | |")
+                continue
+            ratio = entry["requests_per_s"] / base if base else None
+            spread = " ".join(f"{count:.0f}" for count in entry["requests_per_worker"].values())
+            lines.append(
+                f"| {entry['workers']} | {entry['requests_per_s']:.0f} | {_cell(ratio, '.2f')} | {entry['p50_ms']:.2f} "
+                f"| {entry['p99_ms']:.2f} | {sum(entry['errors'].values())} | {spread} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -563,6 +617,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--channels", type=int, default=1, help="connections of the load driver (workers: several)")
     parser.add_argument("--parity-only", action="store_true", help="check parity and reported options, no load")
     parser.add_argument("--threads", type=int, default=None, help="--threads of servers and forward (CPU: 1)")
+    parser.add_argument(
+        "--workers", default=None, help="worker counts of the mlp sweep, or none (GPU 1,2,4,8; CPU 1,2)"
+    )
     args = parser.parse_args(argv)
     device = args.device or ("cpu" if args.cpu else "cuda:0")
     opts = Options(
@@ -582,6 +639,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         threads=args.threads if args.threads is not None else (1 if device == "cpu" else None),
         parity_only=args.parity_only,
         channels=args.channels,
+        workers=[
+            int(count) for count in _list(args.workers or ("1,2" if device == "cpu" else "1,2,4,8")) if count != "none"
+        ],
     )
     unknown = [
         *(f"--frameworks {name}" for name in opts.frameworks if name not in ("torch", "tensorflow")),

@@ -28,7 +28,9 @@ from loadtest.servers import ServerProcess
 
 def measure(framework: str, workers: int, args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     cpus = sorted(os.sched_getaffinity(0))[:workers]
-    server_args = ["--workers", str(workers), "--threads", "1", "--device", "cpu", "--model-dir", str(model_dir)]
+    server_args = ["--workers", str(workers), "--device", args.device, "--model-dir", str(model_dir)]
+    if args.threads:
+        server_args += ["--threads", str(args.threads)]
     if args.model_arg:
         server_args += ["--model-arg", args.model_arg]
     with ServerProcess(framework, args.model, server_args, cpus=cpus) as server:
@@ -47,6 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default="resnet")
     parser.add_argument("--model-arg", default="image_size=96", help="zoo model parameters (a heavy forward pass)")
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="framework threads per worker (0: its own choice)")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--channels", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=8.0)

@@ -15,8 +15,9 @@ Families (same names on both servers): ``inference_requests_total{model,code}``,
 ``inference_request_duration_seconds``, ``inference_queue_duration_seconds``,
 ``inference_compute_duration_seconds``, ``inference_batch_size`` (histograms by
 model), ``inference_executions_total``, ``inference_rows_total``,
-``inference_queue_depth``, ``inference_inflight_requests``, and with several workers
-``inference_worker_requests_total{model,worker}`` (how the kernel spread the load).
+``inference_queue_depth``, ``inference_inflight_requests``, and
+``inference_worker_requests_total{model,worker}`` (with several workers: how the kernel
+spread the load).
 """
 
 from __future__ import annotations
@@ -303,11 +304,13 @@ class _Families:
         self.rows.add_metric(labels, total[layout.rows])
         self.queue_depth.add_metric(labels, total[layout.queue_depth])
         self.inflight.add_metric(labels, total[layout.inflight])
-        if len(rows) > 1:  # several workers: their rows, then one kept for workers that were replaced
-            for worker, row in enumerate(rows[:-1]):
-                self.worker_requests.add_metric([name, str(worker)], row[layout.codes].sum())
-            if rows[-1][layout.codes].sum():
-                self.worker_requests.add_metric([name, "replaced"], rows[-1][layout.codes].sum())
+        # One row per worker (a lone server: one), and with several one more, kept for the
+        # workers that were replaced.
+        workers = len(rows) - 1 if len(rows) > 1 else 1
+        for worker, row in enumerate(rows[:workers]):
+            self.worker_requests.add_metric([name, str(worker)], row[layout.codes].sum())
+        if len(rows) > workers and rows[-1][layout.codes].sum():
+            self.worker_requests.add_metric([name, "replaced"], rows[-1][layout.codes].sum())
 
     def __iter__(self) -> Iterator[Metric]:
         return iter(vars(self).values())

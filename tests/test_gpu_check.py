@@ -55,8 +55,17 @@ def test_gpu_check_cpu_mode(tmp_path: Path) -> None:
         assert entry["in_process"]["rows_per_s"] > 0
         assert entry["efficiency"] == pytest.approx(served["requests_per_s"] / entry["in_process"]["rows_per_s"])
         assert entry["gpu_memory_mib"] == "cpu run"
+    # The worker sweep: mlp behind one and two server processes, both answered, both used.
+    sweep = {entry["workers"]: entry for entry in report["workers"]}
+    assert set(sweep) == {1, 2}
+    for count, entry in sweep.items():
+        assert "error" not in entry, entry
+        assert entry["requests_per_s"] > 0
+        assert sum(entry["errors"].values()) == 0
+        assert len([n for n in entry["requests_per_worker"].values() if n > 0]) == count
     table = (out / "gpu_check.md").read_text()
     assert table in done.stdout
+    assert "| 2 |" in table.split("Workers (")[1]
     assert table.count("| encoder | bf16 | off | ok (") == len(report["runs"])
 
 
