@@ -611,7 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=None, help="measured seconds per run (GPU 4, CPU 1)")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before each measured run")
     parser.add_argument("--max-batch-size", type=int, default=64)
-    parser.add_argument("--budget-s", type=float, default=None, help="stop starting runs after this (GPU 420 s)")
+    parser.add_argument("--budget-s", type=float, default=None, help="stop starting runs after this (GPU 360 s)")
     parser.add_argument("--model-arg", action="append", default=[], help="MODEL:KEY=VALUE,... (repeatable)")
     parser.add_argument("--server-arg", action="append", default=[], help="one more server flag (repeatable)")
     parser.add_argument("--channels", type=int, default=1, help="connections of the load driver (workers: several)")
@@ -633,7 +633,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds=args.seconds if args.seconds is not None else (1.0 if device == "cpu" else 4.0),
         warmup=args.warmup,
         max_batch_size=args.max_batch_size,
-        budget_s=args.budget_s if args.budget_s is not None else (900.0 if device == "cpu" else 420.0),
+        budget_s=args.budget_s if args.budget_s is not None else (900.0 if device == "cpu" else 360.0),
         model_args=parse_model_args(args.model_arg, CPU_MODEL_ARGS if device == "cpu" else GPU_MODEL_ARGS),
         server_args=list(args.server_arg),
         threads=args.threads if args.threads is not None else (1 if device == "cpu" else None),
