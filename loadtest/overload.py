@@ -6,7 +6,7 @@ Per server (pinned to core 0; this generator to core 1): the closed-loop peak wi
 callers (loadtest.driver), then one continuous open-loop run (Poisson arrivals; latency
 and deadline counted from each request's scheduled send time) at 0.8x the peak, 2x the
 peak, then 0.5x. Printed per server: goodput during the overload vs the peak, how fast
-refusals (RESOURCE_EXHAUSTED) were answered, the admitted requests' p99 vs the p99 at
+refusals (RESOURCE_EXHAUSTED) were answered (from the actual send), the admitted requests' p99 vs the p99 at
 0.8x, the error mix, and the p99 once the overload has been over for a second. JSON too.
 The generator's own send lag is reported: a lagging generator offered less than asked.
 
@@ -96,7 +96,9 @@ def summarize(records: list[tuple[str, float, float, float, str]], peak: float, 
     for phase, _ in PHASES:
         rows = [r for r in records if r[0] == phase]
         ok = np.array([r[3] for r in rows if r[4] == "OK"]) * 1e3
-        refused = np.array([r[3] for r in rows if r[4].startswith("RESOURCE_EXHAUSTED")]) * 1e3
+        # A refusal's latency is the server's answer time, from the actual send: the
+        # generator's own lag before sending is reported apart (send_lag_p99_ms).
+        refused = np.array([r[3] - r[2] for r in rows if r[4].startswith("RESOURCE_EXHAUSTED")]) * 1e3
         statuses: dict[str, int] = {}
         for row in rows:
             statuses[row[4]] = statuses.get(row[4], 0) + 1

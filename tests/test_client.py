@@ -664,6 +664,7 @@ def test_invalid_argument_and_queue_full_are_never_retried(tmp_path: Path) -> No
             with pytest.raises(InvalidArgumentError, match="shape"):
                 c.infer("double", {"x": np.ones((1, 3), np.float32)})
             assert (handled(server), handled(server, "INVALID_ARGUMENT")) == (1, 1)
+            controls.entered.clear()  # warm-up ran the model: wait for *this* request to enter it
             controls.gate.clear()
             with futures.ThreadPoolExecutor(2) as pool:
                 running = [pool.submit(c.infer, "double", ROW)]
