@@ -31,6 +31,12 @@ start stamps, the resource sampler and the metric scrapes share:
   time and mean batch size are differences of the server's counters between the first
   and last scrape inside the window.
 
+Per step, the server's ``inference_worker_requests_total`` between the same scrapes gives the
+requests each worker process answered (``--server-arg=--workers=N``); a step where one worker
+got less than half its fair share is flagged unbalanced (a note: the step stays valid). The
+server gets as many cores as it has workers, one at least left for the generator
+(``loadtest.plan.pinning``; otherwise a warning, recorded).
+
 A step is invalid (kept, flagged, left out of the verdict and of every resource figure)
 when the measurement cannot be trusted: the generator's CPU exceeds ``GENERATOR_CPU_LIMIT``
 of its cores, the generator fell behind the open-loop schedule (too few sends, dropped
@@ -76,13 +82,14 @@ from loadtest.plan import (
     Scenario,
     abba,
     check_settings,
-    cpu_split,
     expected_settings,
     invalid_reasons,
     locust_processes,
     parse_list,
+    pinning,
     plan_arms,
     rate_grid,
+    server_workers,
 )
 from loadtest.sampling import SAMPLE_INTERVAL_S, Endpoint, Sampler, environment, listener_pid
 from loadtest.servers import ROOT, ServerProcess, ServerStartError, pin_to
@@ -245,7 +252,18 @@ def report_step(arm: Arm, phase: str, repeat: int, opts: Options, scenario: Scen
         f"server CPU {_fmt(step['server_cpu_pct']['mean'], '.0f', '%')}, "
         f"generator{processes} CPU {_fmt(step['generator_cpu_pct']['mean'], '.0f', '%')} "
         f"({_fmt(step['generator_us_per_request'], '.0f', ' µs/req')}), "
-        f"other CPU {_fmt(step['other_cpu_pct']['mean'], '.0f', '%')} - {verdict}"
+        f"other CPU {_fmt(step['other_cpu_pct']['mean'], '.0f', '%')}{_workers_text(step)} - {verdict}"
+    )
+
+
+def _workers_text(step: dict[str, Any]) -> str:
+    """``, workers 2: 55%/45% (max/min 1.2)`` and the balance note, for a step of a server with several workers."""
+    balance = step.get("worker_balance")
+    if not balance or balance["workers"] < 2:
+        return ""
+    shares = "/".join(_fmt(share and 100 * share, ".0f", "%") for share in balance["shares"].values())
+    return (
+        f", workers {balance['workers']}: {shares} (max/min {_fmt(balance['max_min_ratio'], '.2f')}; {balance['note']})"
     )
 
 
@@ -390,9 +408,13 @@ def run_comparison(opts: Options, command: Sequence[str] = ()) -> dict[str, Any]
     out = opts.out or Path("reports") / f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    server_cpus, generator_cpus = cpu_split(opts.cpu_split, sorted(os.sched_getaffinity(0)))
+    # A remote server's flags are not ours: its cores are not ours to pin; Locust and the runner keep to theirs.
+    pinned = pinning(opts.cpu_split, sorted(os.sched_getaffinity(0)), () if opts.remote else opts.server_args)
     if opts.remote:
-        server_cpus = None  # not ours to pin; Locust and the runner still keep to their half
+        pinned["server_cpus"] = None
+    server_cpus, generator_cpus = pinned["server_cpus"], pinned["generator_cpus"]
+    if pinned["warning"]:
+        progress(f"warning: {pinned['warning']}")
     started = time.time()
     records = {arm.name: _record(arm) for arm in arms}
     order: list[dict[str, Any]] = []
@@ -401,8 +423,8 @@ def run_comparison(opts: Options, command: Sequence[str] = ()) -> dict[str, Any]
     progress(
         f"comparing {', '.join(arm.name for arm in arms)} on {opts.model}: {len(closed)} concurrencies + "
         f"{len(opts.rates) or len(opts.rate_fractions) + (opts.overload > 0)} rates x {opts.repeats} repeats, "
-        f"{opts.warmup_seconds:g}+{opts.step_seconds:g} s per step; server cpus {server_cpus}, "
-        f"locust cpus {generator_cpus}"
+        f"{opts.warmup_seconds:g}+{opts.step_seconds:g} s per step; server cpus {server_cpus} "
+        f"({pinned['server_workers']} worker(s)), locust cpus {generator_cpus}"
     )
     with tempfile.TemporaryDirectory(prefix="compare-") as tmp, _runner_pinned(generator_cpus):
         run = Run(opts, Path(tmp), logs, server_cpus, generator_cpus)
@@ -439,7 +461,7 @@ def run_comparison(opts: Options, command: Sequence[str] = ()) -> dict[str, Any]
             "mode": "remote" if opts.remote else "local",
             "server_args_for_all": opts.server_args_for_all(),
             "reference_concurrency": opts.reference_concurrency,
-            "pinning": {"mode": opts.cpu_split, "server_cpus": server_cpus, "generator_cpus": generator_cpus},
+            "pinning": pinned,
             "limits": {
                 "generator_cpu_pct_per_core": GENERATOR_CPU_LIMIT * 100,
                 "other_cpu_pct": OTHER_CPU_LIMIT * 100,
@@ -515,7 +537,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"{PROCESS_CPU_BUDGET * 100:.0f}%% of a core, at most one per generator core) (%(default)s)")  # fmt: skip
     arg("--out", type=Path, help="report folder (default: reports/<timestamp>)")
     arg("--cpu-split", choices=["auto", "none"], default=defaults.cpu_split,
-        help="auto: pin the server to the first half of the cores and Locust to the rest (%(default)s)")  # fmt: skip
+        help="auto: pin the server to the first half of the cores (with --workers N: N cores, one at least "
+        "left) and Locust to the rest (%(default)s)")  # fmt: skip
 
 
 def options_from(args: argparse.Namespace) -> Options:
@@ -539,6 +562,7 @@ def options_from(args: argparse.Namespace) -> Options:
         raise ValueError("--locust-processes: a positive number or auto")
     if opts.matrix and opts.remote:
         raise ValueError("--matrix starts the servers itself: not with --torch-target/--tf-target")
+    server_workers(opts.server_args)  # validates --server-arg=--workers=N
     plan_arms(opts)  # validates --matrix and --target
     return opts
 

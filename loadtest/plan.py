@@ -9,6 +9,8 @@ Pure: no server is started and nothing is measured here (``loadtest.compare`` do
   ``--target`` references) and the pairs the verdict compares; ``abba`` their order.
 - ``rate_grid``: one grid of absolute open-loop rates for every server;
   ``locust_processes``: how many Locust processes a step needs.
+- ``pinning``: which cores the servers and the generator get (``cpu_split``), with the
+  servers' ``--workers`` (``server_workers``) taken into account.
 - ``invalid_reasons``: why a measured step cannot be trusted; ``check_settings``: why two
   servers cannot be compared (their ModelConfig differs).
 """
@@ -22,6 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from serving.workers import AUTO_WORKERS_MAX
 
 FRAMEWORKS = ("torch", "tensorflow")
 SERVER_LABELS = {"torch": "torch_server", "tensorflow": "tf_server"}
@@ -130,13 +134,72 @@ def parse_matrix(items: Sequence[str]) -> list[dict[str, str]]:
     return [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
 
 
-def cpu_split(mode: str, available: Sequence[int]) -> tuple[list[int] | None, list[int] | None]:
-    """(server cpus, generator cpus): ``auto`` gives the server the first half, Locust the rest."""
+def cpu_split(
+    mode: str, available: Sequence[int], server_cores: int | None = None
+) -> tuple[list[int] | None, list[int] | None]:
+    """(server cpus, generator cpus): ``auto`` gives the server the first ``server_cores`` (default: half,
+    at most all but one), Locust the rest; ``none``, or a single cpu: no pinning."""
     cpus = sorted(available)
     if mode == "none" or len(cpus) < 2:
         return None, None
-    half = len(cpus) // 2
-    return cpus[:half], cpus[half:]
+    cores = len(cpus) // 2 if server_cores is None else max(1, min(server_cores, len(cpus) - 1))
+    return cpus[:cores], cpus[cores:]
+
+
+def server_workers(args: Sequence[str]) -> int | str | None:
+    """The ``--workers`` among server flags (``--workers=N`` or ``--workers N``, the last one counts): a count,
+    ``"auto"``, or None when not given; ``ValueError`` when it is neither."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == "--workers":
+            value = args[i + 1] if i + 1 < len(args) else ""
+        elif arg.startswith("--workers="):
+            value = arg.partition("=")[2]
+    if value is None:
+        return None
+    if value.strip().lower() == "auto":
+        return "auto"
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ValueError(f"--server-arg --workers {value!r}: must be auto or a count >= 1")
+    return int(value)
+
+
+def pinning(mode: str, available: Sequence[int], server_args: Sequence[str] = ()) -> dict[str, Any]:
+    """Which cores the server and the generator get (``cpu_split``), as results.json records it.
+
+    A server with ``--workers N`` (N > 1) gets N cores, the generator the rest, as long as one core is left
+    for the generator; otherwise the server gets all but one and ``warning`` says that its workers share
+    cores. ``--workers auto`` (one worker per core the server may use, at most ``AUTO_WORKERS_MAX``) gets
+    all but the generator's core, at most that many. One worker, or none named: the halves as before.
+    ``server_workers``: the workers the server will run (auto: as it will count them).
+    """
+    cpus = sorted(available)
+    asked = server_workers(server_args)
+    wanted = asked if isinstance(asked, int) else None
+    if asked == "auto":
+        wanted = min(max(len(cpus) - 1, 1), AUTO_WORKERS_MAX)
+    server, generator = cpu_split(mode, cpus, wanted if wanted is not None and wanted > 1 else None)
+    workers = wanted or 1
+    if asked == "auto":
+        workers = min(len(server or cpus), AUTO_WORKERS_MAX)
+    warning = None
+    if mode != "none" and workers > 1:
+        if server is None:
+            warning = f"one CPU only: nothing pinned, the server's {workers} workers share it with the generator"
+        elif len(server) < workers:
+            warning = (
+                f"--workers {workers} needs {workers} server cores, but {len(cpus)} are available and the "
+                f"generator keeps one: the server gets {server}, so its {workers} workers share "
+                f"{len(server)} core{'s' if len(server) > 1 else ''}"
+            )
+    return {
+        "mode": mode,
+        "server_cpus": server,
+        "generator_cpus": generator,
+        "server_workers": workers,
+        "workers_flag": None if asked is None else str(asked),
+        "warning": warning,
+    }
 
 
 # ---------------------------------------------------------------- what is measured, in which order

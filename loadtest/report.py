@@ -8,6 +8,9 @@ A verdict row (one table per settings variant) gives each server's mean, the lea
 margin (relative to the other), and a winner only when the difference is beyond noise
 by ``loadtest.stats.DECISION_RULE``; otherwise it says "no difference beyond noise".
 Reference servers (``--target``) get rows in the tables and plots, not in the verdict.
+"Requests per worker" shows how each step's requests spread over a server's worker processes
+(``--workers``), flagging steps where one worker got too few; warnings (a pinning that makes
+workers share cores, unbalanced steps) head the report.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from loadtest.stats import decide
+from loadtest.stats import UNBALANCED_SHARE, decide, worker_balance
 
 #: Line colours of the two frameworks (variants of a matrix get lighter and darker shades).
 FRAMEWORK_COLORS = {"torch": ["#e4572e", "#a33a1b", "#f29479", "#6e2410"], "tensorflow": ["#2e86de", "#1b5a9c",
@@ -577,8 +580,9 @@ def step_table(results: dict[str, Any], mode: str) -> Table:
 
 
 def server_table(results: dict[str, Any]) -> Table:
-    head = ["server", "target", "framework version", "device", "threads", "precision", "compile", "max batch",
-            "dynamic batching", "first start, exporting (s)", "cold starts (s)", "idle RSS (MiB)"]  # fmt: skip
+    head = ["server", "target", "framework version", "device", "threads", "workers", "precision", "compile",
+            "max batch", "dynamic batching", "first start, exporting (s)", "cold starts (s)",
+            "idle RSS (MiB)"]  # fmt: skip
     body = []
     for name, server in results["servers"].items():
         config = server.get("model_config") or {}
@@ -596,6 +600,7 @@ def server_table(results: dict[str, Any]) -> Table:
                 params.get("framework_version", "n/a"),
                 params.get("device", "n/a"),
                 params.get("threads", "n/a"),
+                params.get("workers", "n/a"),
                 params.get("precision", "n/a"),
                 params.get("compile", "n/a"),
                 str(config.get("max_batch_size", "n/a")),
@@ -606,6 +611,55 @@ def server_table(results: dict[str, Any]) -> Table:
             ]
         )
     return head, body
+
+
+def _balance(step: Step) -> dict[str, Any] | None:
+    """The step's worker balance (recomputed from its per-worker counts in an older results document)."""
+    if "worker_balance" in step:
+        return step["worker_balance"]
+    return worker_balance((step.get("server_metrics") or {}).get("requests_per_worker") or {})
+
+
+def worker_table(results: dict[str, Any]) -> Table:
+    """Per server, how the requests of each step spread over its worker processes: each worker's share, the
+    busiest over the idlest, and a note (UNBALANCED when one got under ``UNBALANCED_SHARE`` of its fair share).
+    A server with one worker throughout gets one row that says so."""
+    head = ["server", "phase", "repeat", "loop", "users / rate", "workers", "requests", "share per worker",
+            "max/min", "note"]  # fmt: skip
+    body = []
+    for name, server in results["servers"].items():
+        steps = [(step, balance) for step in server["steps"] if (balance := _balance(step)) is not None]
+        if not steps:
+            if server["steps"]:
+                body.append([_label(results, name), "all", "", "", "", "n/a", "", "", "", "not reported by the server"])
+            continue
+        if all(balance["workers"] == 1 for _, balance in steps):
+            body.append([_label(results, name), "all", "", "", "", "1", "", "", "", "1 worker"])
+            continue
+        for step, balance in steps:
+            shares = ", ".join(
+                f"{worker}: {'n/a' if share is None else f'{share:.0%}'}" for worker, share in balance["shares"].items()
+            )
+            ratio = balance["max_min_ratio"]
+            where = [step.get("phase", ""), str(step["repeat"] + 1), step["mode"], f"{_x(step):g}"]
+            body.append([_label(results, name), *where, str(balance["workers"]), f"{balance['requests']:.0f}", shares,
+                         "∞" if ratio is None else f"{ratio:.2f}", balance["note"]])  # fmt: skip
+    return head, body
+
+
+def run_warnings(results: dict[str, Any]) -> list[str]:
+    """What the reader must know before the figures: a pinning that makes workers share cores, unbalanced steps."""
+    warnings = []
+    if pinned := (results["settings"].get("pinning") or {}).get("warning"):
+        warnings.append(f"Pinning: {pinned}.")
+    for name, server in results["servers"].items():
+        unbalanced = [step for step in server["steps"] if (_balance(step) or {}).get("unbalanced")]
+        if unbalanced:
+            warnings.append(
+                f"{_label(results, name)}: {len(unbalanced)} of {len(server['steps'])} steps unbalanced across its "
+                f"workers (one got under {UNBALANCED_SHARE:.0%} of its fair share; see Requests per worker)."
+            )
+    return warnings
 
 
 def invalid_table(results: dict[str, Any]) -> Table:
@@ -685,6 +739,7 @@ def sections(results: dict[str, Any]) -> list[tuple[str, Table]]:
         ("Servers", server_table(results)),
         ("Closed loop (concurrency sweep)", step_table(results, "closed")),
         ("Open loop (arrival-rate sweep, the same rates for every server)", step_table(results, "open")),
+        ("Requests per worker", worker_table(results)),
         ("Invalid steps", invalid_table(results)),
         ("Failed runs", failure_table(results)),
         ("Settings and environment", settings_table(results)),
@@ -719,7 +774,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             [*lines, *("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in body)]
         )
 
-    parts = [f"# {_title(results)}", "", NOTES, ""]
+    parts = [f"# {_title(results)}", "", NOTES, "", *(f"**Warning:** {warning}\n" for warning in run_warnings(results))]
     for title, (head, body) in sections(results):
         parts += [f"## {title}", "", table(head, body), ""]
     parts += ["## Plots", "", *(f"![{name}]({name})" for name in PLOT_NAMES), ""]
@@ -732,7 +787,8 @@ h1 { font-size: 1.6em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #ddd; 
 table { border-collapse: collapse; margin: .6em 0; font-size: 12.5px; }
 th, td { border: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: top; }
 th { background: #f4f6f8; } tr:nth-child(even) td { background: #fafbfc; }
-.note { color: #555; } .plots { display: flex; flex-wrap: wrap; gap: 12px; }
+.note { color: #555; } .warning { color: #a33a1b; font-weight: 600; }
+.plots { display: flex; flex-wrap: wrap; gap: 12px; }
 .plots img { max-width: 580px; width: 100%; border: 1px solid #eee; }
 """
 
@@ -751,6 +807,7 @@ def render_html(results: dict[str, Any], out: Path) -> str:
 
     title = html.escape(_title(results))
     body = [f"<h1>{title}</h1>", f"<p class=note>{html.escape(NOTES)}</p>"]
+    body += [f"<p class=warning>Warning: {html.escape(warning)}</p>" for warning in run_warnings(results)]
     verdicts = len(verdict_tables(results))
     for i, (name, (head, rows)) in enumerate(sections(results)):
         body += [f"<h2>{html.escape(name)}</h2>", table(head, rows)]

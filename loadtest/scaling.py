@@ -24,6 +24,7 @@ from typing import Any
 from loadtest.bench import drive
 from loadtest.sampling import scrape
 from loadtest.servers import ServerProcess
+from loadtest.stats import requests_per_worker
 
 
 def measure(framework: str, workers: int, args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
@@ -39,8 +40,7 @@ def measure(framework: str, workers: int, args: argparse.Namespace, model_dir: P
         )
         step = drive(server, args.concurrency, opts, None)
         counts = scrape(server.metrics_url, args.model)
-    spread = {key: value for key, value in counts.items() if key.startswith("inference_worker_requests_total")}
-    return {"workers": workers, "server_cpus": cpus, "step": step, "requests_per_worker": spread}
+    return {"workers": workers, "server_cpus": cpus, "step": step, "requests_per_worker": requests_per_worker(counts)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

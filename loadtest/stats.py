@@ -6,6 +6,9 @@
   never sent at the deadline. Throughput counts successes *completed* in the window.
 - ``resource_stats``: CPU, RSS, GPU and the servers' metric deltas from the resource
   samples (``Tick``) taken inside the window only, never in the warm-up before it.
+- ``requests_per_worker``: a scrape's ``inference_worker_requests_total`` by worker (the
+  comparison and ``loadtest.scaling`` share it); ``worker_balance``: how a step's
+  requests spread over the workers, and whether one got too few (``UNBALANCED_SHARE``).
 - ``decide``: whether one server beats another on values over repeats, by a stated rule
   (``DECISION_RULE``), else "no difference beyond noise".
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +29,11 @@ import numpy as np
 
 from loadtest.latency_file import Samples
 
+WORKER_REQUESTS = "inference_worker_requests_total"
+#: A worker that answered less than this fraction of its fair share (requests / workers) makes a step unbalanced.
+UNBALANCED_SHARE = 0.5
+#: Fewest requests per worker (the fair share) before a step's spread is judged.
+BALANCE_MIN_REQUESTS = 20
 QUANTILES = {"p50": 50.0, "p90": 90.0, "p99": 99.0, "p99.9": 99.9}
 CDF_LEVELS = np.unique(np.concatenate([np.linspace(0.0, 1.0, 101), [0.95, 0.99, 0.995, 0.999, 0.9999]]))
 #: Fewest values (repeats) per server before a difference can be called.
@@ -150,8 +159,73 @@ def _ratio(numerator: float, denominator: float, scale: float = 1.0) -> float | 
     return numerator / denominator * scale if denominator > 0 else None
 
 
+def _worker_order(worker: str) -> tuple[int, int, str]:
+    return (0, int(worker), "") if worker.isdigit() else (1, 0, worker)
+
+
+def requests_per_worker(metrics: Mapping[str, float]) -> dict[str, float]:
+    """A scrape's (``loadtest.sampling.parse_metrics``) requests answered by each worker process, by its
+    ``worker`` label: ``"0"``, ``"1"``... (a lone server: ``"0"``) and ``"replaced"`` (workers since
+    restarted). Empty when the server does not report ``inference_worker_requests_total``."""
+    counts: dict[str, float] = {}
+    for key, value in metrics.items():
+        name, _, labels = key.partition("{")
+        worker = dict(re.findall(r'(\w+)="([^"]*)"', labels)).get("worker")
+        if name == WORKER_REQUESTS and worker is not None:
+            counts[worker] = counts.get(worker, 0.0) + value
+    return dict(sorted(counts.items(), key=lambda item: _worker_order(item[0])))
+
+
+def worker_deltas(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:
+    """Requests each worker answered between two scrapes (``requests_per_worker`` of each)."""
+    first, last = requests_per_worker(before), requests_per_worker(after)
+    return {worker: count - first.get(worker, 0.0) for worker, count in last.items()}
+
+
+def worker_balance(per_worker: Mapping[str, float]) -> dict[str, Any] | None:
+    """How one step's requests (``worker_deltas``) spread over the server's workers; None when not reported.
+
+    ``shares``: each worker's fraction of the requests; ``max_min_ratio``: the busiest worker's count over
+    the idlest one's (None when one answered none); ``unbalanced``: some worker answered less than
+    ``UNBALANCED_SHARE`` of its fair share (requests / workers). Judged only with at least
+    ``BALANCE_MIN_REQUESTS`` per worker and no worker restarted in the window; ``note`` says what was found.
+    """
+    workers = {worker: count for worker, count in per_worker.items() if worker != "replaced"}
+    if not workers:
+        return None
+    total = sum(workers.values())
+    replaced = per_worker.get("replaced", 0.0)
+    balance: dict[str, Any] = {
+        "workers": len(workers),
+        "requests": total + replaced,
+        "shares": {worker: count / total if total > 0 else None for worker, count in workers.items()},
+        "max_min_ratio": None,
+        "unbalanced": False,
+    }
+    if len(workers) == 1:
+        return balance | {"max_min_ratio": 1.0, "note": "1 worker"}
+    fewest, most = min(workers.values()), max(workers.values())
+    if fewest > 0:
+        balance["max_min_ratio"] = most / fewest
+    if replaced > 0 or fewest < 0:
+        return balance | {"note": "a worker was restarted in the window: spread not judged"}
+    fair = total / len(workers)
+    if fair < BALANCE_MIN_REQUESTS:
+        return balance | {"note": f"too few requests to judge the spread ({total:.0f})"}
+    starved = [worker for worker, count in workers.items() if count < UNBALANCED_SHARE * fair]
+    if not starved:
+        return balance | {"note": f"{len(workers)} workers, balanced"}
+    shares = ", ".join(f"worker {worker} {workers[worker] / total:.0%}" for worker in starved)
+    return balance | {
+        "unbalanced": True,
+        "note": f"UNBALANCED: {shares} of the requests (fair share {1 / len(workers):.0%} each; "
+        f"under {UNBALANCED_SHARE:.0%} of it)",
+    }
+
+
 def metric_deltas(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, Any]:
-    """Server-side breakdown between two scrapes: mean queue/compute/request time, mean batch size, counts."""
+    """Server-side breakdown between two scrapes: mean queue/compute/request time, mean batch size, counts
+    (by status code, and by worker process: ``requests_per_worker``)."""
 
     def delta(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
@@ -175,6 +249,7 @@ def metric_deltas(before: Mapping[str, float], after: Mapping[str, float]) -> di
         "executions": delta("inference_executions_total"),
         "rows": delta("inference_rows_total"),
         "requests_by_code": {code: count for code, count in codes.items() if count},
+        "requests_per_worker": worker_deltas(before, after),
     }
 
 
@@ -185,6 +260,9 @@ def resource_stats(ticks: Sequence[Tick], start: float, end: float) -> dict[str,
     gpu_util = _gauge(span, _series("gpu_utilization_ratio"))
     gpu_memory = _gauge(span, _series("gpu_memory_used_bytes"))
     scraped = [tick for tick in span if tick.metrics]
+    server_metrics = (
+        metric_deltas(scraped[0].metrics, scraped[-1].metrics) if len(scraped) > 1 else metric_deltas({}, {})
+    )
     return {
         "resource_window_s": round(span[-1].t - span[0].t, 3) if len(span) > 1 else 0.0,
         "server_cpu_pct": _cpu_pct(span, lambda tick: tick.server_cpu_s),
@@ -195,9 +273,8 @@ def resource_stats(ticks: Sequence[Tick], start: float, end: float) -> dict[str,
         "gpu": None
         if gpu_util["mean"] is None
         else {"utilization_pct_mean": 100.0 * gpu_util["mean"], "memory_used_bytes_max": gpu_memory["max"]},
-        "server_metrics": metric_deltas(scraped[0].metrics, scraped[-1].metrics)
-        if len(scraped) > 1
-        else metric_deltas({}, {}),
+        "server_metrics": server_metrics,
+        "worker_balance": worker_balance(server_metrics["requests_per_worker"]),
     }
 
 
