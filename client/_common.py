@@ -141,6 +141,23 @@ def never_ran(error: InferenceServerError) -> bool:
     return error.message.startswith(_NOT_CONNECTED) or any(phrase in error.message for phrase in _REFUSED)
 
 
+def channel_credentials(
+    root_certificates: bytes | None = None, certificate_chain: bytes | None = None, private_key: bytes | None = None
+) -> grpc.ChannelCredentials:
+    """TLS credentials: trust ``root_certificates`` (PEM; the system roots when None) and, for
+    mutual TLS, present ``certificate_chain`` with its ``private_key`` (PEM, both or neither)."""
+    if (certificate_chain is None) != (private_key is None):
+        raise ValueError("a client certificate and its private key go together")
+    return grpc.ssl_channel_credentials(
+        root_certificates=root_certificates, private_key=private_key, certificate_chain=certificate_chain
+    )
+
+
+def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The call metadata that carries ``token`` (``authorization: Bearer <token>``); none without one."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
 @dataclass(frozen=True)
 class ClientOptions:
     """A client's validated settings, turned into what grpc wants."""
@@ -175,11 +192,7 @@ class ClientOptions:
         return self.tls or self.root_certificates is not None or self.certificate_chain is not None
 
     def credentials(self) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(
-            root_certificates=self.root_certificates,
-            private_key=self.private_key,
-            certificate_chain=self.certificate_chain,
-        )
+        return channel_credentials(self.root_certificates, self.certificate_chain, self.private_key)
 
     def open_channels(self, secure: Callable[..., C], insecure: Callable[..., C]) -> list[C]:
         """``channels`` channels to the target, each with a connection of its own."""
@@ -207,7 +220,7 @@ class ClientOptions:
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """Sent with every call. Without TLS a token travels in clear text."""
-        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+        return auth_metadata(self.token)
 
     def deadline(self, timeout: float | None) -> float:
         """The seconds a call may take: its own timeout, else the client's default."""

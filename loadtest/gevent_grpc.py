@@ -215,21 +215,23 @@ class RawUnary:
 
     ``start(payload, timeout, done)`` sends and returns the call (``cancel`` it to give up);
     ``done(code, details, reply, end)`` then runs once, on the channel's spin thread: keep
-    it short and thread-safe (``Completions.post`` is).
+    it short and thread-safe (``Completions.post`` is). ``metadata`` (e.g. the bearer token)
+    goes with every call, as given once here.
     """
 
-    __slots__ = ("_create", "_handle", "_method")
+    __slots__ = ("_create", "_handle", "_metadata", "_method")
 
-    def __init__(self, channel: grpc.Channel, method: str) -> None:
+    def __init__(self, channel: grpc.Channel, method: str, metadata: tuple[tuple[str, str], ...] = ()) -> None:
         install()
         state = channel._call_state  # type: ignore[attr-defined]
         self._create = grpc_channel._channel_managed_call_management(state)
         self._method = method.encode()
         self._handle = channel._get_registered_call_handle(method)  # type: ignore[attr-defined]
+        self._metadata = tuple(metadata) or None
 
     def start(self, payload: bytes, timeout: float | None, done: Done) -> Any:
         operations = (
-            cygrpc.SendInitialMetadataOperation(None, 0),
+            cygrpc.SendInitialMetadataOperation(self._metadata, 0),
             cygrpc.SendMessageOperation(payload, 0),
             cygrpc.SendCloseFromClientOperation(0),
             cygrpc.ReceiveInitialMetadataOperation(0),

@@ -12,6 +12,8 @@
   latency counts from the scheduled send time it is given).
 - ModelInfer goes out pre-serialized (``InputPool.payloads``) and its reply is not parsed:
   the generator spends its CPU on gRPC, not on protobuf or numpy.
+- TLS, mutual TLS and the bearer token: ``loadtest.security`` (read once per process,
+  ``security_for``); the token's metadata is built once and goes with every call.
 
 The gevent-free parts live in ``loadtest.workload`` (settings, input pool) and
 ``loadtest.latency_file`` (the exact latency files).
@@ -44,7 +46,8 @@ from locust.exception import LocustError
 from contract.protocol import inference_pb2 as pb
 from loadtest import gevent_grpc
 from loadtest.latency_file import LatencyRecorder
-from loadtest.workload import CHANNEL_OPTIONS, InputPool, LoadSettings, grpc_target
+from loadtest.security import NO_SECURITY, ChannelSecurity
+from loadtest.workload import InputPool, LoadSettings, grpc_target
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
@@ -111,6 +114,23 @@ def recorder_for(environment: Environment) -> LatencyRecorder | None:
     return _recorders.get(environment)
 
 
+# ---- channel security ----
+
+_security: weakref.WeakKeyDictionary[Environment, ChannelSecurity] = weakref.WeakKeyDictionary()
+
+
+def security_for(environment: Environment) -> ChannelSecurity:
+    """The TLS material and token of ``environment``'s options, read (and checked) on the first ask.
+
+    Kept for the process: a worker keeps what it read at start even when the master's
+    spawn message later brings the master's option values. ``ValueError`` names a bad option.
+    """
+    found = _security.get(environment)
+    if found is None:
+        found = _security[environment] = ChannelSecurity.from_options(environment.parsed_options)
+    return found
+
+
 # ---- timing ----
 
 #: What a finished call hands to its continuation: (serialized reply or None, RpcFailure or None).
@@ -141,7 +161,8 @@ class TimedRpc:
     is taken on the completion thread as the reply arrives, not when the hub gets to it.
     Requests go out serialized (messages are serialized here); ``__call__`` parses the reply
     with ``reply_type`` when given, and returns it serialized otherwise. Calls start on the
-    channel's core (``gevent_grpc.RawUnary``), neither through an interceptor nor a stub.
+    channel's core (``gevent_grpc.RawUnary``), neither through an interceptor nor a stub;
+    ``metadata`` (the bearer token) goes with each, built once here.
     """
 
     __slots__ = ("_completions", "_context", "_fire", "_names", "_record", "_reply_type", "_rpc", "_unary")
@@ -154,8 +175,9 @@ class TimedRpc:
         context: dict[str, Any] | None = None,
         recorder: LatencyRecorder | None = None,
         reply_type: Any = None,
+        metadata: tuple[tuple[str, str], ...] = (),
     ) -> None:
-        self._unary = gevent_grpc.RawUnary(channel, f"/{SERVICE}/{rpc}")
+        self._unary = gevent_grpc.RawUnary(channel, f"/{SERVICE}/{rpc}", metadata)
         self._rpc = rpc
         self._reply_type = reply_type
         self._fire = environment.events.request.fire
@@ -249,19 +271,22 @@ class TimedRpc:
 
 # ---- channels and inputs, shared by the users of a process ----
 
-_channels: dict[tuple[str, int], grpc.Channel] = {}
+_channels: dict[tuple[str, int, ChannelSecurity], grpc.Channel] = {}
 _pools: dict[tuple[str, LoadSettings], InputPool] = {}
 _shared_lock = gevent.lock.BoundedSemaphore()
 _user_numbers = itertools.count()
 
 
-def shared_channel(target: str, index: int = 0, connect_timeout_s: float = 10.0) -> grpc.Channel:
-    """The process's ``index``-th channel to ``target``: opened (and connected) once, kept until ``close_channels``."""
-    key = (target, index)
+def shared_channel(
+    target: str, index: int = 0, connect_timeout_s: float = 10.0, security: ChannelSecurity = NO_SECURITY
+) -> grpc.Channel:
+    """The process's ``index``-th channel to ``target`` (TLS per ``security``): opened (and
+    connected) once, kept until ``close_channels``."""
+    key = (target, index, security)
     with _shared_lock:
         channel = _channels.get(key)
         if channel is None:
-            channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+            channel = security.open_channel(target)
             try:
                 grpc.channel_ready_future(channel).result(timeout=connect_timeout_s)
             except BaseException:
@@ -280,12 +305,15 @@ def close_channels() -> None:
         channel.close()
 
 
-def shared_pool(channel: grpc.Channel, target: str, settings: LoadSettings) -> InputPool:
-    """The process-wide pool for (target, settings): built once, by the first user that asks."""
+def shared_pool(
+    channel: grpc.Channel, target: str, settings: LoadSettings, metadata: tuple[tuple[str, str], ...] = ()
+) -> InputPool:
+    """The process-wide pool for (target, settings): built once, by the first user that asks
+    (its ModelMetadata and ModelConfig calls carry ``metadata``)."""
     key = (target, settings)
     with _shared_lock:
         if key not in _pools:
-            _pools[key] = InputPool.from_server(channel, settings)
+            _pools[key] = InputPool.from_server(channel, settings, metadata=metadata)
         return _pools[key]
 
 
@@ -297,7 +325,7 @@ class GrpcUser(User):
 
     Subclasses add tasks: ``self.infer()`` for ModelInfer, ``self.timed("ModelMetadata")``
     for any other unary RPC. Settings come from the locustfile's options (override
-    ``load_settings`` to set them otherwise).
+    ``load_settings`` to set them otherwise), TLS and token too (``security_for``).
     """
 
     abstract = True
@@ -309,6 +337,7 @@ class GrpcUser(User):
         self.settings = self.load_settings()
         try:
             self.target = grpc_target(environment.host or self.host)
+            self.security = security_for(environment)
         except ValueError as error:
             raise LocustError(str(error)) from None
         self.channel: grpc.Channel | None = None
@@ -325,8 +354,8 @@ class GrpcUser(User):
 
     def on_start(self) -> None:
         index = next(_user_numbers) % self.settings.connections
-        self.channel = shared_channel(self.target, index, self.connect_timeout_s)
-        self.pool = shared_pool(self.channel, self.target, self.settings)
+        self.channel = shared_channel(self.target, index, self.connect_timeout_s, self.security)
+        self.pool = shared_pool(self.channel, self.target, self.settings, self.security.metadata)
         self._payloads = self.pool.payload_cycle()
         self.infer_name = f"{self.pool.model}/ModelInfer"
         self.infer_rpc = self.timed("ModelInfer")
@@ -339,7 +368,9 @@ class GrpcUser(User):
         """
         assert self.channel is not None, "timed() before on_start()"
         recorder = recorder_for(self.environment)
-        return TimedRpc(self.channel, rpc, self.environment, self.request_context, recorder, reply_type)
+        return TimedRpc(
+            self.channel, rpc, self.environment, self.request_context, recorder, reply_type, self.security.metadata
+        )
 
     def on_stop(self) -> None:
         self.channel = None  # shared: closed with the process's others (close_channels)

@@ -27,6 +27,11 @@ end happen on time, not on Locust's once-a-second shape tick.
 format and reader in ``loadtest.latency_file``. Each file's
 meta also holds the process's CPU time over the run (a saturated generator invalidates a
 run) and, open loop, its offered vs achieved rate.
+
+A server behind TLS, mutual TLS or a bearer token: ``--tls-ca``, ``--tls-client-cert`` /
+``--tls-client-key``, ``--tls-server-name`` and ``--auth-token-file`` (or the token itself in
+``LOADTEST_AUTH_TOKEN``); see ``loadtest.security``. Not Locust's own ``--tls-cert`` /
+``--tls-key``, which serve its web UI. A bad one stops Locust at start with one line.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from locust import LoadTestShape, User, constant, events, task  # first: gevent 
 # isort: split
 import gc
 import logging
+import os
+import sys
 import time
 from typing import Any
 
@@ -44,8 +51,9 @@ from locust.env import Environment
 from locust.runners import MasterRunner
 
 from loadtest import openloop
-from loadtest.grpc_user import GrpcUser, attach_recorder, close_channels, detach_recorder, recorder_for
+from loadtest.grpc_user import GrpcUser, attach_recorder, close_channels, detach_recorder, recorder_for, security_for
 from loadtest.openloop import ArrivalSettings, OpenLoopUser
+from loadtest.security import TOKEN_ENV
 from loadtest.workload import LoadSettings
 
 logger = logging.getLogger(__name__)
@@ -84,6 +92,11 @@ def add_options(parser: Any) -> None:
     option("--arrival-users", 4, "rate shape: open-loop users (streams) the rate is split over")
     option("--max-in-flight", 1000, "rate shape: outstanding requests per stream before arrivals fail")
     option("--latency-file", "", "write exact per-request latencies to PREFIX.<pid>.npz at test stop")
+    option("--tls-ca", "", "PEM root certificates to trust: talk TLS to the target")
+    option("--tls-client-cert", "", "PEM certificate chain to present (mutual TLS; with --tls-client-key)")
+    option("--tls-client-key", "", "PEM private key of --tls-client-cert")
+    option("--tls-server-name", "", "check the server certificate against this name instead of the target host")
+    option("--auth-token-file", "", f"send this file's first line as a bearer token (or set {TOKEN_ENV})")
 
 
 class InferUser(GrpcUser):
@@ -157,11 +170,19 @@ class ConfigurableShape(LoadTestShape):
 
 #: perf_counter and process_time at this process's test start: the generator's CPU use per run.
 _clock: dict[str, float] = {}
+#: The process that imported this file: Locust's first, which forks any --processes workers.
+_FIRST_PID = os.getpid()
 
 
 @events.init.add_listener
 def on_init(environment: Environment, **_: Any) -> None:
     openloop.install(environment)
+    try:
+        security_for(environment)  # reads the TLS files and the token once; fails here, not mid-run
+    except ValueError as error:
+        if os.getpid() == _FIRST_PID:  # forked --processes workers say nothing: their parent says it once
+            sys.stderr.write(f"locust: error: {error}\n")
+        sys.exit(1)
 
 
 @events.test_start.add_listener

@@ -158,9 +158,16 @@ class InputPool:
 
     @classmethod
     def from_server(
-        cls, channel: grpc.Channel, settings: LoadSettings, *, timeout: float = 10.0, **kwargs: Any
+        cls,
+        channel: grpc.Channel,
+        settings: LoadSettings,
+        *,
+        timeout: float = 10.0,
+        metadata: tuple[tuple[str, str], ...] = (),
+        **kwargs: Any,
     ) -> InputPool:
-        """A pool for ``settings.model`` from the server's ModelMetadata and ModelConfig.
+        """A pool for ``settings.model`` from the server's ModelMetadata and ModelConfig
+        (both calls carry ``metadata``: a bearer token).
 
         Inputs marked optional in ModelConfig are left out. Servers without ModelConfig
         (UNIMPLEMENTED) get every input, and the first dimension counts as the batch when
@@ -168,10 +175,12 @@ class InputPool:
         """
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         name, version = settings.model, settings.model_version
-        metadata = stub.ModelMetadata(pb.ModelMetadataRequest(name=name, version=version), timeout=timeout)
+        model = stub.ModelMetadata(
+            pb.ModelMetadataRequest(name=name, version=version), timeout=timeout, metadata=metadata
+        )
         try:
             config: pb.ModelConfig | None = stub.ModelConfig(
-                pb.ModelConfigRequest(name=name, version=version), timeout=timeout
+                pb.ModelConfigRequest(name=name, version=version), timeout=timeout, metadata=metadata
             ).config
         except grpc.RpcError as error:
             if error.code() != grpc.StatusCode.UNIMPLEMENTED:
@@ -180,7 +189,7 @@ class InputPool:
         optional = {tensor.name for tensor in config.input if tensor.optional} if config else set()
         specs = [
             TensorSpec(tensor.name, tensor.datatype, tuple(tensor.shape))
-            for tensor in metadata.inputs
+            for tensor in model.inputs
             if tensor.name not in optional
         ]
         if config is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from serving.backend import Framework
 from serving.server import InferenceServer
 from serving.settings import ServerSettings
 from tests.fakes import ZOO, FakeFramework
+from tests.pki import Pki
 
 FRAMEWORKS = ("torch", "tensorflow")
 
@@ -103,3 +105,12 @@ def fake_server(tmp_path: Path) -> Iterator[BackgroundServer]:
     server = BackgroundServer(FakeFramework(), model=["double"], model_dir=tmp_path, max_batch_size=8)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """Test certificates (tests/pki.py), made once per session."""
+    try:
+        return Pki(tmp_path_factory.mktemp("pki"))
+    except (OSError, subprocess.SubprocessError) as err:
+        pytest.fail(f"openssl cannot make test certificates: {err}")

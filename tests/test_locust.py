@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -28,14 +29,22 @@ import pytest
 from contract.codec import request_inputs
 from contract.datatypes import CONFIG_DATATYPES, TensorSpec
 from contract.protocol import inference_pb2 as pb
+from contract.protocol import inference_pb2_grpc as pb_grpc
 from loadtest import plan, stats
 from loadtest.latency_file import LatencyRecorder, Samples, read_latencies
+from loadtest.security import TOKEN_ENV, ChannelSecurity
 from loadtest.servers import ServerProcess
 from loadtest.workload import InputPool, LoadSettings
+from tests.conftest import BackgroundServer
+from tests.fakes import FakeFramework
+from tests.pki import Pki
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = str(ROOT / "loadtest" / "locustfile.py")
-CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(Path(__file__).parent)])}
+CHILD_ENV = {
+    **{name: value for name, value in os.environ.items() if name != TOKEN_ENV},
+    "PYTHONPATH": os.pathsep.join([str(ROOT), str(Path(__file__).parent)]),
+}
 SERVICE_S = 0.020
 
 # ---- small in-process OIP servers ----
@@ -131,9 +140,10 @@ def no_config_target() -> Iterator[str]:
 
 
 def run_locust(
-    target: str, prefix: Path, *args: str, timeout: float = 60, locustfile: str = LOCUSTFILE
+    target: str, prefix: Path, *args: str, timeout: float = 60, locustfile: str = LOCUSTFILE, ok: bool = True
 ) -> subprocess.CompletedProcess[str]:
-    """Headless locustfile run writing ``prefix``_stats.csv, ``prefix``.json and latency files."""
+    """Headless locustfile run writing ``prefix``_stats.csv, ``prefix``.json and latency files
+    (that exits 0 unless ``ok`` is False)."""
     command = [
         sys.executable, "-m", "locust", "-f", locustfile,
         "--headless", "--only-summary", "--host", target, "--csv", str(prefix),
@@ -142,7 +152,8 @@ def run_locust(
     result = subprocess.run(
         command, check=False, cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=timeout
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    if ok:
+        assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
@@ -353,3 +364,120 @@ def test_overhead_tool_runs_against_the_bare_server() -> None:
     assert [line.split(":")[0].strip() for line in lines[1:4]] == ["GrpcUser", "minimal", "open loop 100/s"]
     assert "us CPU/request" in lines[1]
     assert lines[-1].startswith("median: GrpcUser")
+
+
+# ---- (g) a server behind TLS, mutual TLS and a bearer token ----
+
+TOKEN = "load-test-token"
+
+
+@pytest.fixture(scope="module")
+def secured(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BackgroundServer, Path]]:
+    """The fake ``double`` model behind TLS, mutual TLS (clients of the test CA) and a token; and the token's file."""
+    directory = tmp_path_factory.mktemp("secured")
+    token_file = directory / "token"
+    token_file.write_text(TOKEN + "\n")
+    server = BackgroundServer(
+        FakeFramework(), model=["double"], model_dir=directory, max_batch_size=8, tls_cert=pki.server_cert,
+        tls_key=pki.server_key, tls_client_ca=pki.ca, auth_token_file=token_file,
+    )  # fmt: skip
+    yield server, token_file
+    server.stop()
+
+
+def _tls_options(pki: Pki) -> list[str]:
+    # The target is 127.0.0.1; --tls-server-name checks the certificate against its other name.
+    return ["--tls-ca", str(pki.ca), "--tls-client-cert", str(pki.client_cert),
+            "--tls-client-key", str(pki.client_key), "--tls-server-name", "localhost"]  # fmt: skip
+
+
+def test_headless_run_with_tls_mutual_tls_and_token(
+    secured: tuple[BackgroundServer, Path], pki: Pki, tmp_path: Path
+) -> None:
+    server, token_file = secured
+    run_locust(server.target, tmp_path / "run", "--model", "double", *_tls_options(pki),
+               "--auth-token-file", str(token_file), "-u", "2", "-r", "2", "-t", "2s")  # fmt: skip
+    totals = csv_totals(tmp_path / "run")
+    assert int(totals["Request Count"]) > 0
+    assert int(totals["Failure Count"]) == 0
+    samples = latencies(tmp_path / "run")
+    assert len(samples) == locust_count(tmp_path / "run")
+    assert samples.ok.all()
+
+
+def test_headless_run_without_the_token_is_refused(
+    secured: tuple[BackgroundServer, Path], pki: Pki, tmp_path: Path
+) -> None:
+    # The same run without --auth-token-file: the server refuses it (so the run above passed the token).
+    server, _ = secured
+    result = run_locust(server.target, tmp_path / "run", "--model", "double", *_tls_options(pki),
+                        "-u", "2", "-r", "2", "-t", "1s", ok=False)  # fmt: skip
+    assert result.returncode != 0
+    totals = csv_totals(tmp_path / "run")
+    assert int(totals["Request Count"]) == int(totals["Failure Count"])  # nothing succeeded
+    # The users' set-up (ModelMetadata, before any ModelInfer) was refused for the token, and only for it.
+    with open(f"{tmp_path / 'run'}_exceptions.csv", newline="") as file:
+        errors = [row["Message"] for row in csv.DictReader(file)]
+    assert errors
+    assert all("UNAUTHENTICATED" in error and "missing or invalid bearer token" in error for error in errors), errors
+
+
+def test_bad_security_options_stop_locust_at_start_with_one_line(pki: Pki, tmp_path: Path) -> None:
+    # A key without its certificate, over 2 worker processes: one line from the parent, no traceback, no run.
+    result = run_locust("127.0.0.1:1", tmp_path / "run", "--tls-ca", str(pki.ca), "--tls-client-key",
+                        str(pki.client_key), "--processes", "2", "-t", "5s", ok=False, timeout=30)  # fmt: skip
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert lines == ["locust: error: --tls-client-key needs --tls-client-cert (mutual TLS presents both)"]
+    assert "Traceback" not in result.stderr
+
+
+def test_channel_security_from_options(pki: Pki, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(" tok3n \nsecond line\n")
+    options = SimpleNamespace(tls_ca=str(pki.ca), tls_client_cert=str(pki.client_cert),
+                              tls_client_key=str(pki.client_key), tls_server_name="localhost",
+                              auth_token_file=str(token_file))  # fmt: skip
+    security = ChannelSecurity.from_options(options, environ={})
+    assert security.tls
+    assert security.root_certificates == pki.ca.read_bytes()
+    assert security.metadata == (("authorization", "Bearer tok3n"),)
+    assert ("grpc.ssl_target_name_override", "localhost") in security.channel_options()
+    assert "tok3n" not in repr(security)
+    assert ChannelSecurity.from_options(SimpleNamespace(), environ={TOKEN_ENV: "t"}).metadata == (
+        ("authorization", "Bearer t"),
+    )
+    assert ChannelSecurity.from_options(SimpleNamespace(), environ={}) == ChannelSecurity()
+    (tmp_path / "empty").write_text("\n")
+    bad = {
+        "--tls-ca /nonexistent.pem: no such file": {"tls_ca": "/nonexistent.pem"},
+        "--tls-client-key needs --tls-client-cert": {"tls_client_key": str(pki.client_key)},
+        "--tls-client-cert needs --tls-client-key": {"tls_client_cert": str(pki.client_cert)},
+        "--tls-server-name needs TLS": {"tls_server_name": "localhost"},
+        "not a usable PEM certificate and key": {"tls_client_cert": str(pki.client_cert),
+                                                 "tls_client_key": str(pki.stranger_key)},
+        "--tls-ca .*: not PEM certificates": {"tls_ca": str(token_file)},
+        "--auth-token-file .*: empty": {"auth_token_file": str(tmp_path / "empty")},
+        f"--auth-token-file and {TOKEN_ENV}": {"auth_token_file": str(token_file), TOKEN_ENV: "t"},
+    }  # fmt: skip
+    for message, values in bad.items():
+        environ = {TOKEN_ENV: values.pop(TOKEN_ENV)} if TOKEN_ENV in values else {}
+        with pytest.raises(ValueError, match=message):
+            ChannelSecurity.from_options(SimpleNamespace(**values), environ=environ)
+
+
+def test_channel_security_checks_the_server_name(secured: tuple[BackgroundServer, Path], pki: Pki) -> None:
+    server, _ = secured
+    client = {"root_certificates": pki.ca.read_bytes(), "certificate_chain": pki.client_cert.read_bytes(),
+              "private_key": pki.client_key.read_bytes(), "token": TOKEN}  # fmt: skip
+    request = pb.ModelMetadataRequest(name="double")
+    for name, code in (("localhost", None), ("", None), ("elsewhere.example", grpc.StatusCode.UNAVAILABLE)):
+        security = ChannelSecurity(server_name=name, **client)
+        with security.open_channel(server.target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            if code is None:
+                assert stub.ModelMetadata(request, timeout=10, metadata=security.metadata).name == "double"
+            else:
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.ModelMetadata(request, timeout=10, metadata=security.metadata)
+                assert info.value.code() == code, name
