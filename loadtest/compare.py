@@ -70,6 +70,7 @@ import psutil
 
 from loadtest.latency_file import Samples, read_latencies
 from loadtest.plan import (
+    CONNECTIONS_PER_WORKER,
     GENERATOR_CPU_LIMIT,
     MATRIX_KEYS,
     MIN_WINDOW_FRACTION,
@@ -82,6 +83,7 @@ from loadtest.plan import (
     Scenario,
     abba,
     check_settings,
+    connections,
     expected_settings,
     invalid_reasons,
     locust_processes,
@@ -123,7 +125,14 @@ def _fmt(value: float | None, spec: str, unit: str = "") -> str:
 
 
 def locust_command(
-    endpoint: Endpoint, scenario: Scenario, opts: Options, run_s: int, processes: int, latencies: Path, stats: Path
+    endpoint: Endpoint,
+    scenario: Scenario,
+    opts: Options,
+    run_s: int,
+    processes: int,
+    latencies: Path,
+    stats: Path,
+    connections: int = 1,
 ) -> list[str]:
     """One step's ``locust`` command: latencies to ``<latencies>.*.npz``, CSV stats to ``<stats>_*.csv``."""
     command = [
@@ -131,6 +140,7 @@ def locust_command(
         "--host", endpoint.target, "--csv", str(stats), "--only-summary", "--loglevel", "WARNING",
         "--model", endpoint.model, "--batch-size", str(opts.batch_size), "--encoding", opts.encoding,
         "--deadline-ms", f"{opts.deadline_ms:g}", "--latency-file", str(latencies),
+        "--connections", str(connections),
     ]  # fmt: skip
     if processes > 1:
         command += ["--processes", str(processes)]
@@ -153,6 +163,7 @@ def run_locust(
     cpus: list[int] | None,
     latencies: Path,
     artifacts: Path,
+    connections: int = 1,
 ) -> tuple[Samples, list[Any], int]:
     """One Locust run of warm-up + window + tail against ``endpoint``, sampled throughout.
 
@@ -162,7 +173,7 @@ def run_locust(
     """
     run_s = math.ceil(opts.warmup_seconds + opts.step_seconds + TAIL_S)
     log_path = Path(f"{artifacts}.locust.log")
-    command = locust_command(endpoint, scenario, opts, run_s, processes, latencies, artifacts)
+    command = locust_command(endpoint, scenario, opts, run_s, processes, latencies, artifacts, connections)
     with Sampler(endpoint) as sampler, log_path.open("wb") as log:
         process = subprocess.Popen(
             command,
@@ -196,6 +207,8 @@ class Run:
     generator_cpus: list[int] | None
     us_per_request: float = GENERATOR_US_PER_REQUEST
     fastest_rps: float = 0.0
+    #: gRPC connections per Locust process (``plan.connections``).
+    connections: int = 1
 
     @property
     def generator_cores(self) -> int:
@@ -212,7 +225,7 @@ def measure_step(
     name = f"{arm.name}-{phase}-r{repeat}-{scenario.mode}-{scenario.value:g}".replace("/", "_")
     samples, ticks, exit_code = run_locust(
         endpoint, scenario, opts, processes, cpus=run.generator_cpus,
-        latencies=run.workdir / f"{name}.latency", artifacts=run.logs / name,
+        latencies=run.workdir / f"{name}.latency", artifacts=run.logs / name, connections=run.connections,
     )  # fmt: skip
     if len(samples):
         start = float(samples.start_s.min()) + opts.warmup_seconds
@@ -428,6 +441,7 @@ def run_comparison(opts: Options, command: Sequence[str] = ()) -> dict[str, Any]
     )
     with tempfile.TemporaryDirectory(prefix="compare-") as tmp, _runner_pinned(generator_cpus):
         run = Run(opts, Path(tmp), logs, server_cpus, generator_cpus)
+        run.connections = pinned["connections"] = connections(opts.connections, pinned["server_workers"])
         model_dirs = {arm.name: Path(tmp) / "models" / arm.name for arm in arms if arm.kind == "local"}
         prepare(run, arms, records, model_dirs)
         check_fairness(opts, groups, records)
@@ -535,6 +549,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     arg("--locust-processes", default=defaults.locust_processes,
         help="Locust processes per step: a number, or auto (more when one would need over "
         f"{PROCESS_CPU_BUDGET * 100:.0f}%% of a core, at most one per generator core) (%(default)s)")  # fmt: skip
+    arg("--connections", default=defaults.connections,
+        help="gRPC connections per Locust process, shared by its users: a number, or auto (1; with "
+        f"--workers N, {CONNECTIONS_PER_WORKER} per worker, so the kernel spreads them) (%(default)s)")  # fmt: skip
     arg("--out", type=Path, help="report folder (default: reports/<timestamp>)")
     arg("--cpu-split", choices=["auto", "none"], default=defaults.cpu_split,
         help="auto: pin the server to the first half of the cores (with --workers N: N cores, one at least "
@@ -563,6 +580,7 @@ def options_from(args: argparse.Namespace) -> Options:
     if opts.matrix and opts.remote:
         raise ValueError("--matrix starts the servers itself: not with --torch-target/--tf-target")
     server_workers(opts.server_args)  # validates --server-arg=--workers=N
+    connections(opts.connections, 1)  # validates --connections
     plan_arms(opts)  # validates --matrix and --target
     return opts
 

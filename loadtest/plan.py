@@ -94,6 +94,7 @@ class Options:
     targets: list[str] = field(default_factory=list)
     matrix: list[str] = field(default_factory=list)
     locust_processes: str = "auto"
+    connections: str = "auto"
     out: Path | None = None
     cpu_split: str = "auto"
 
@@ -162,6 +163,22 @@ def server_workers(args: Sequence[str]) -> int | str | None:
     if not value.strip().isdigit() or int(value) < 1:
         raise ValueError(f"--server-arg --workers {value!r}: must be auto or a count >= 1")
     return int(value)
+
+
+#: Connections per Locust process for each server worker (``--connections auto``): the kernel hashes
+#: connections onto the workers' sockets, so with 4 each a worker gets none with probability ~(1-1/W)^(4W).
+CONNECTIONS_PER_WORKER = 4
+
+
+def connections(asked: str, workers: int) -> int:
+    """gRPC connections per Locust process: ``asked`` as a count, or auto: one for a lone server
+    (every user on one HTTP/2 connection, as a client would), ``CONNECTIONS_PER_WORKER`` per worker
+    with several, so that the kernel spreads them over the workers."""
+    if asked != "auto":
+        if not asked.isdigit() or int(asked) < 1:
+            raise ValueError(f"--connections {asked!r}: must be auto or a count >= 1")
+        return int(asked)
+    return 1 if workers <= 1 else CONNECTIONS_PER_WORKER * workers
 
 
 def pinning(mode: str, available: Sequence[int], server_args: Sequence[str] = ()) -> dict[str, Any]:

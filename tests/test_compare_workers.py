@@ -230,11 +230,15 @@ def test_a_comparison_step_counts_the_requests_of_each_of_two_workers(tmp_path: 
     with ServerProcess("torch", "mlp", args) as server:
         endpoint = sampling.Endpoint("torch", server.target, server.metrics_url, "mlp", pid=server.pid)
         run = compare.Run(opts, tmp_path, tmp_path, None, None)
+        # A connection per user: the kernel hashes each onto a worker, so both get some
+        # unless all 16 land on one (2 in 2^16).
+        run.connections = 16
         arm = plan.Arm("torch", "torch_server", "torch", {})
-        step = compare.measure_step(run, arm, endpoint, plan.Scenario("closed", 4), "closed", 0, local=True)
+        step = compare.measure_step(run, arm, endpoint, plan.Scenario("closed", 16), "closed", 0, local=True)
     per_worker = step["server_metrics"]["requests_per_worker"]
     balance = step["worker_balance"]
     assert set(per_worker) == {"0", "1"}, per_worker
+    assert min(per_worker.values()) > 0, per_worker  # the connections spread over both workers
     answered = sum(per_worker.values())
     # The same two scrapes as every other server figure: the requests the server counted in the window.
     assert answered == sum(step["server_metrics"]["requests_by_code"].values()) > 0
@@ -245,3 +249,15 @@ def test_a_comparison_step_counts_the_requests_of_each_of_two_workers(tmp_path: 
     assert balance["workers"] == 2
     assert balance["requests"] == answered
     assert sum(balance["shares"].values()) == pytest.approx(1.0)
+
+
+def test_connections_spread_over_workers_by_default() -> None:
+    assert plan.connections("auto", 1) == 1  # a lone server: one HTTP/2 connection, as a client would
+    assert plan.connections("auto", 2) == 2 * plan.CONNECTIONS_PER_WORKER
+    assert plan.connections("3", 2) == 3
+    with pytest.raises(ValueError, match="--connections"):
+        plan.connections("0", 2)
+    scenario = plan.Scenario("closed", 8)
+    endpoint = sampling.Endpoint("torch", "127.0.0.1:1", None, "mlp")
+    command = compare.locust_command(endpoint, scenario, plan.Options(), 5, 1, Path("lat"), Path("st"), 8)
+    assert command[command.index("--connections") + 1] == "8"
