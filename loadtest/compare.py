@@ -247,6 +247,9 @@ def measure_step(
     sent: float = step["sent_rps"]
     step["generator_us_per_request"] = 1e4 * generator_pct / sent if generator_pct is not None and sent else None
     step["generator_exit_code"] = exit_code
+    # Each Locust process writes its latency file when its test stops: all there means the
+    # measurement was complete, even if a process then hung on its way out and was killed.
+    step["generator_results_complete"] = len(samples.metas) >= processes
     step["invalid_reasons"] = invalid_reasons(step, local=local, generator_cores=run.generator_cores)
     step["valid"] = not step["invalid_reasons"]
     if step["generator_us_per_request"] and step["sent_rps"] > 100:

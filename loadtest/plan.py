@@ -368,8 +368,8 @@ def invalid_reasons(step: dict[str, Any], *, local: bool = True, generator_cores
     # not a fault of the measurement; only a window without a single success says nothing.
     if step["error_rate"] is None or step["successes"] == 0:
         reasons.append("no successful request in the window")
-    if step["generator_exit_code"] < 0:
-        reasons.append("Locust did not stop in time and was killed")
+    if step["generator_exit_code"] < 0 and not step.get("generator_results_complete", False):
+        reasons.append("Locust did not stop in time and was killed before writing all its results")
     if step["window_s"] < MIN_WINDOW_FRACTION * step["window_target_s"]:
         reasons.append(f"window cut to {step['window_s']:.1f} s")
     if step.get("resource_window_s", step["window_s"]) < 0.5 * step["window_s"]:

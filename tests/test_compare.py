@@ -203,7 +203,11 @@ def test_invalid_reasons() -> None:
     assert plan.invalid_reasons(_step(mode="open", offered_rps=1000.0, sent_rps=999.0)) == []
     assert plan.invalid_reasons(_step(window_s=5.0, resource_window_s=4.5)) == ["window cut to 5.0 s"]
     assert plan.invalid_reasons(_step(resource_window_s=1.0)) == ["resource samples cover only 1.0 s of the window"]
-    assert plan.invalid_reasons(_step(generator_exit_code=-9)) == ["Locust did not stop in time and was killed"]
+    killed = ["Locust did not stop in time and was killed before writing all its results"]
+    assert plan.invalid_reasons(_step(generator_exit_code=-9)) == killed
+    assert plan.invalid_reasons(_step(generator_exit_code=-9, generator_results_complete=False)) == killed
+    # Killed only on its way out, every latency file written at test stop: the measurement stands.
+    assert plan.invalid_reasons(_step(generator_exit_code=-9, generator_results_complete=True)) == []
     busy_host = _step(other_cpu_pct={"mean": 60.0})
     assert plan.invalid_reasons(busy_host) == ["other processes used 60% CPU (> 25%)"]
     assert plan.invalid_reasons(busy_host, local=False) == []
