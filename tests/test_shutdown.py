@@ -85,6 +85,10 @@ def test_sigterm_under_load_finishes_or_refuses_every_request(framework: str, wo
         took = time.monotonic() - signalled
         stop.set()
         load.join(60)
+    print(  # shown by pytest -rP
+        f"{framework}, {workers} worker(s): {dict(outcomes)}, {outcomes['OK'] - served_before} OK from just before "
+        f"the signal on; health {statuses[0]} first; exit {exit_code} after {took:.2f} s"
+    )
     assert statuses[0] == "NOT_SERVING", statuses  # health says so first, while requests finish
     assert exit_code == 0
     assert took < GRACE_S
