@@ -56,6 +56,7 @@ import dataclasses
 import datetime
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -113,6 +114,12 @@ class ComparisonRefused(RuntimeError):
 
 
 # ---------------------------------------------------------------- measuring
+
+
+def path_name(name: str) -> str:
+    """``name`` (e.g. ``torch[precision=bf16,compile=on]-closed-r0``) as a plain file name: no
+    separators, no characters that glob patterns (ours, TensorFlow's) would take as syntax."""
+    return re.sub(r"[^A-Za-z0-9._=,-]+", "_", name)
 
 
 def progress(message: str) -> None:
@@ -222,7 +229,7 @@ def measure_step(
     opts = run.opts
     processes = locust_processes(scenario, opts.locust_processes, run.generator_cores, run.us_per_request,
                                  run.fastest_rps)  # fmt: skip
-    name = f"{arm.name}-{phase}-r{repeat}-{scenario.mode}-{scenario.value:g}".replace("/", "_")
+    name = path_name(f"{arm.name}-{phase}-r{repeat}-{scenario.mode}-{scenario.value:g}")
     samples, ticks, exit_code = run_locust(
         endpoint, scenario, opts, processes, cpus=run.generator_cpus,
         latencies=run.workdir / f"{name}.latency", artifacts=run.logs / name, connections=run.connections,
@@ -302,7 +309,7 @@ def serving(
         return
     assert arm.framework is not None
     args = [*arm.server_args, *(["--model-dir", str(model_dir)] if model_dir else [])]
-    log_path = run.logs / f"{arm.name}-{phase}-r{repeat}.log".replace("/", "_")
+    log_path = run.logs / path_name(f"{arm.name}-{phase}-r{repeat}.log")
     server = ServerProcess(arm.framework, opts.model, args, cpus=run.server_cpus, log_path=log_path)
     try:
         server.start()
@@ -445,7 +452,7 @@ def run_comparison(opts: Options, command: Sequence[str] = ()) -> dict[str, Any]
     with tempfile.TemporaryDirectory(prefix="compare-") as tmp, _runner_pinned(generator_cpus):
         run = Run(opts, Path(tmp), logs, server_cpus, generator_cpus)
         run.connections = pinned["connections"] = connections(opts.connections, pinned["server_workers"])
-        model_dirs = {arm.name: Path(tmp) / "models" / arm.name for arm in arms if arm.kind == "local"}
+        model_dirs = {arm.name: Path(tmp) / "models" / path_name(arm.name) for arm in arms if arm.kind == "local"}
         prepare(run, arms, records, model_dirs)
         check_fairness(opts, groups, records)
         phase(run, arms, records, "closed", closed, model_dirs, order, failures)

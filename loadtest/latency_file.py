@@ -20,6 +20,7 @@ Free of gevent and Locust: the runner imports it without patching its process.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import time
@@ -102,7 +103,7 @@ class Samples:
 def read_latencies(prefix: str | os.PathLike[str]) -> Samples:
     """Merge every ``<prefix>.*.npz`` of a run; ``FileNotFoundError`` when there is none."""
     prefix = Path(prefix)
-    files = sorted(prefix.parent.glob(f"{prefix.name}.*.npz"))
+    files = sorted(prefix.parent.glob(f"{glob.escape(prefix.name)}.*.npz"))
     if not files:
         raise FileNotFoundError(f"no {prefix}.*.npz latency file")
     parts: dict[str, list[np.ndarray]] = {name: [] for name in COLUMNS}

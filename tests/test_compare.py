@@ -723,3 +723,9 @@ def test_matrix_report_has_a_verdict_per_combination_and_a_row_per_server(tmp_pa
         "precision fp32",
         "precision bf16",
     }
+
+
+def test_file_names_of_matrix_arms_are_plain() -> None:
+    name = compare.path_name("tensorflow[precision=bf16,compile=on]-closed-r0-closed-16/x")
+    assert name == "tensorflow_precision=bf16,compile=on_-closed-r0-closed-16_x"
+    assert compare.path_name("torch-open-r2-open-1050.4") == "torch-open-r2-open-1050.4"

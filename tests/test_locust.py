@@ -331,8 +331,9 @@ def test_input_pool_rejects_invalid_settings(slow_target: str) -> None:
         InputPool("m", [TensorSpec("x", "FP16", (-1, 2))], encoding="typed")
 
 
-def test_latency_file_round_trip(tmp_path: Path) -> None:
-    prefix = tmp_path / "lat"
+@pytest.mark.parametrize("name", ["lat", "torch[precision=bf16,compile=on]-closed*?"])
+def test_latency_file_round_trip(tmp_path: Path, name: str) -> None:
+    prefix = tmp_path / name  # glob characters in a name are its own, not a pattern
     recorder = LatencyRecorder()
     now = time.perf_counter()
     recorder.record((now + 0.002, 0.0015, True, 0.0))

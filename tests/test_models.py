@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -253,3 +254,22 @@ def test_configure_after_initialization(served: Served) -> None:
     current = tf.config.threading.get_intra_op_parallelism_threads()
     with pytest.raises(RuntimeError, match="before the first TensorFlow op"):
         TF.configure(current + 1, "cpu")
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS, ids=lambda framework: framework.name)
+def test_a_repository_path_with_glob_characters_loads(served: Served, framework: Framework, tmp_path: Path) -> None:
+    """TensorFlow's checkpoint reader takes the variables' path as a file pattern: a model
+    directory named like ``models/tf[precision=bf16]`` (the comparison's matrix made them)
+    must still load, and serve the same numbers."""
+    model, backends = served["mlp"]
+    version_dir = tmp_path / "x[precision=fp32,compile=off]*?" / "mlp" / "1"
+    version_dir.mkdir(parents=True)
+    framework.export(model, version_dir)
+    backend = framework.create_backend(model, version_dir, "cpu")
+    backend.load()
+    try:
+        inputs = model.example_inputs(4, np.random.default_rng(0))
+        expected = backends[framework.name].predict(inputs)["logits"]
+        np.testing.assert_array_equal(backend.predict(inputs)["logits"], expected)
+    finally:
+        backend.close()

@@ -106,6 +106,23 @@ def _sequence_axes(specs: Sequence[TensorSpec]) -> list[tuple[str, list[int]]]:
     return [(name, axes) for name, axes in found if axes]
 
 
+#: Characters TensorFlow's checkpoint reader takes as a file pattern: it globs the variables' path.
+_GLOB_CHARACTERS = frozenset("*?[]\\")
+
+
+def load_saved_model(directory: Path) -> Any:
+    """``tf.saved_model.load`` of ``directory``, also when its path holds glob characters (a
+    repository under ``models/tf[bf16]``), which would make TF look for files that match a
+    pattern instead: then it loads through a symlink of a plain name (the variables are read
+    during the load; nothing refers to the link afterwards)."""
+    if not _GLOB_CHARACTERS.intersection(str(directory)):
+        return tf.saved_model.load(str(directory))
+    with tempfile.TemporaryDirectory(prefix="tf-load-") as plain:
+        link = Path(plain) / "saved_model"
+        link.symlink_to(Path(directory).resolve(), target_is_directory=True)
+        return tf.saved_model.load(str(link))
+
+
 class TFBackend(Backend):
     """One SavedModel; the version directory is the SavedModel directory (TF Serving layout)."""
 
@@ -161,7 +178,7 @@ class TFBackend(Backend):
         if not self._on_cpu:
             tf.config.set_soft_device_placement(False)
         with tf.device(self._tf_device):
-            self._saved_model = tf.saved_model.load(str(self.saved_model_dir()))
+            self._saved_model = load_saved_model(self.saved_model_dir())
         self._signature = self._saved_model.signatures["serving_default"]
         structured = structured_call(self._signature)
         try:

@@ -120,13 +120,13 @@ class TensorFlowFramework:
         fastest in-process call."""
         import tensorflow as tf
 
-        from tf_server.backend import TFBackend, tf_device_name
+        from tf_server.backend import TFBackend, load_saved_model, tf_device_name
 
         resolved = self.resolve_device(device)
         tf_device = tf_device_name(resolved)
         saved_model_dir = TFBackend(model, Path(version_dir), resolved, precision).saved_model_dir()
         with tf.device(tf_device):
-            signature = tf.saved_model.load(str(saved_model_dir)).signatures["serving_default"]
+            signature = load_saved_model(saved_model_dir).signatures["serving_default"]
         function = signature._inference_function
         captured = tuple(signature.captured_inputs)
         names = [tensor.name.partition(":")[0] for tensor in signature.inputs[: len(signature.inputs) - len(captured)]]
