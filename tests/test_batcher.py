@@ -378,11 +378,10 @@ def test_max_queue_wait_bounds_the_queue_in_time(pool: concurrent.futures.Thread
     model.delay_s = 0.05
     batcher = make(model, max_batch_size=2, max_queue_wait_ms=120)
     warm = [pool.submit(batcher.infer, rows(i, 1), 1) for i in range(8)]
-    wait_until(lambda: len(model.batches) >= 2)  # the cycle is learnt (50 ms)
+    for future in warm:  # the cycle is learnt (50 ms), and the queue is empty again
+        future.result(5)
     futures = [pool.submit(batcher.infer, rows(i, 1), 1) for i in range(16)]
     outcomes = [future.exception(10) for future in futures]
-    for future in warm:
-        future.result(5)
     refused = [err for err in outcomes if err is not None]
     assert refused, "a backlog of 8 batches of 50 ms must exceed a 120 ms bound"
     assert all(isinstance(err, ResourceExhausted) and "120 ms limit" in str(err) for err in refused)
