@@ -277,27 +277,6 @@ _shared_lock = gevent.lock.BoundedSemaphore()
 _user_numbers = itertools.count()
 
 
-def wait_connected(channel: grpc.Channel, timeout_s: float, metadata: tuple[tuple[str, str], ...] = ()) -> None:
-    """Block until ``channel`` reaches its server: one ServerLive call that waits for the
-    connection (``wait_for_ready``); ``grpc.RpcError`` when none is made in ``timeout_s``.
-    Any answer from the server counts (one without ServerLive says UNIMPLEMENTED).
-
-    Not ``grpc.channel_ready_future``: it subscribes to the channel's connectivity, and a
-    connectivity watch still pending when the channel closes made ``channel.close()`` wait
-    under gevent for a wake-up that never came (Locust hung at exit in about 1 run of 15).
-    """
-    live = channel.unary_unary(
-        f"/{SERVICE}/ServerLive",
-        request_serializer=pb.ServerLiveRequest.SerializeToString,
-        response_deserializer=pb.ServerLiveResponse.FromString,
-    )
-    try:
-        live(pb.ServerLiveRequest(), timeout=timeout_s, wait_for_ready=True, metadata=metadata)
-    except grpc.RpcError as error:
-        if error.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
-            raise
-
-
 def shared_channel(
     target: str, index: int = 0, connect_timeout_s: float = 10.0, security: ChannelSecurity = NO_SECURITY
 ) -> grpc.Channel:
@@ -309,7 +288,7 @@ def shared_channel(
         if channel is None:
             channel = security.open_channel(target)
             try:
-                wait_connected(channel, connect_timeout_s, security.metadata)
+                grpc.channel_ready_future(channel).result(timeout=connect_timeout_s)
             except BaseException:
                 channel.close()
                 raise

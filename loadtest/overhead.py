@@ -34,7 +34,7 @@ from locust.env import Environment
 from locust.event import Events
 
 from contract.protocol import inference_pb2_grpc as pb_grpc
-from loadtest.grpc_user import GrpcUser, attach_recorder, close_channels, shared_pool, wait_connected
+from loadtest.grpc_user import GrpcUser, attach_recorder, close_channels, shared_pool
 from loadtest.openloop import OpenLoopUser
 from loadtest.servers import ServerProcess
 from loadtest.workload import CHANNEL_OPTIONS, LoadSettings
@@ -82,7 +82,7 @@ def user_classes(settings: LoadSettings) -> tuple[type[User], type[User]]:
 
         def on_start(self) -> None:
             self.channel = grpc.insecure_channel(self.environment.host, options=CHANNEL_OPTIONS)
-            wait_connected(self.channel, 10.0)
+            grpc.channel_ready_future(self.channel).result(timeout=10)
             self.request = shared_pool(self.channel, self.environment.host, settings).next()
             self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
             self.fire = self.environment.events.request.fire

@@ -482,27 +482,3 @@ def test_channel_security_checks_the_server_name(secured: tuple[BackgroundServer
                 with pytest.raises(grpc.RpcError) as info:
                     stub.ModelMetadata(request, timeout=10, metadata=security.metadata)
                 assert info.value.code() == code, name
-
-
-CONNECT_AND_CLOSE = """
-import locust  # gevent first
-import sys
-import grpc.experimental.gevent as grpc_gevent
-grpc_gevent.init_gevent()
-from loadtest import grpc_user
-for index in range(3):
-    channel = grpc_user.shared_channel(sys.argv[1], index, 10.0)
-    print(channel._connectivity_state.polling, flush=True)
-grpc_user.close_channels()
-print("closed", flush=True)
-"""
-
-
-def test_channels_connect_without_watching_connectivity(fast_target: str) -> None:
-    """A connectivity watch left running by the connect (grpc.channel_ready_future) could make
-    channel.close() wait forever under gevent: Locust hung at exit in about 1 run of 15. The
-    channels connect with a call instead, so nothing watches them when they close."""
-    command = [sys.executable, "-c", CONNECT_AND_CLOSE, fast_target]
-    result = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["False", "False", "False", "closed"]
