@@ -5,7 +5,11 @@ a call that finds the server unavailable is tried up to ``--attempts`` times (3)
 that cannot run it twice (``client.RetryPolicy``).
 
 health
-    Prints liveness, readiness and the grpc.health.v1 status; exits 0 when SERVING, 1 otherwise.
+    Prints the grpc.health.v1 status, then liveness and readiness (ServerLive/ServerReady);
+    exits 0 when SERVING, 1 otherwise. Only the health status decides: it is open on a server
+    that requires a token, so a probe without the token still works (liveness and readiness
+    then read ``unknown (UNAUTHENTICATED)``). For container probes, ``python -m serving.probe``
+    asks the same question at a fraction of the start-up cost.
 metadata [--model M] [--json]
     Server metadata, or a model's metadata and config.
 infer --model M [--input NAME=FILE.npy ...] [--random] [--batch-size N] [--dim NAME=AXIS:SIZE ...]
@@ -41,7 +45,7 @@ import numpy as np
 from google.protobuf import json_format, text_format
 
 from client._common import DEFAULT_TIMEOUT, ModelMetadata, RetryPolicy
-from client.errors import InferenceServerError, UnimplementedError
+from client.errors import InferenceServerError, PermissionDeniedError, UnauthenticatedError, UnimplementedError
 from client.sync import InferenceClient
 from contract.datatypes import TensorSpec, datatype_of
 from contract.random_tensors import random_array
@@ -137,12 +141,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_health(client: InferenceClient, args: argparse.Namespace) -> int:
-    live = client.server_live()
-    ready = client.server_ready()
     status = client.health(args.service)
-    print(f"live: {str(live).lower()}")
-    print(f"ready: {str(ready).lower()}")
     print(f"health{f'({args.service})' if args.service else ''}: {status}")
+    for name, ask in (("live", client.server_live), ("ready", client.server_ready)):
+        try:
+            print(f"{name}: {str(ask()).lower()}")
+        except (UnauthenticatedError, PermissionDeniedError) as error:
+            print(f"{name}: unknown ({error.code.name})")
     return 0 if status == "SERVING" else 1
 
 

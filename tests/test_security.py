@@ -17,6 +17,7 @@ from client.cli import main as client_main
 from contract import codec
 from contract.protocol import inference_pb2 as pb
 from contract.protocol import inference_pb2_grpc as pb_grpc
+from serving import probe
 from serving.settings import ServerSettings
 from tests.conftest import BackgroundServer
 from tests.fakes import FakeFramework
@@ -118,6 +119,30 @@ def test_token_guards_every_rpc_but_health(token_server: BackgroundServer) -> No
             assert call(good), name
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_health_probes_need_no_token(token_server: BackgroundServer, capsys: pytest.CaptureFixture[str]) -> None:
+    # A container healthcheck carries no token: both probes must still see SERVING.
+    assert probe.main(["--target", token_server.target]) == 0
+    assert capsys.readouterr().out == f"{token_server.target}: SERVING\n"
+    assert client_main(["--target", token_server.target, "health"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["health: SERVING", "live: unknown (UNAUTHENTICATED)", "ready: unknown (UNAUTHENTICATED)"]
+    assert client_main(["--target", token_server.target, "--token", TOKEN, "health"]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == ["live: true", "ready: true"]
+
+
+def test_probe_with_tls(pki: Pki, tls_server: BackgroundServer, capsys: pytest.CaptureFixture[str]) -> None:
+    assert probe.main(["--target", tls_server.target, "--tls-ca", str(pki.ca)]) == 0
+    # The certificate names 127.0.0.1 and localhost: another name fails, and so does plaintext.
+    name = ["--tls-server-name", "tf_server"]
+    assert probe.main(["--target", tls_server.target, "--tls-ca", str(pki.ca), *name, "--timeout", "2"]) == 1
+    assert probe.main(["--target", tls_server.target, "--timeout", "2"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"{tls_server.target}: SERVING"
+    assert lines[1:] == [f"{tls_server.target}: no answer: UNAVAILABLE"] * 2
+    assert probe.main(["--target", tls_server.target, "--tls-ca", str(pki.dir / "missing.pem")]) == 2
+    assert probe.main(["--target", tls_server.target, "--tls-client-cert", str(pki.client_cert)]) == 2
 
 
 def test_the_token_never_reaches_logs_or_settings_text(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
