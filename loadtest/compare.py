@@ -428,7 +428,7 @@ def run_comparison(opts: Options, command: Sequence[str] = ()) -> dict[str, Any]
     Raises ``ComparisonRefused`` (before any measurement) when the servers' settings differ.
     """
     arms, groups = plan_arms(opts)
-    out = opts.out or Path("reports") / f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    out = report_folder(opts)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     # A remote server's flags are not ours: its cores are not ours to pin; Locust and the runner keep to theirs.
@@ -562,7 +562,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     arg("--connections", default=defaults.connections,
         help="gRPC connections per Locust process, shared by its users: a number, or auto (1; with "
         f"--workers N, {CONNECTIONS_PER_WORKER} per worker, so the kernel spreads them) (%(default)s)")  # fmt: skip
-    arg("--out", type=Path, help="report folder (default: reports/<timestamp>)")
+    arg("--out", type=Path, help="report folder (default: <--out-root>/<timestamp>)")
+    arg("--out-root", type=Path, help="folder for timestamped report folders (default: reports)")
     arg("--cpu-split", choices=["auto", "none"], default=defaults.cpu_split,
         help="auto: pin the server to the first half of the cores (with --workers N: N cores, one at least "
         "left) and Locust to the rest (%(default)s)")  # fmt: skip
@@ -595,6 +596,31 @@ def options_from(args: argparse.Namespace) -> Options:
     return opts
 
 
+def report_folder(opts: Options) -> Path:
+    """Where the report goes: ``--out``, else ``<--out-root>/<timestamp>`` (``reports/`` by default)."""
+    return opts.out or (opts.out_root or Path("reports")) / f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
+
+
+def check_writable(folder: Path) -> str | None:
+    """Why the report cannot be written to ``folder`` (None: it can), found before any measurement: a
+    container writing to a bind-mounted host folder is the usual case, so the message names the uids."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            return None
+    except OSError as err:
+        existing = next((parent for parent in (folder, *folder.parents) if parent.exists()), folder)
+        try:
+            owner = f"uid {existing.stat().st_uid}"
+        except OSError:
+            owner = "an unknown owner"
+        return (
+            f"cannot write the report to {folder}: {err.strerror or err} (this process runs as uid {os.getuid()}, "
+            f"gid {os.getgid()}; {existing} belongs to {owner}): make it writable for uid {os.getuid()}, or run as "
+            "its owner (docker compose: HOST_UID=$(id -u) HOST_GID=$(id -g))"
+        )
+
+
 def main(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run the comparison (``argv``: its command line, recorded) and write the report; the exit status."""
     from loadtest.report import write_report
@@ -603,6 +629,10 @@ def main(args: argparse.Namespace, argv: Sequence[str]) -> int:
         opts = options_from(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    opts.out = report_folder(opts)
+    if (problem := check_writable(opts.out)) is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
         results = run_comparison(opts, ["python", "-m", "loadtest", *argv])

@@ -96,6 +96,7 @@ class Options:
     locust_processes: str = "auto"
     connections: str = "auto"
     out: Path | None = None
+    out_root: Path | None = None
     cpu_split: str = "auto"
 
     @property
