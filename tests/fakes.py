@@ -2,13 +2,14 @@
 
 ``double``: y = 2x on FP32 [-1, 4]. Its backend can be gated (each forward pass
 waits for an event), made slow, or made to fail, so queueing, deadlines, drain and
-error paths are deterministic.
+error paths are deterministic. ``FakeNvml`` stands in for pynvml, with fixed readings.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import types
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -130,3 +131,26 @@ class FakeFramework:
 
     def info(self, device: str) -> FrameworkInfo:
         return FrameworkInfo(name="fake", version="0", device="cpu")
+
+
+class FakeNvml(types.ModuleType):
+    """The part of pynvml that GpuCollector uses, with fixed readings."""
+
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__("pynvml")
+        self.fail = fail
+        self.handles: list[int] = []
+
+    def nvmlInit(self) -> None:
+        if self.fail:
+            raise RuntimeError("NVML Shared Library Not Found")
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> str:
+        self.handles.append(index)
+        return f"gpu{index}"
+
+    def nvmlDeviceGetUtilizationRates(self, handle: str) -> Any:
+        return types.SimpleNamespace(gpu=37, memory=12)
+
+    def nvmlDeviceGetMemoryInfo(self, handle: str) -> Any:
+        return types.SimpleNamespace(used=3 << 30, total=80 << 30, free=77 << 30)

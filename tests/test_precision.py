@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from serving.cli import main
 from serving.metrics import register_gpu_collector
 from serving.settings import add_arguments, from_namespace
 from tests.conftest import BackgroundServer
+from tests.fakes import FakeNvml
 from tf_server.framework import FRAMEWORK as TF
 from torch_server.framework import FRAMEWORK as TORCH
 from torch_server.model import build
@@ -234,29 +234,6 @@ def test_serve_refuses_what_it_cannot_run(framework: Framework, capsys: pytest.C
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --precision tf32")
     assert len(err.splitlines()) == 1
-
-
-class FakeNvml(types.ModuleType):
-    """The part of pynvml that GpuCollector uses, with fixed readings."""
-
-    def __init__(self, fail: bool = False) -> None:
-        super().__init__("pynvml")
-        self.fail = fail
-        self.handles: list[int] = []
-
-    def nvmlInit(self) -> None:
-        if self.fail:
-            raise RuntimeError("NVML Shared Library Not Found")
-
-    def nvmlDeviceGetHandleByIndex(self, index: int) -> str:
-        self.handles.append(index)
-        return f"gpu{index}"
-
-    def nvmlDeviceGetUtilizationRates(self, handle: str) -> Any:
-        return types.SimpleNamespace(gpu=37, memory=12)
-
-    def nvmlDeviceGetMemoryInfo(self, handle: str) -> Any:
-        return types.SimpleNamespace(used=3 << 30, total=80 << 30, free=77 << 30)
 
 
 def test_gpu_metrics_from_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
