@@ -1,10 +1,11 @@
 # Set-up and checks. `make test` is what CI runs (.ci/run); `make compare` is the main job.
+# `make deploy-check` proves the compose deployment on a real Docker engine (CI runs it where one is).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint typecheck proto-check pytest compare serve-torch serve-tf clean
+.PHONY: setup test lint typecheck proto-check pytest compare serve-torch serve-tf wheelhouse deploy-check clean
 
 setup: $(STAMP)
 
@@ -37,6 +38,14 @@ serve-torch: $(STAMP)
 
 serve-tf: $(STAMP)
 	$(PY) -m tf_server serve --model mlp
+
+# torch's CPU wheel for the CPU torch image (PyPI's Linux torch is the CUDA build).
+wheelhouse:
+	docker/wheelhouse.sh
+
+# Build, start, load, scrape, compare, drain and take down the CPU compose stack (scripts/deploy_check.py).
+deploy-check: $(STAMP)
+	$(PY) -m scripts.deploy_check $(DEPLOY_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache reports
