@@ -51,6 +51,18 @@ CONFIG_DATATYPES: dict[str, int] = {
 }
 
 
+def bf16_to_float32(words: np.ndarray) -> np.ndarray:
+    """BF16 values (their raw uint16 words) as float32, exactly: a BF16 is a float32's top half."""
+    return (np.asarray(words, dtype="<u2").astype("<u4") << 16).view("<f4")
+
+
+def float32_to_bf16(values: np.ndarray) -> np.ndarray:
+    """float32 values as BF16 raw words, rounded to nearest (ties to even)."""
+    bits = np.asarray(values, dtype="<f4").view("<u4").astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return rounded.astype("<u2")
+
+
 def datatype_of(array: np.ndarray) -> str:
     """The OIP datatype of a numpy array; bytes/str object arrays are BYTES."""
     dtype = array.dtype

@@ -69,6 +69,8 @@ from typing import Any
 import grpc
 import psutil
 
+from client import InferenceServerError
+from loadtest import parity
 from loadtest.latency_file import Samples, read_latencies
 from loadtest.plan import (
     CONNECTIONS_PER_WORKER,
@@ -97,6 +99,7 @@ from loadtest.plan import (
 from loadtest.sampling import SAMPLE_INTERVAL_S, Endpoint, Sampler, environment, listener_pid
 from loadtest.servers import ROOT, ServerProcess, ServerStartError, pin_to
 from loadtest.stats import DECISION_RULE, resource_stats, window_stats
+from serving.backend import TOLERANCES, Tolerance
 
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
 TAIL_S = 0.5
@@ -332,6 +335,13 @@ def serving(
 # ---------------------------------------------------------------- the run
 
 
+def repository_for(opts: Options, arm: Arm, tmp: Path) -> Path:
+    """The model repository a local server serves from: the user's (``--torch-repository``,
+    ``--tf-repository``: their own models), else a fresh one the first start exports the zoo model into."""
+    given = opts.torch_repository if arm.framework == "torch" else opts.tf_repository
+    return given if given is not None else tmp / "models" / path_name(arm.name)
+
+
 def _record(arm: Arm) -> dict[str, Any]:
     return {
         "label": arm.label,
@@ -347,13 +357,26 @@ def _record(arm: Arm) -> dict[str, Any]:
     }
 
 
-def prepare(run: Run, arms: Sequence[Arm], records: dict[str, Any], model_dirs: dict[str, Path]) -> None:
-    """Start each server once (exporting into its fresh repository, timed apart) and read its ModelConfig."""
+def prepare(run: Run, arms: Sequence[Arm], records: dict[str, Any], model_dirs: dict[str, Path]) -> dict[str, Any]:
+    """Start each server once (exporting into its fresh repository, timed apart), read its ModelConfig,
+    and take its outputs on the parity inputs (built from the first server's metadata); returns them
+    (``outputs`` by arm, and ``errors`` by arm where a server could not answer)."""
+    probe: parity.Probe | None = None
+    outputs: dict[str, Any] = {}
+    errors: dict[str, str] = {}
     for arm in arms:
         started = time.perf_counter()
         with serving(run, arm, records[arm.name], "prepare", 0, model_dirs.get(arm.name)) as (endpoint, _):
             first_start = time.perf_counter() - started
             config = endpoint.describe()
+            if arm.framework is not None:
+                # Judged after the settings are (check_parity): a server that cannot answer is refused there.
+                try:
+                    probe = probe or parity.probe_for(endpoint.target, run.opts.model)
+                    outputs[arm.name] = parity.outputs_of(endpoint.target, run.opts.model, probe)
+                    records[arm.name]["output_datatypes"] = dict(probe.output_datatypes)
+                except (grpc.RpcError, InferenceServerError, ValueError) as err:
+                    errors[arm.name] = " ".join(str(err).split())[:300]
         params = config.get("parameters", {})
         records[arm.name]["model_config"] = config
         records[arm.name]["target"] = records[arm.name]["target"] or endpoint.target
@@ -364,7 +387,59 @@ def prepare(run: Run, arms: Sequence[Arm], records: dict[str, Any], model_dirs: 
                 "compile_s": float(params["compile_s"]) if "compile_s" in params else None,
                 "model_dir": str(model_dirs[arm.name]),
             }
-            progress(f"{arm.name}: prepared in {first_start:.1f} s (first start: export into a fresh repository)")
+            own = run.opts.torch_repository is not None
+            progress(f"{arm.name}: prepared in {first_start:.1f} s (first start"
+                     f"{' from your repository' if own else ': export into a fresh repository'})")  # fmt: skip
+    return {"outputs": outputs, "errors": errors}
+
+
+class ParityFailed(ComparisonRefused):
+    """The servers give different outputs for the same inputs: they do not serve the same model."""
+
+
+def check_parity(
+    opts: Options, groups: Sequence[dict[str, Any]], records: dict[str, Any], taken: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Per variant, torch's outputs against tensorflow's on the parity inputs (``taken`` by ``prepare``);
+    ``ParityFailed`` (with the numbers) beyond the tolerance: the precision's (``serving.backend.TOLERANCES``)
+    unless --parity-atol/rtol, or when a server could not answer them."""
+    outputs, errors = taken["outputs"], taken["errors"]
+    checked, problems = [], []
+    problems += [f"{name}: no outputs for the parity inputs ({error})" for name, error in errors.items()]
+    for group in groups:
+        members = group["arms"]
+        if not {"torch", "tensorflow"} <= set(members) or not all(members[f] in outputs for f in members):
+            continue
+        precision = group["values"].get("precision", opts.precision)
+        default = TOLERANCES.get(precision, TOLERANCES["fp32"])
+        tolerance = Tolerance(
+            atol=default.atol if opts.parity_atol is None else opts.parity_atol,
+            rtol=default.rtol if opts.parity_rtol is None else opts.parity_rtol,
+        )
+        found = parity.differences(
+            outputs[members["torch"]], outputs[members["tensorflow"]],
+            records[members["torch"]].get("output_datatypes", {}), tolerance,
+        )  # fmt: skip
+        checked.append({"variant": group["name"], "atol": tolerance.atol, "rtol": tolerance.rtol, "outputs": found})
+        for entry in found:
+            if not entry["within"]:
+                where = f"{group['name']}: output {entry['output']!r} (parity batch {entry['batch']})"
+                if entry["max_abs"] is None:
+                    problems.append(f"{where}: shapes {entry['shapes']}")
+                else:
+                    problems.append(
+                        f"{where}: max |diff| {entry['max_abs']:.3g}, {entry['max_rel']:.3g} of the largest value, "
+                        f"beyond atol {tolerance.atol:g} + rtol {tolerance.rtol:g}"
+                    )
+    if problems:
+        raise ParityFailed(
+            "refusing to compare: the servers' outputs differ on the same inputs, so they do not serve the same "
+            "model:\n  " + "\n  ".join(problems)
+        )
+    for entry in checked:
+        worst = max((item["max_abs"] for item in entry["outputs"] if item["max_abs"] is not None), default=0.0)
+        progress(f"parity ({entry['variant']}): outputs agree, max |diff| {worst:.3g}")
+    return checked
 
 
 def check_fairness(opts: Options, groups: Sequence[dict[str, Any]], records: dict[str, Any]) -> None:
@@ -452,9 +527,10 @@ def run_comparison(opts: Options, command: Sequence[str] = ()) -> dict[str, Any]
     with tempfile.TemporaryDirectory(prefix="compare-") as tmp, _runner_pinned(generator_cpus):
         run = Run(opts, Path(tmp), logs, server_cpus, generator_cpus)
         run.connections = pinned["connections"] = connections(opts.connections, pinned["server_workers"])
-        model_dirs = {arm.name: Path(tmp) / "models" / path_name(arm.name) for arm in arms if arm.kind == "local"}
-        prepare(run, arms, records, model_dirs)
+        model_dirs = {arm.name: repository_for(opts, arm, Path(tmp)) for arm in arms if arm.kind == "local"}
+        taken = prepare(run, arms, records, model_dirs)
         check_fairness(opts, groups, records)
+        parity_checked = check_parity(opts, groups, records, taken)
         phase(run, arms, records, "closed", closed, model_dirs, order, failures)
         if opts.rates:
             grid: dict[str, Any] = {"rates": sorted(opts.rates), "fixed": True}
@@ -502,6 +578,7 @@ def run_comparison(opts: Options, command: Sequence[str] = ()) -> dict[str, Any]
         "servers": records,
         "variants": groups,
         "grid": grid,
+        "parity": parity_checked,
         "order": order,
         "failures": failures,
     }
@@ -514,7 +591,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``compare`` flags."""
     defaults = Options()
     arg = parser.add_argument
-    arg("--model", default=defaults.model, help="zoo model served by both (default: %(default)s)")
+    arg("--model", default=defaults.model, help="the model both serve: a zoo model, or a model of the "
+        "--torch-repository / --tf-repository (default: %(default)s)")  # fmt: skip
+    arg("--torch-repository", type=Path, help="torch_server's model repository (your own models; default: a fresh "
+        "one the zoo model is exported into)")  # fmt: skip
+    arg("--tf-repository", type=Path, help="tf_server's model repository (as --torch-repository)")
+    arg("--parity-atol", type=float, help="outputs must agree within this absolute tolerance (default: the "
+        "precision's, e.g. 1e-5 for fp32)")  # fmt: skip
+    arg("--parity-rtol", type=float, help="... plus this relative one (default: the precision's, e.g. 1e-4 for fp32)")
     arg("--concurrency", default="1,4,16,32", help="closed-loop users per step, comma-separated (default: %(default)s)")
     arg("--rates", default="", help="open-loop arrival rates, req/s, comma-separated (default: the grid below)")
     arg("--rate-fractions", default="0.25,0.5,0.9", help="open-loop rates as fractions of the LOWER valid "
@@ -590,6 +674,10 @@ def options_from(args: argparse.Namespace) -> Options:
         raise ValueError("--locust-processes: a positive number or auto")
     if opts.matrix and opts.remote:
         raise ValueError("--matrix starts the servers itself: not with --torch-target/--tf-target")
+    if (opts.torch_repository is None) != (opts.tf_repository is None):
+        raise ValueError("--torch-repository and --tf-repository go together (each server its own repository)")
+    if opts.remote and opts.torch_repository is not None:
+        raise ValueError("--torch-repository/--tf-repository are for servers compare starts: not with --torch-target")
     server_workers(opts.server_args)  # validates --server-arg=--workers=N
     connections(opts.connections, 1)  # validates --connections
     plan_arms(opts)  # validates --matrix and --target

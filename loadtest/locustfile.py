@@ -77,6 +77,8 @@ def add_options(parser: Any) -> None:
     option("--encoding", "raw", "tensor payload: raw_input_contents or typed contents", choices=["raw", "typed"])
     option("--deadline-ms", 1000.0, "per-request gRPC deadline (open loop: from the scheduled send time)")
     option("--seq-len", "16", "size of variable (-1) non-batch dimensions: N, or MIN:MAX drawn per request")
+    option("--shape", "", "inputs' shapes without the batch dimension, instead of --seq-len: NAME=D1,D2;NAME=...")
+    option("--inputs", "", "an .npz of real inputs (one array per input, samples along the first dimension)")
     option("--pool-size", 64, "pre-encoded requests per process, cycled")
     option("--connections", 1, "gRPC channels (HTTP/2 connections) per process, shared by its users")
     option("--load-shape", "none", "none (-u/-r/-t), step, spike, or rate (open loop)", choices=list(LOAD_SHAPES))

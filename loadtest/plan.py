@@ -97,6 +97,10 @@ class Options:
     connections: str = "auto"
     out: Path | None = None
     out_root: Path | None = None
+    torch_repository: Path | None = None
+    tf_repository: Path | None = None
+    parity_atol: float | None = None
+    parity_rtol: float | None = None
     cpu_split: str = "auto"
 
     @property
@@ -405,6 +409,10 @@ def settings_view(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+#: Settings a server may report below what was asked (as long as every server reports the same).
+AT_MOST = frozenset({"max_batch_size"})
+
+
 def check_settings(configs: dict[str, dict[str, Any]], expected: dict[str, Any] | None = None) -> list[str]:
     """Differences that forbid comparing these servers (empty: fair).
 
@@ -418,6 +426,9 @@ def check_settings(configs: dict[str, dict[str, Any]], expected: dict[str, Any] 
         if len({repr(value) for value in seen.values()}) > 1:
             problems.append(f"{key}: " + ", ".join(f"{label} {value}" for label, value in seen.items()))
         elif expected and key in expected and (value := next(iter(seen.values()))) != expected[key]:
+            # A model may cap its own batch size (a config.json of the user's): below the flag, both alike, is fair.
+            if key in AT_MOST and isinstance(value, int) and value <= expected[key]:
+                continue
             problems.append(f"{key}: asked for {expected[key]}, the servers report {value}")
     return problems
 

@@ -732,9 +732,23 @@ def settings_table(results: dict[str, Any]) -> Table:
     return ["setting", "value"], [[key, str(value)] for key, value in rows.items()]
 
 
+def parity_table(results: dict[str, Any]) -> Table:
+    """The parity gate: per variant and output, the largest difference between the servers' outputs on
+    the same inputs, before anything was timed (results from before the gate have none)."""
+    body = []
+    for entry in results.get("parity", []):
+        outputs: dict[str, list[float]] = {}
+        for item in entry["outputs"]:
+            outputs.setdefault(item["output"], []).append(item["max_abs"])
+        tolerance = f"atol {entry['atol']:g} + rtol {entry['rtol']:g}"
+        body += [[entry["variant"], name, f"{max(errors):.3g}", tolerance] for name, errors in outputs.items()]
+    return ["variant", "output", "largest difference, torch vs tf", "tolerance"], body
+
+
 def sections(results: dict[str, Any]) -> list[tuple[str, Table]]:
     return [
         *verdict_tables(results),
+        ("Parity (same inputs, same outputs, checked before timing)", parity_table(results)),
         ("Every server", summary_table(results)),
         ("Servers", server_table(results)),
         ("Closed loop (concurrency sweep)", step_table(results, "closed")),

@@ -11,7 +11,7 @@ without monkey-patching their process (``loadtest.grpc_user`` is the Locust side
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +42,31 @@ def grpc_target(host: str | None) -> str:
     return host.rstrip("/")
 
 
+def parse_shapes(text: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """``"x=32,4;ids=32"`` -> ``(("x", (32, 4)), ("ids", (32,)))``: inputs' shapes without the batch dimension."""
+    shapes = []
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        name, sep, dims = item.partition("=")
+        try:
+            sizes = tuple(int(dim) for dim in dims.split(",") if dim.strip())
+        except ValueError:
+            sizes = ()
+        if not sep or not name.strip() or not sizes or min(sizes) < 1:
+            raise ValueError(f"shape {item!r}: expected NAME=D1,D2,... (positive sizes, the batch dimension left out)")
+        shapes.append((name.strip(), sizes))
+    return tuple(shapes)
+
+
+def load_samples(path: str) -> dict[str, np.ndarray]:
+    """Real inputs from an ``.npz``: one array per input name, samples along the first (batch) dimension."""
+    with np.load(path, allow_pickle=False) as data:
+        samples = {name: np.asarray(data[name]) for name in data.files}
+    counts = {name: array.shape[0] if array.ndim else 0 for name, array in samples.items()}
+    if not samples or len(set(counts.values())) != 1 or 0 in counts.values():
+        raise ValueError(f"{path}: expected one array per input, all with the same (non-zero) number of samples")
+    return samples
+
+
 def parse_seq_len(text: str | int) -> tuple[int, int]:
     """``"16"`` -> (16, 16); ``"8:32"`` -> (8, 32), a length drawn per request."""
     low, _, high = str(text).partition(":")
@@ -70,6 +95,10 @@ class LoadSettings:
     model_version: str = ""
     #: gRPC channels (HTTP/2 connections) per load-generating process; its users share them.
     connections: int = 1
+    #: Shapes of inputs (without the batch dimension) instead of ``seq_len`` for their -1 dimensions.
+    shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    #: An ``.npz`` of real inputs to send instead of random ones (see ``load_samples``).
+    inputs_file: str = ""
 
     @classmethod
     def from_options(cls, options: Any) -> LoadSettings:
@@ -85,6 +114,8 @@ class LoadSettings:
             pool_size=int(getattr(options, "pool_size", None) or default.pool_size),
             model_version=getattr(options, "model_version", None) or default.model_version,
             connections=max(1, int(getattr(options, "connections", None) or default.connections)),
+            shapes=parse_shapes(getattr(options, "shape", None) or ""),
+            inputs_file=getattr(options, "inputs", None) or "",
         )
 
 
@@ -92,11 +123,14 @@ class InputPool:
     """``size`` pre-encoded ModelInferRequests for one (model, batch size, encoding).
 
     ``inputs`` are full shapes as in ModelMetadata; when ``batched`` their first dimension
-    is the batch (set to ``batch_size``). Other -1 dimensions take a length drawn from
-    ``seq_len`` once per request (shared by all inputs of that request). Values come from
-    ``contract.random_tensors.random_array`` with integers in ``int_range`` (ids valid for a
-    1000-token vocabulary, id 0 left as padding); inputs named ``*mask*`` are all ones.
-    ``requests`` holds the messages, ``payloads`` the same requests serialized.
+    is the batch (set to ``batch_size``). Other -1 dimensions take ``shapes[name]`` where given,
+    else a length drawn from ``seq_len`` once per request (shared by all inputs of that
+    request). Values come from ``contract.random_tensors.random_array`` with integers in the
+    input's ``ranges`` entry (inclusive; the server's ModelConfig publishes them), else in
+    ``int_range`` (ids valid for a 1000-token vocabulary, id 0 left as padding); inputs named
+    ``*mask*`` are all ones. With ``samples`` (real inputs, samples along the first dimension)
+    each request takes the next ``batch_size`` of them instead. ``requests`` holds the
+    messages, ``payloads`` the same requests serialized.
     """
 
     def __init__(
@@ -112,6 +146,9 @@ class InputPool:
         seed: int = 0,
         int_range: tuple[int, int] = (1, 1000),
         model_version: str = "",
+        ranges: Mapping[str, tuple[int, int]] | None = None,
+        shapes: Mapping[str, tuple[int, ...]] | None = None,
+        samples: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         if encoding not in ("raw", "typed"):
             raise ValueError(f"encoding {encoding!r}: expected 'raw' or 'typed'")
@@ -126,6 +163,11 @@ class InputPool:
         self.batch_size = batch_size
         self.batched = batched
         self.encoding = encoding
+        self.ranges = dict(ranges or {})
+        self.shapes = dict(shapes or {})
+        self.samples = dict(samples) if samples is not None else None
+        self._check_overrides()
+        self._next_sample = 0
         rng = np.random.default_rng(seed)
         self.requests = [self._build(rng, seq_len, int_range, model_version) for _ in range(max(1, size))]
         self.payloads = [request.SerializeToString() for request in self.requests]
@@ -136,17 +178,45 @@ class InputPool:
     ) -> pb.ModelInferRequest:
         length = int(rng.integers(seq_len[0], seq_len[1] + 1))
         arrays = {}
-        for spec in self.inputs:
+        if self.samples is not None:
+            total = next(iter(self.samples.values())).shape[0]
+            rows = [(self._next_sample + i) % total for i in range(self.batch_size)]
+            self._next_sample = (self._next_sample + self.batch_size) % total
+            arrays = {spec.name: self.samples[spec.name][rows].astype(spec.numpy_dtype) for spec in self.inputs}
+        for spec in self.inputs if self.samples is None else ():
             dims = list(spec.shape)
             if self.batched and dims:
                 dims[0] = self.batch_size
+            if spec.name in self.shapes:
+                dims[1:] = self.shapes[spec.name]
             shape = tuple(length if dim < 0 else dim for dim in dims)
             if "mask" in spec.name.lower() and spec.datatype != "BF16" and spec.numpy_dtype.kind in "iub":
                 arrays[spec.name] = np.ones(shape, dtype=spec.numpy_dtype)
             else:
-                arrays[spec.name] = random_array(spec.datatype, shape, rng, int_range=int_range)
+                low, high = self.ranges[spec.name] if spec.name in self.ranges else (int_range[0], int_range[1] - 1)
+                arrays[spec.name] = random_array(spec.datatype, shape, rng, int_range=(low, high + 1))
         datatypes = {spec.name: spec.datatype for spec in self.inputs}
         return build_request(self.model, arrays, model_version=version, raw=self.encoding == "raw", datatypes=datatypes)
+
+    def _check_overrides(self) -> None:
+        """``shapes`` and ``samples`` must fit the inputs' specs (``ValueError`` naming the input)."""
+        specs = {spec.name: spec for spec in self.inputs}
+        for name, dims in self.shapes.items():
+            spec = specs.get(name)
+            if spec is None:
+                raise ValueError(f"--shape {name}: {self.model!r} has no input {name!r}; it takes {sorted(specs)}")
+            if not spec.accepts_shape((1, *dims)):
+                raise ValueError(f"--shape {name}={','.join(map(str, dims))}: {name!r} is {list(spec.shape)}")
+        if self.samples is None:
+            return
+        if missing := sorted(set(specs) - set(self.samples)):
+            raise ValueError(f"--inputs: no samples of input(s) {missing}")
+        for name, spec in specs.items():
+            if not spec.accepts_shape((1, *self.samples[name].shape[1:])):
+                raise ValueError(
+                    f"--inputs: samples of {name!r} are {list(self.samples[name].shape[1:])} each, the model takes "
+                    f"{list(spec.shape[1:])}"
+                )
 
     def next(self) -> pb.ModelInferRequest:
         """The next pooled request (round-robin); requests are shared, never mutate them."""
@@ -209,5 +279,21 @@ class InputPool:
             seq_len=settings.seq_len,
             size=settings.pool_size,
             model_version=version,
+            ranges=published_ranges(config),
+            shapes=dict(settings.shapes),
+            samples=load_samples(settings.inputs_file) if settings.inputs_file else None,
             **kwargs,
         )
+
+
+def published_ranges(config: pb.ModelConfig | None) -> dict[str, tuple[int, int]]:
+    """The integer ranges a server publishes in ModelConfig parameters (``range.<input>`` = ``low,high``)."""
+    ranges = {}
+    for key, parameter in config.parameters.items() if config is not None else ():
+        if key.startswith("range."):
+            low, _, high = parameter.string_value.partition(",")
+            try:
+                ranges[key.removeprefix("range.")] = (int(low), int(high))
+            except ValueError:
+                continue
+    return ranges

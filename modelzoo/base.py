@@ -10,23 +10,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Mapping
 from functools import cached_property
 from typing import Any
 
 import numpy as np
 
-from contract.datatypes import TensorSpec
+from contract.signature import ModelSignature
 
 #: Seed of every canonical weight set.
 SEED = 20261126
 
 
-class ModelDefinition(ABC):
-    """A zoo model. Subclasses set ``name`` and ``defaults`` and build the rest."""
+class ModelDefinition(ModelSignature):
+    """A zoo model: a ModelSignature defined here, with parameters and canonical weights.
+    Subclasses set ``name`` and ``defaults`` and build the rest."""
 
-    name: str = ""
     #: Parameter names and their default values (JSON-serialisable).
     defaults: Mapping[str, Any] = {}
 
@@ -43,35 +43,9 @@ class ModelDefinition(ABC):
             except (TypeError, ValueError) as err:
                 raise ValueError(f"model {self.name!r}: parameter {key}={value!r} is not valid ({err})") from None
 
-    @property
-    @abstractmethod
-    def inputs(self) -> tuple[TensorSpec, ...]:
-        """Contract inputs, batch dimension first (-1)."""
-
-    @property
-    @abstractmethod
-    def outputs(self) -> tuple[TensorSpec, ...]:
-        """Contract outputs, batch dimension first (-1)."""
-
     @abstractmethod
     def build_weights(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Canonical weights (float32), scaled so activations stay O(1) with depth."""
-
-    @abstractmethod
-    def example_inputs(self, batch_size: int, rng: np.random.Generator, **kwargs: Any) -> dict[str, np.ndarray]:
-        """Valid random inputs (required ones only) for a batch of ``batch_size`` rows."""
-
-    def complete_inputs(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Fill omitted optional inputs with their defaults. Default: none optional."""
-        return dict(inputs)
-
-    def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> None:
-        """Model-specific limits beyond the TensorSpecs (e.g. a longest sequence);
-        raises ValueError with a one-line reason. Default: none."""
-
-    #: Pad value per input for dimensions marked -1 beyond the batch dimension;
-    #: the dynamic batcher pads shorter requests with it. None: no ragged inputs.
-    pad_values: Mapping[str, int | float] = {}
 
     @cached_property
     def weights(self) -> dict[str, np.ndarray]:

@@ -26,7 +26,9 @@ from contract.datatypes import TensorSpec
 from serving.settings import COMPILE_MODES, PRECISIONS
 
 if TYPE_CHECKING:
+    from contract.signature import ModelSignature
     from modelzoo.base import ModelDefinition
+    from serving.artifacts import ArtifactSignature
 
 
 class Backend(ABC):
@@ -37,7 +39,7 @@ class Backend(ABC):
 
     def __init__(
         self,
-        model: ModelDefinition,
+        model: ModelSignature,
         artifact_dir: Path,
         device: str = "cpu",
         precision: str = "fp32",
@@ -172,9 +174,13 @@ class Framework(Protocol):
         """Build ``model`` from its canonical weights and write the native serving
         artifact into ``version_dir`` (which exists and is empty)."""
 
+    def signature(self, version_dir: Path) -> ArtifactSignature:
+        """What the user's artifact in ``version_dir`` takes and returns, as it declares it
+        (``serving.artifacts.ArtifactError``, one line, when it is missing or unreadable)."""
+
     def create_backend(
         self,
-        model: ModelDefinition,
+        model: ModelSignature,
         version_dir: Path,
         device: str,
         precision: str = "fp32",
@@ -187,7 +193,7 @@ class Framework(Protocol):
     def info(self, device: str) -> FrameworkInfo:
         """Framework version and device description."""
 
-    def reference(self, model: ModelDefinition, version_dir: Path, device: str, precision: str = "fp32") -> Reference:
+    def reference(self, model: ModelSignature, version_dir: Path, device: str, precision: str = "fp32") -> Reference:
         """The fastest in-process call of this model that the framework offers, the yardstick
         of ``predict`` (``python -m <server> forward``), in ``precision``, uncompiled. Its
         docstring says what it runs."""

@@ -81,6 +81,7 @@ class Request:
         "outputs",
         "ragged_sizes",
         "rows",
+        "shape_key",
         "state",
         "wake",
     )
@@ -92,6 +93,7 @@ class Request:
         deadline: float | None,
         ragged_sizes: tuple[int, ...],
         callback: Callback | None,
+        shape_key: tuple[int, ...] = (),
     ) -> None:
         self.inputs = inputs
         self.rows = rows
@@ -100,6 +102,8 @@ class Request:
         self.deadline = deadline
         #: Sizes of the variable (-1) non-batch dimensions, from the first ragged input.
         self.ragged_sizes = ragged_sizes
+        #: Sizes of every input's variable dimensions: requests merge unpadded only when these agree.
+        self.shape_key = shape_key
         self.state = QUEUED
         self.outputs: Arrays | None = None
         self.error: BaseException | None = None
@@ -236,11 +240,21 @@ class DynamicBatcher:
         self, inputs: Mapping[str, np.ndarray], rows: int, timeout: float | None, callback: Callback | None
     ) -> Request:
         ragged: tuple[int, ...] = ()
+        key: tuple[int, ...] = ()
         if self._ragged_axes:
             shape = inputs[self._ragged_inputs[0]].shape
             ragged = tuple(shape[axis] for axis in self._ragged_axes)
+            key = ragged if len(self._ragged_inputs) == 1 else self._shape_key(inputs)
         deadline = None if timeout is None else time.monotonic() + timeout
-        return Request(inputs, rows, deadline, ragged, callback)
+        return Request(inputs, rows, deadline, ragged, callback, key)
+
+    def _shape_key(self, inputs: Mapping[str, np.ndarray]) -> tuple[int, ...]:
+        return tuple(
+            size
+            for name in self._ragged_inputs
+            for axis, size in enumerate(inputs[name].shape)
+            if axis and self._input_specs[name].shape[axis] == -1
+        )
 
     def _enqueue(self, request: Request) -> bool:
         """Queue ``request``; True when its caller must lead (an instance was free)."""
@@ -443,7 +457,7 @@ class DynamicBatcher:
 
     def _compatible(self, first: Request, other: Request) -> bool:
         """Requests with different variable sizes merge only when the model pads them."""
-        return first.ragged_sizes == other.ragged_sizes or self._all_padded
+        return first.shape_key == other.shape_key or self._all_padded
 
     @staticmethod
     def _expired(request: Request, now: float) -> DeadlineExceeded:
@@ -458,7 +472,8 @@ class DynamicBatcher:
             t1 = time.perf_counter_ns()
             outputs = self._predict(merged)
             t2 = time.perf_counter_ns()
-            results = split(outputs, batch, self._output_specs)
+            padded = len(batch) > 1 and any(r.shape_key != batch[0].shape_key for r in batch)
+            results = split(outputs, batch, self._output_specs, padded)
             t3 = time.perf_counter_ns()
             self._metrics.batch_done(rows, [started - r.enqueued for r in batch], t1 - t0, t2 - t1, t3 - t2)
         except BaseException as err:
@@ -532,9 +547,12 @@ def _pad_to(array: np.ndarray, axes: Sequence[int], sizes: Sequence[int], value:
     return np.pad(array, widths, constant_values=value) if needs else array
 
 
-def split(outputs: Mapping[str, np.ndarray], batch: Sequence[Request], specs: Mapping[str, TensorSpec]) -> list[Arrays]:
-    """Each request's own rows of every output, variable dims cut to its sizes."""
-    if len(batch) == 1 and not batch[0].ragged_sizes:
+def split(
+    outputs: Mapping[str, np.ndarray], batch: Sequence[Request], specs: Mapping[str, TensorSpec], padded: bool = False
+) -> list[Arrays]:
+    """Each request's own rows of every output; when the batch was ``padded`` (requests of different
+    lengths), outputs' variable dims cut back to each request's lengths (its first ragged input's)."""
+    if not padded and len(batch) == 1:
         rows = batch[0].rows
         return [{name: array if array.shape[0] == rows else array[:rows] for name, array in outputs.items()}]
     results: list[Arrays] = [{} for _ in batch]
@@ -545,7 +563,7 @@ def split(outputs: Mapping[str, np.ndarray], batch: Sequence[Request], specs: Ma
         for result, request in zip(results, batch, strict=True):
             part = array[offset : offset + request.rows]
             offset += request.rows
-            if variable_axes and request.ragged_sizes:
+            if padded and variable_axes and request.ragged_sizes:
                 index: list[slice] = [slice(None)] * part.ndim
                 for k, axis in enumerate(variable_axes[: len(request.ragged_sizes)]):
                     index[axis] = slice(0, request.ragged_sizes[k])

@@ -17,9 +17,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import modelzoo
+from contract.signature import ModelSignature
 from modelzoo.base import ModelDefinition
 from serving import repository
+from serving.artifacts import ArtifactModel, ModelConfigFile, versions
 from serving.backend import Framework
+from serving.loader import model_names, resolve
 from serving.settings import COMPILE_MODES, PRECISIONS, add_arguments, from_namespace, parse_model_args
 
 
@@ -45,9 +48,9 @@ def build_parser(framework: Framework) -> argparse.ArgumentParser:
         description="Loads the artifact exactly as `serve` does and times backend.predict per batch size, beside "
         "the framework's fastest in-process call of the same model (the reference).",
     )
-    forward.add_argument("--model", default="mlp")
+    forward.add_argument("--model", default="mlp", help="a zoo model, or a model of --model-dir (its highest version)")
     forward.add_argument("--model-arg", default="", help="zoo model parameters as KEY=VALUE, comma-separated")
-    forward.add_argument("--model-dir", type=Path, default=None)
+    forward.add_argument("--model-dir", "--model-repository", type=Path, default=None)
     forward.add_argument("--batch-sizes", default="1,2,4,8,16,32", help="comma-separated")
     forward.add_argument("--seconds", type=float, default=1.0, help="timing budget per batch size")
     forward.add_argument("--threads", type=int, default=None)
@@ -80,9 +83,16 @@ def forward_benchmark(framework: Framework, args: argparse.Namespace) -> dict[st
     framework.configure(args.threads, args.device)
     device = framework.resolve_device(args.device)
     framework.check_options(device, args.precision, args.compile)
-    model = modelzoo.get(args.model, **parse_model_args(args.model_arg))
     root = args.model_dir or repository.default_root(framework)
-    version_dir = repository.ensure(framework, model, root)
+    source = resolve(args.model, root, modelzoo.MODELS, parse_model_args(args.model_arg), framework)
+    model: ModelSignature
+    if source.zoo is not None:
+        model = source.zoo
+        version_dir = repository.ensure(framework, source.zoo, root)
+    else:  # the user's own artifact: its highest version
+        version_dir = source.model_root / str(versions(source.model_root)[-1])
+        config = ModelConfigFile.read(source.model_root)
+        model = ArtifactModel(source.name, framework.signature(version_dir), config, version_dir)
     backend = framework.create_backend(model, version_dir, device, args.precision, args.compile)
     started = time.perf_counter()
     backend.load()
@@ -147,7 +157,16 @@ def main(
             framework.env_prefix,
             defaults={"port": framework.default_port, "metrics_port": framework.default_port + 1},
         )
-        models = [modelzoo.lookup(name, zoo)(**settings.model_params()) for name in settings.model]
+        root = settings.model_dir or repository.default_root(framework)
+        # Resolved once here: a supervisor's workers get the same list (--model).
+        settings.model = model_names(settings, framework)
+        sources = [resolve(name, root, zoo, settings.model_params(), framework) for name in settings.model]
+        own = [source.name for source in sources if source.zoo is None]
+        if own and settings.precision in ("bf16", "fp16"):
+            raise ValueError(
+                f"--precision {settings.precision}: {', '.join(own)} are artifacts of your own, served in the "
+                "precision they were exported in (fp32; tf32 on CUDA); only zoo models are exported in another"
+            )
     except ValueError as err:
         return _refuse(err)
     logging.basicConfig(
@@ -169,7 +188,7 @@ def main(
         return _refuse(ValueError(f"--device {settings.device}: {err}"))
     try:
         framework.check_options(framework.resolve_device(settings.device), settings.precision, settings.compile)
-        repository.check(framework, models, settings.model_dir or repository.default_root(framework))
+        repository.check(framework, [source.zoo for source in sources if source.zoo is not None], root)
         return run(settings, framework, zoo)
     except (ValueError, StartupError) as err:
         return _refuse(err)

@@ -1,6 +1,9 @@
 """The model repository on disk: ``<root>/<model>/<version>/`` as TF Serving lays it out.
 
-Each model folder holds ``zoo.json``: the zoo identity (name, parameters, seed, weight
+This module keeps the zoo's exports there; the user's own models in the same layout are read
+by ``serving.artifacts`` (a zoo export is such an artifact, plus the identity below).
+
+Each zoo model folder holds ``zoo.json``: the zoo identity (name, parameters, seed, weight
 fingerprint) and framework of the artifact beside it, and the SHA-256 of each of its
 files. A server reuses an artifact only when that identity matches what it was asked to
 serve and every file still hashes the same; a damaged artifact (a truncated or altered
@@ -59,20 +62,25 @@ def _manifest(version_dir: Path) -> dict[str, str]:
     }
 
 
-def _recorded(framework: Framework, model: ModelDefinition, root: Path) -> dict[str, Any] | None:
-    """What ``zoo.json`` says of the artifact (None: absent or unreadable); refuses a foreign one."""
+def recorded(framework: Framework, name: str, root: Path) -> dict[str, Any] | None:
+    """What ``zoo.json`` says of model ``name``'s artifact (None: absent or unreadable, so no zoo
+    export); refuses another framework's export."""
     try:
-        recorded = json.loads((root / model.name / IDENTITY_FILE).read_text())
+        identity = json.loads((root / name / IDENTITY_FILE).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(recorded, dict):
+    if not isinstance(identity, dict):
         return None
-    other = recorded.get("framework")
+    other = identity.get("framework")
     if other is not None and other != framework.name:
         raise RepositoryError(
-            f"--model-dir {root}: {model.name} there is a {other} export; give each server its own model repository"
+            f"--model-dir {root}: {name} there is a {other} export; give each server its own model repository"
         )
-    return recorded
+    return identity
+
+
+def _recorded(framework: Framework, model: ModelDefinition, root: Path) -> dict[str, Any] | None:
+    return recorded(framework, model.name, root)
 
 
 def damage(framework: Framework, model: ModelDefinition, root: Path, version: str = VERSION) -> str | None:

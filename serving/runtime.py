@@ -1,13 +1,19 @@
-"""ModelRuntime: one served model's dataplane, free of any transport.
+"""ModelRuntime: one served model version's dataplane, free of any transport.
 
 Request in, response out: decode and validate (``RequestDecoder``), compute through
 the model's dynamic batcher, encode the reply (always raw contents, outputs in the
 order asked for), and record the outcome in the model's metrics, once per request.
 It also describes the model: ModelMetadata and Triton's ModelConfig.
+
+``ServedModel`` holds every loaded version of one model: requests that name no version
+go to the highest. Versions come and go while serving (``serving.loader``); a caller
+holds the version it was routed to (``acquire``/``release``) until its answer is sent,
+so a version taken out of service finishes everything routed to it before it closes.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -16,15 +22,16 @@ import numpy as np
 
 from contract.codec import array_to_raw
 from contract.datatypes import CONFIG_DATATYPES, TensorSpec
-from contract.errors import ServingError, Unavailable
+from contract.errors import ModelNotFound, ServingError, Unavailable
 from contract.protocol import inference_pb2 as pb
-from modelzoo.base import ModelDefinition
+from contract.signature import ModelSignature
 from serving.backend import Backend
 from serving.batcher import DynamicBatcher, Request
 from serving.metrics import ModelMetrics
 from serving.settings import BatchingSettings
 from serving.validation import RequestDecoder
 
+#: The version of a model that has only one (every zoo export).
 VERSION = "1"
 
 #: Called with the reply of a streamed request, or the error it met.
@@ -32,18 +39,24 @@ Reply = Callable[[pb.ModelInferResponse | None, BaseException | None], None]
 
 
 class ModelRuntime:
-    """One served model: its backend, batcher, request decoder and metrics."""
+    """One served model version: its backend, batcher, request decoder and metrics (shared by
+    the model's versions)."""
 
     def __init__(
         self,
-        model: ModelDefinition,
+        model: ModelSignature,
         backend: Backend,
         batching: BatchingSettings,
         metrics: ModelMetrics,
         framework: str,
         parameters: Mapping[str, str],
+        version: str = VERSION,
     ) -> None:
         self.model = model
+        self.version = version
+        #: Callers routed to this version whose answer is not sent yet (see ``ServedModel``).
+        self.active = 0
+        self._idle = threading.Condition()
         self.backend = backend
         self.batching = batching
         self.metrics = metrics
@@ -66,6 +79,18 @@ class ModelRuntime:
     def start(self) -> None:
         self.batcher.start()
         self.unavailable = None
+
+    def release(self) -> None:
+        """A caller routed here by ``ServedModel.acquire`` is done."""
+        with self._idle:
+            self.active -= 1
+            if not self.active:
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no caller holds this version; False if ``timeout`` ran out first."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self.active, timeout)
 
     def infer(
         self, request: pb.ModelInferRequest, timeout: float | None, on_queued: Callable[[Request], object] | None = None
@@ -135,7 +160,7 @@ class ModelRuntime:
         self, request: pb.ModelInferRequest, outputs: Mapping[str, np.ndarray], names: Sequence[str]
     ) -> pb.ModelInferResponse:
         """The reply to ``request``: the named outputs in order, as raw contents."""
-        response = pb.ModelInferResponse(model_name=request.model_name, model_version=VERSION, id=request.id)
+        response = pb.ModelInferResponse(model_name=request.model_name, model_version=self.version, id=request.id)
         add = response.outputs.add
         contents = response.raw_output_contents
         for name in names:
@@ -145,7 +170,9 @@ class ModelRuntime:
             contents.append(array_to_raw(array, datatype))
         return response
 
-    def metadata(self) -> pb.ModelMetadataResponse:
+    def metadata(self, versions: Sequence[str] = ()) -> pb.ModelMetadataResponse:
+        """ModelMetadata; ``versions``: every version that may be asked for (default: this one)."""
+
         def tensors(specs: Sequence[TensorSpec]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
             return [
                 pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape) for s in specs
@@ -153,7 +180,7 @@ class ModelRuntime:
 
         return pb.ModelMetadataResponse(
             name=self.model.name,
-            versions=[VERSION],
+            versions=list(versions) or [self.version],
             platform=self.backend.platform,
             inputs=tensors(self.model.inputs),
             outputs=tensors(self.model.outputs),
@@ -201,3 +228,61 @@ class ModelRuntime:
                 )
             )
         return config
+
+
+class ServedModel:
+    """Every loaded version of one model (see the module docstring). Readers never lock: the
+    versions are an immutable mapping, replaced whole when one is added or removed."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._versions: dict[int, ModelRuntime] = {}
+        self._latest: ModelRuntime | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def versions(self) -> list[str]:
+        """Loaded versions, ascending."""
+        return [str(version) for version in sorted(self._versions)]
+
+    @property
+    def latest(self) -> ModelRuntime:
+        latest = self._latest
+        if latest is None:
+            raise Unavailable(f"model {self.name!r} has no version loaded")
+        return latest
+
+    def runtimes(self) -> list[ModelRuntime]:
+        return list(self._versions.values())
+
+    def get(self, version: str = "") -> ModelRuntime:
+        """The runtime of ``version`` (empty: the highest); ``ModelNotFound`` when it is not loaded."""
+        if not version:
+            return self.latest
+        runtime = self._versions.get(int(version)) if version.isdigit() else None
+        if runtime is None:
+            raise ModelNotFound(f"model {self.name!r} has no version {version!r}; versions: {self.versions}")
+        return runtime
+
+    def acquire(self, version: str = "") -> ModelRuntime:
+        """``get``, held until ``release``: a version removed meanwhile waits for its callers."""
+        with self._lock:
+            runtime = self.get(version)
+            with runtime._idle:
+                runtime.active += 1
+        return runtime
+
+    def add(self, runtime: ModelRuntime) -> None:
+        with self._lock:
+            versions = {**self._versions, int(runtime.version): runtime}
+            self._versions = versions
+            self._latest = versions[max(versions)]
+
+    def remove(self, version: str) -> ModelRuntime | None:
+        """Take ``version`` out of routing (requests already routed to it go on); returns it."""
+        with self._lock:
+            versions = dict(self._versions)
+            runtime = versions.pop(int(version), None)
+            self._versions = versions
+            self._latest = versions[max(versions)] if versions else None
+        return runtime

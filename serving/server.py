@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
@@ -37,11 +36,10 @@ import modelzoo
 from contract.protocol import inference_pb2 as pb
 from contract.protocol import inference_pb2_grpc as pb_grpc
 from modelzoo.base import ModelDefinition
-from serving import repository
-from serving.backend import Backend, Framework
+from serving.backend import Framework
 from serving.guard import guard
+from serving.loader import ModelLoader, model_names
 from serving.metrics import MetricsTable, ServerMetrics, register_gpu_collector
-from serving.runtime import ModelRuntime
 from serving.servicer import SERVICE, InferenceServicer
 from serving.settings import ServerSettings
 from serving.workers import Readiness, WorkerPlace
@@ -105,6 +103,11 @@ class InferenceServer:
         self.settings = settings
         self.framework = framework
         self.zoo = zoo
+        try:
+            #: What is served: --model, or every model folder of the repository.
+            self.model_names = model_names(settings, framework)
+        except ValueError as err:
+            raise StartupError(str(err)) from None
         self.registry = registry or CollectorRegistry()
         #: Set when this process is one of several workers behind one port (serving.workers).
         self.place = WorkerPlace.from_environment()
@@ -112,12 +115,13 @@ class InferenceServer:
         table = None
         if self.place is not None:
             table = MetricsTable(
-                settings.model, settings.max_batch_size, workers=self.place.count + 1, path=self.place.table
+                self.model_names, settings.max_batch_size, workers=self.place.count + 1, path=self.place.table
             )
             self.readiness = Readiness(self.place.readiness, self.place.count)
         self.metrics = ServerMetrics(self.registry, table, worker=self.place.index if self.place else 0)
         self.servicer = InferenceServicer(framework.server_name, SERVER_VERSION)
-        self.servicer.configured = set(settings.model)
+        self.servicer.configured = set(self.model_names)
+        self.loader: ModelLoader | None = None
         # Watch streams get their own small pool, so they never hold a request thread.
         self.health = health.HealthServicer(
             experimental_non_blocking=True, experimental_thread_pool=futures.ThreadPoolExecutor(2)
@@ -200,7 +204,8 @@ class InferenceServer:
         )
 
     def load_models(self) -> None:
-        """Export if needed, load and warm up every model, then report SERVING.
+        """Resolve, export if needed, load and warm up every model (``serving.loader``), then
+        report SERVING, and from then on watch the repository for new versions.
 
         Each model's start-up is reported in parts (log line and ModelConfig parameters):
         ``export_s`` (artifacts written: the export, a precision's own export), ``load_s``,
@@ -209,56 +214,19 @@ class InferenceServer:
         (with ``--compile off``: the warm-up passes).
         """
         settings = self.settings
-        root = settings.model_dir or repository.default_root(self.framework)
-        params = settings.model_params()
         self.framework.check_options(self.device, settings.precision, settings.compile)
-        info = self.framework.info(self.device)
-        #: Start-up seconds of each model, by part (see above).
-        self.model_timings: dict[str, dict[str, float]] = {}
-        for name in settings.model:
-            model = modelzoo.lookup(name, self.zoo)(**params)
-            started = time.perf_counter()
-            version_dir = repository.ensure(self.framework, model, root)
-            exported = time.perf_counter() - started
-            backend = self.framework.create_backend(
-                model, version_dir, self.device, settings.precision, settings.compile, settings.instances
-            )
-            started = time.perf_counter()
-            backend.load()
-            loaded = time.perf_counter() - started
-            warmed = self._warm_up(backend) if settings.warmup else 0.0
-            compiled = settings.compile == "on"
-            inner = {key: backend.timings.get(key, 0.0) for key in ("export_s", "compile_s")}
-            timings = self.model_timings[name] = {
-                "export_s": exported + inner["export_s"],
-                "load_s": loaded - inner["export_s"] - inner["compile_s"],
-                "compile_s": inner["compile_s"] + warmed if compiled else 0.0,
-                "warmup_s": 0.0 if compiled else warmed,
-            }
-            # info.extra carries the resolved device ("cpu", "cuda:0"); its description
-            # (CPU model or GPU name) goes beside it rather than under the same key.
-            parameters = {
-                "framework_version": info.version,
-                "device_name": info.device,
-                "threads": str(settings.threads or "default"),
-                "workers": str(self.place.count if self.place else 1),
-                **info.extra,
-                "precision": settings.precision,
-                "compile": settings.compile,
-                **{key: f"{value:.3f}" for key, value in timings.items()},
-            }
-            metrics = self.metrics.for_model(name, max_batch_size=settings.max_batch_size)
-            runtime = ModelRuntime(model, backend, settings.batching(), metrics, self.framework.name, parameters)
-            if self.servicer.draining:
-                backend.close()
-                return
-            runtime.start()
-            self.servicer.add(runtime)
-            log.info(
-                "model %s ready (%s on %s, %s, compile %s): export %.2f s, load %.2f s, compile %.2f s, warm-up %.2f s",
-                name, self.framework.name, info.device, settings.precision, settings.compile, timings["export_s"],
-                timings["load_s"], timings["compile_s"], timings["warmup_s"],
-            )  # fmt: skip
+        loader = self.loader = ModelLoader(
+            settings,
+            self.framework,
+            self.device,
+            self.framework.info(self.device),
+            self.metrics,
+            self.servicer,
+            workers=self.place.count if self.place else 1,
+        )
+        loader.load_all(self.model_names, self.zoo)
+        if self.servicer.draining:
+            return
         # Everything loaded so far lives as long as the process: keep the cyclic garbage
         # collector from scanning it again on every full collection while serving.
         gc.collect()
@@ -273,6 +241,15 @@ class InferenceServer:
         if settings.port_file:
             self._write_port_file(settings.port_file)
         log.info("SERVING after %.2f s", self.ready_after_s)
+        if settings.repository_poll_s > 0 and any(source.zoo is None for source in loader.sources.values()):
+            threading.Thread(
+                target=loader.watch, args=(self._stopped, settings.repository_poll_s), name="repository", daemon=True
+            ).start()
+
+    @property
+    def model_timings(self) -> dict[str, dict[str, float]]:
+        """Start-up seconds of each model's latest loaded version, by part."""
+        return self.loader.timings if self.loader is not None else {}
 
     def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -289,28 +266,6 @@ class InferenceServer:
                 self._set_health(now)
                 serving = now
             time.sleep(PEER_POLL_S)
-
-    def _warm_up(self, backend: Backend) -> float:
-        """Run every warm-up shape: each batch size times ``backend.warm_up_inputs``; seconds taken.
-
-        Compiled, the sizes are every size the batcher can produce (the preferred sizes and
-        every size above the largest of them; without preferred sizes 1..max_batch_size);
-        otherwise 1, the preferred sizes and the largest."""
-        started = time.perf_counter()
-        settings = self.settings
-        preferred, largest = settings.preferred_batch_sizes, settings.max_batch_size
-        if settings.compile != "on":
-            sizes = sorted({1, *preferred, largest})
-        elif preferred:
-            sizes = sorted({*preferred, *range(max(preferred) + 1, largest + 1)})
-        else:
-            sizes = list(range(1, largest + 1))
-        rng = np.random.default_rng(0)
-        for size in sizes:
-            for inputs in backend.warm_up_inputs(size, rng):
-                backend.predict(inputs)
-        backend.warmed_up = True
-        return time.perf_counter() - started
 
     def _write_port_file(self, path: Path) -> None:
         payload = {
@@ -336,7 +291,7 @@ class InferenceServer:
             if self.readiness is not None and self.place is not None:
                 self.readiness.set(self.place.index, False)
             self.health.enter_graceful_shutdown()
-            runtimes = list(self.servicer.models.values())
+            runtimes = self.servicer.runtimes()
             # Health and metadata keep answering (NOT_SERVING) while queued and running
             # requests finish; new inference requests are refused (UNAVAILABLE) before
             # anything of them is computed. Then the transport stops, with what is left of

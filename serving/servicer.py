@@ -21,7 +21,7 @@ from contract.protocol import inference_pb2 as pb
 from contract.protocol import inference_pb2_grpc as pb_grpc
 from serving.batcher import FINISHED, Request
 from serving.guard import status_of
-from serving.runtime import VERSION, ModelRuntime
+from serving.runtime import ModelRuntime, ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -39,34 +39,51 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, server_name: str, server_version: str) -> None:
         self.server_name = server_name
         self.server_version = server_version
-        self.models: dict[str, ModelRuntime] = {}
+        self.models: dict[str, ServedModel] = {}
         #: Every model this server is to serve, loaded or not yet (UNAVAILABLE until loaded).
         self.configured: set[str] = set()
+        #: Models whose artifact could not be loaded, and why (UNAVAILABLE, saying so).
+        self.failed: dict[str, str] = {}
         self.draining = False
         #: Whether the other workers of this server serve too (serving.workers); alone: yes.
         self.peers_ready: Callable[[], bool] = lambda: True
 
     def add(self, runtime: ModelRuntime) -> None:
-        self.models[runtime.model.name] = runtime
+        """Serve ``runtime`` as its model's version (the model's first, or one more)."""
+        name = runtime.model.name
+        served = self.models.get(name)
+        if served is None:
+            served = ServedModel(name)
+            served.add(runtime)
+            self.models = {**self.models, name: served}
+        else:
+            served.add(runtime)
+
+    def runtimes(self) -> list[ModelRuntime]:
+        """Every loaded version of every model."""
+        return [runtime for served in self.models.values() for runtime in served.runtimes()]
 
     @property
     def ready(self) -> bool:
         return (
             bool(self.models)
             and not self.draining
-            and all(m.ready for m in self.models.values())
+            and all(runtime.ready for runtime in self.runtimes())
             and self.peers_ready()
         )
 
-    def _model(self, name: str, version: str = "") -> ModelRuntime:
-        runtime = self.models.get(name)
-        if runtime is None:
+    def _served(self, name: str) -> ServedModel:
+        served = self.models.get(name)
+        if served is None:
+            if name in self.failed:
+                raise Unavailable(f"model {name!r} is not available: {self.failed[name]}")
             if name in self.configured:
                 raise Unavailable(f"model {name!r} is not ready (still loading); retry later")
             raise ModelNotFound(f"unknown model {name!r}; this server serves {sorted(self.configured)}")
-        if version and version != VERSION:
-            raise ModelNotFound(f"model {name!r} has no version {version!r}; versions: [{VERSION!r}]")
-        return runtime
+        return served
+
+    def _model(self, name: str, version: str = "") -> ModelRuntime:
+        return self._served(name).get(version)
 
     def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -82,23 +99,31 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerMetadataResponse(name=self.server_name, version=self.server_version, extensions=EXTENSIONS)
 
     def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
-        return self._model(request.name, request.version).metadata()
+        served = self._served(request.name)
+        return served.get(request.version).metadata(served.versions)
 
     def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
         return pb.ModelConfigResponse(config=self._model(request.name, request.version).config())
 
     def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
-        runtimes = [self._model(request.name, request.version)] if request.name else list(self.models.values())
+        # The versions of a model share its figures: one entry per model.
+        if request.name:
+            runtimes = [self._model(request.name, request.version)]
+        else:
+            runtimes = [served.latest for served in self.models.values()]
         return pb.ModelStatisticsResponse(model_stats=[runtime.metrics.statistics() for runtime in runtimes])
 
     def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
-        runtime = self._model(request.model_name, request.model_version)
+        runtime = self._served(request.model_name).acquire(request.model_version)
 
         def on_queued(queued: Request) -> None:
             # Called on every termination of the RPC; only a client's cancel finds it still queued.
             context.add_callback(functools.partial(runtime.batcher.cancel, queued))
 
-        return runtime.infer(request, time_left(context), on_queued)
+        try:
+            return runtime.infer(request, time_left(context), on_queued)
+        finally:
+            runtime.release()
 
     def ModelStreamInfer(
         self, request_iterator: Iterator[pb.ModelInferRequest], context: grpc.ServicerContext
@@ -111,8 +136,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         pending: dict[Request, ModelRuntime] = {}  # queued, so to cancel if the stream ends
         lock = threading.Lock()
 
-        def reply_to(request: pb.ModelInferRequest, queued: list[Request] | None = None) -> Any:
+        def reply_to(
+            request: pb.ModelInferRequest, queued: list[Request] | None = None, held: ModelRuntime | None = None
+        ) -> Any:
             def reply(response: pb.ModelInferResponse | None, error: BaseException | None) -> None:
+                if held is not None:
+                    held.release()
                 if queued:
                     with lock:
                         pending.pop(queued[0], None)
@@ -129,12 +158,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 for request in request_iterator:
                     sent[0] += 1
                     try:
-                        runtime = self._model(request.model_name, request.model_version)
+                        runtime = self._served(request.model_name).acquire(request.model_version)
                     except ServingError as err:
                         reply_to(request)(None, err)
                         continue
                     holder: list[Request] = []
-                    queued = runtime.submit(request, time_left(context), reply_to(request, holder))
+                    queued = runtime.submit(request, time_left(context), reply_to(request, holder, runtime))
                     if queued is not None:
                         holder.append(queued)
                         with lock:  # a request already answered is never pending

@@ -24,8 +24,8 @@ PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 COMPILE_MODES = ("off", "on")
 
 
-def _doc(text: str, **kwargs: Any) -> Any:
-    return field(metadata={"help": text}, **kwargs)
+def _doc(text: str, aliases: tuple[str, ...] = (), **kwargs: Any) -> Any:
+    return field(metadata={"help": text, "aliases": aliases}, **kwargs)
 
 
 @dataclass
@@ -60,12 +60,26 @@ class BatchingSettings:
 class ServerSettings(BatchingSettings):
     """Everything a server needs to start, in one object."""
 
-    model: list[str] = _doc("Comma-separated zoo models to serve.", default_factory=lambda: ["mlp"])
+    model: list[str] = _doc(
+        "Comma-separated models to serve: folders of the model repository (the user's own artifacts, or zoo "
+        "exports) or zoo models (mlp, resnet, encoder: exported there on first use); empty: every model folder of "
+        "--model-repository, or with no repository given the zoo's mlp.",
+        default_factory=list,
+    )
     model_arg: str = _doc(
         "Zoo model parameters as KEY=VALUE, comma-separated (e.g. image_size=224 or hidden=[512,512]).", default=""
     )
     model_dir: Path | None = _doc(
-        "Model repository (<model>/<version>/); exported there on first use if missing.", default=None
+        "Model repository, <model>/<version>/ as TF Serving and Triton lay it out (also --model-repository): a "
+        "SavedModel (tf_server) or a model.pt2 of torch.export (torch_server) per version, an optional "
+        "<model>/config.json; zoo models are exported there on first use (default: a cache in ~/.cache).",
+        default=None,
+        aliases=("--model-repository",),
+    )
+    repository_poll_s: float = _doc(
+        "Look for new versions of the repository's models every this many seconds (load, warm up, then switch "
+        "to them); 0: never.",
+        default=2.0,
     )
     host: str = _doc("Address to bind.", default="0.0.0.0")
     workers: str = _doc(
@@ -147,6 +161,8 @@ class ServerSettings(BatchingSettings):
             raise ValueError(f"--metrics-port {self.metrics_port}: must be in 0..65535, or -1 to disable")
         if self.grace_period_s < 0:
             raise ValueError(f"--grace-period-s {self.grace_period_s}: must be >= 0")
+        if self.repository_poll_s < 0:
+            raise ValueError(f"--repository-poll-s {self.repository_poll_s}: must be >= 0 (0: never)")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -242,12 +258,16 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type = ServerSettings) -
     """Add one flag per settings field (defaults are resolved later, with env vars)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]
         base, _ = _base_type(hints[f.name])
         if base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
+            parser.add_argument(
+                *flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"]
+            )
         else:
-            parser.add_argument(flag, type=_converter(hints[f.name]), default=None, help=f.metadata["help"])
+            parser.add_argument(
+                *flags, dest=f.name, type=_converter(hints[f.name]), default=None, help=f.metadata["help"]
+            )
 
 
 def from_namespace(
@@ -265,8 +285,9 @@ def from_namespace(
         if given is not None:
             values[f.name] = given
             continue
-        env_name = env_prefix + f.name.upper()
-        if env_name in environ:
+        names = [f.name, *(alias.removeprefix("--").replace("-", "_") for alias in f.metadata.get("aliases", ()))]
+        env_name = next((env_prefix + name.upper() for name in names if env_prefix + name.upper() in environ), "")
+        if env_name:
             try:
                 values[f.name] = _converter(hints[f.name])(environ[env_name])
             except ValueError as err:

@@ -7,10 +7,10 @@ message, and nothing is allocated from a declared shape before its byte length (
 value count) matched it: unknown, duplicate and missing inputs, unknown datatypes and
 datatypes other than the spec's, ranks and fixed dimensions, negative dimensions, an
 empty or over-large batch, inputs that disagree on the batch size or on a shared
-variable dimension (the k-th -1 dimension of every input is one axis, e.g. the
-sequence of ids and of their mask), raw contents of the wrong length or beside typed
+variable dimension (the k-th -1 dimension of every ragged input, one with a pad value, is
+one axis, e.g. the sequence of ids and of their mask), raw contents of the wrong length or beside typed
 ones, integer values outside a spec's ``value_range``, the model's own limits
-(``ModelDefinition.check_inputs``), and unknown or repeated requested outputs.
+(``ModelSignature.check_inputs``), and unknown or repeated requested outputs.
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ from contract.codec import contents_to_array, raw_to_array
 from contract.datatypes import NUMPY_DTYPES, TensorSpec
 from contract.errors import InvalidInput
 from contract.protocol import inference_pb2 as pb
-from modelzoo.base import ModelDefinition
+from contract.signature import ModelSignature
 
 
 class _Input:
     """What one input must look like, precomputed from its TensorSpec."""
 
-    __slots__ = ("datatype", "dtype", "fixed", "itemsize", "name", "rank", "spec", "value_range", "variable")
+    __slots__ = ("datatype", "dtype", "fixed", "itemsize", "name", "rank", "shared", "spec", "value_range", "variable")
 
-    def __init__(self, spec: TensorSpec) -> None:
+    def __init__(self, spec: TensorSpec, ragged: bool) -> None:
         self.spec = spec
         self.name = spec.name
         self.datatype = spec.datatype
@@ -43,21 +43,24 @@ class _Input:
         self.fixed = tuple((axis, size) for axis, size in enumerate(spec.shape) if axis and size != -1)
         self.variable = tuple(axis for axis, size in enumerate(spec.shape) if axis and size == -1)
         self.value_range = spec.value_range
+        #: A ragged input (it has a pad value): its k-th variable dimension is every ragged input's k-th.
+        self.shared = ragged and bool(self.variable)
 
 
 class RequestDecoder:
     """Turns requests for one model into validated numpy inputs (see the module docstring)."""
 
-    def __init__(self, model: ModelDefinition, max_batch_size: int) -> None:
+    def __init__(self, model: ModelSignature, max_batch_size: int) -> None:
         self.model = model
         self.max_batch_size = max_batch_size
-        self._inputs = {spec.name: _Input(spec) for spec in model.inputs}
+        self._inputs = {spec.name: _Input(spec, spec.name in model.pad_values) for spec in model.inputs}
         self._required = tuple(spec.name for spec in model.inputs if not spec.optional)
         self._outputs = tuple(spec.name for spec in model.outputs)
+        self._dim_groups = model.dim_groups
         self._output_set = frozenset(self._outputs)
         # Only models that override them pay for the model's own checks and defaults.
-        self._checks = type(model).check_inputs is not ModelDefinition.check_inputs
-        self._completes = type(model).complete_inputs is not ModelDefinition.complete_inputs
+        self._checks = type(model).check_inputs is not ModelSignature.check_inputs
+        self._completes = type(model).complete_inputs is not ModelSignature.complete_inputs
 
     def inputs(self, request: pb.ModelInferRequest) -> tuple[dict[str, np.ndarray], int]:
         """The request's inputs, validated and completed (defaults of omitted optional
@@ -106,9 +109,9 @@ class RequestDecoder:
                     _check_negative(shape)
                     axis = spec.variable[sizes.index(0)]
                     raise InvalidInput(f"input {name!r}: dimension {axis} is empty")
-                if shared is None:
+                if spec.shared and shared is None:
                     shared, shared_by = sizes, name
-                else:
+                elif spec.shared and shared is not None:
                     common = min(len(sizes), len(shared))
                     if sizes[:common] != shared[:common]:
                         k = next(k for k in range(common) if sizes[k] != shared[k])
@@ -145,6 +148,8 @@ class RequestDecoder:
                 raise InvalidInput(f"missing required input(s) {missing}")
         if rows == -1:
             raise InvalidInput("request has no inputs")
+        for group in self._dim_groups:
+            _check_tied(arrays, group)
         if self._checks:
             try:
                 self.model.check_inputs(arrays)
@@ -171,3 +176,16 @@ class RequestDecoder:
 def _check_negative(shape: Sequence[int]) -> None:
     if shape and min(shape) < 0:
         raise InvalidInput(f"shape {list(shape)} has a negative dimension")
+
+
+def _check_tied(arrays: dict[str, np.ndarray], group: Sequence[tuple[str, int]]) -> None:
+    """Refuse inputs whose dimensions in ``group`` (the model ties them together) differ."""
+    present = [(name, axis, int(arrays[name].shape[axis])) for name, axis in group if name in arrays]
+    if len({size for _, _, size in present}) < 2:
+        return
+    first, first_axis, want = present[0]
+    name, axis, got = next(item for item in present if item[2] != want)
+    raise InvalidInput(
+        f"input {name!r}: dimension {axis} is {got} but {first!r} has {want} in dimension {first_axis}; the model "
+        "ties them, they must match"
+    )

@@ -203,6 +203,8 @@ class Supervisor:
         place = WorkerPlace(index, self.count, self.table_path, self.readiness_path)
         overrides = ["--workers", "1", "--port", str(self.port), "--metrics-port", "-1",
                      "--port-file", str(self._port_file(index))]  # fmt: skip
+        if self.settings.model:  # as resolved for the whole server: every worker serves the same models
+            overrides += ["--model", ",".join(self.settings.model)]
         self.processes[index] = subprocess.Popen(
             [*self.command, *overrides], env={**os.environ, WORKER_ENV: place.encode()}
         )

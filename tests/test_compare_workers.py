@@ -151,6 +151,7 @@ def test_comparison_records_the_pinning_and_its_warning(
 ) -> None:
     for name in ("prepare", "check_fairness", "phase"):
         monkeypatch.setattr(compare, name, lambda *args, **kwargs: None)
+    monkeypatch.setattr(compare, "check_parity", lambda *args, **kwargs: [])
     monkeypatch.setattr(compare, "_runner_pinned", lambda cpus: contextlib.nullcontext())
     monkeypatch.setattr(compare.os, "sched_getaffinity", lambda pid: {0, 1})
     opts = plan.Options(server_args=["--workers=2"], out=tmp_path)

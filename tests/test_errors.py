@@ -211,7 +211,7 @@ def test_request_without_deadline_waits_for_its_batch(fake_server: BackgroundSer
         assert controls.entered.wait(10)
         follower = stub.ModelInfer.future(codec.build_request("double", {"x": X}))  # no deadline
         deadline = time.monotonic() + 10
-        while fake_server.server.servicer.models["double"].batcher.queue_depth < 1:
+        while fake_server.server.servicer.models["double"].latest.batcher.queue_depth < 1:
             assert time.monotonic() < deadline
             time.sleep(0.01)
         controls.gate.set()

@@ -24,8 +24,10 @@ from tests.fakes import ZOO, FakeFramework
 
 
 def serve(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``torch_server serve`` (of the zoo's mlp unless ``args`` name models)."""
+    model = () if "--model" in args else ("--model", "mlp")
     return subprocess.run(
-        [sys.executable, "-m", "torch_server", "serve", "--host", "127.0.0.1", *args],
+        [sys.executable, "-m", "torch_server", "serve", "--host", "127.0.0.1", *model, *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -175,7 +175,7 @@ def test_served_compiled_model(tmp_path: Path, framework: Framework, model: str,
         compile="on",
     )
     try:
-        runtime = server.server.servicer.models[model]
+        runtime = server.server.servicer.models[model].latest
         with InferenceClient(server.target, timeout=60) as client:
             parameters = {key: value.string_value for key, value in client.model_config(model).parameters.items()}
             assert (parameters["device"], parameters["precision"], parameters["compile"]) == ("cpu", "fp32", "on")

@@ -198,7 +198,7 @@ def test_stream_errors_are_in_band_and_a_cancelled_stream_leaves_nothing_behind(
             stream = stub.ModelStreamInfer(
                 iter([codec.build_request("double", {"x": X}, request_id=str(i)) for i in range(3)]), timeout=20
             )
-            runtime = server.server.servicer.models["double"]
+            runtime = server.server.servicer.models["double"].latest
             deadline = time.monotonic() + 10
             while runtime.batcher.queue_depth < 3:
                 assert time.monotonic() < deadline

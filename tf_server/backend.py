@@ -40,8 +40,10 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from contract.datatypes import TensorSpec
+from contract.datatypes import DATATYPES, TensorSpec, bf16_to_float32
+from contract.signature import ModelSignature
 from modelzoo.base import ModelDefinition
+from serving.artifacts import ArtifactError, ArtifactSignature
 from serving.backend import TOLERANCES, Backend
 from tf_server.model import input_signature, save, sequence_limit
 
@@ -69,12 +71,22 @@ def structured_call(signature: Any) -> Call:
     return call
 
 
+def flat_input_names(signature: Any) -> list[str]:
+    """The names of a signature's inputs in the order its graph takes them: its keyword arguments,
+    flattened as TensorFlow flattens them (the graph's placeholder names where those are missing)."""
+    _, kwargs = signature.structured_input_signature
+    names = tf.nest.flatten({name: name for name in kwargs})
+    captured = len(signature.captured_inputs)
+    if len(names) == len(signature.inputs) - captured:
+        return list(names)
+    return [tensor.name.partition(":")[0] for tensor in signature.inputs[: len(signature.inputs) - captured]]
+
+
 def flat_call(signature: Any) -> Call:
     """The signature's graph called with flat tensors (see the module docstring)."""
     function = signature._inference_function
     captured = tuple(signature.captured_inputs)
-    count = len(signature.inputs) - len(captured)
-    input_names: Sequence[str] = [tensor.name.partition(":")[0] for tensor in signature.inputs[:count]]
+    input_names: Sequence[str] = flat_input_names(signature)
     output_names: Sequence[str] = tf.nest.flatten({name: name for name in signature.structured_outputs})
     constant = tf.constant
 
@@ -106,6 +118,58 @@ def _sequence_axes(specs: Sequence[TensorSpec]) -> list[tuple[str, list[int]]]:
     return [(name, axes) for name, axes in found if axes]
 
 
+#: File of a SavedModel's graph and signatures, inside its directory.
+SAVED_MODEL_FILE = "saved_model.pb"
+#: TensorFlow's bfloat16 as numpy (ml_dtypes): the dtype BF16 words are viewed as on the way in.
+BF16 = tf.bfloat16.as_numpy_dtype
+
+
+def tf_datatype(dtype: tf.DType) -> str | None:
+    """The protocol datatype of a TensorFlow dtype (None: none carries it)."""
+    if dtype == tf.bfloat16:
+        return "BF16"
+    if dtype == tf.string:
+        return "BYTES"
+    try:
+        return DATATYPES.get(np.dtype(dtype.as_numpy_dtype))
+    except TypeError:
+        return None
+
+
+def saved_model_signature(directory: Path) -> ArtifactSignature:
+    """The ``serving_default`` signature of a SavedModel, read from its ``saved_model.pb`` alone
+    (no variables restored): inputs and outputs by key, in key order (TensorFlow's own)."""
+    from google.protobuf.message import DecodeError
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    path = Path(directory) / SAVED_MODEL_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{directory}: no {SAVED_MODEL_FILE} (a SavedModel directory)")
+    saved = saved_model_pb2.SavedModel()
+    try:
+        saved.ParseFromString(path.read_bytes())
+    except (DecodeError, OSError) as err:
+        raise ArtifactError(f"{path}: not a readable SavedModel ({err})") from None
+    found = [meta.signature_def for meta in saved.meta_graphs]
+    signature = next((defs["serving_default"] for defs in found if "serving_default" in defs), None)
+    if signature is None:
+        names = sorted({name for defs in found for name in defs})
+        raise ArtifactError(f"{path}: no serving_default signature (it has {names})")
+
+    def spec(name: str, info: Any, role: str) -> TensorSpec:
+        dtype = tf.dtypes.as_dtype(info.dtype)
+        datatype = tf_datatype(dtype)
+        if datatype is None:
+            raise ArtifactError(f"{path}: {role} {name!r} has dtype {dtype.name}, which the protocol cannot carry")
+        if info.tensor_shape.unknown_rank:
+            raise ArtifactError(f"{path}: {role} {name!r} has no known rank; give its signature a shape")
+        return TensorSpec(name, datatype, tuple(int(dim.size) for dim in info.tensor_shape.dim))
+
+    inputs = tuple(spec(name, signature.inputs[name], "input") for name in sorted(signature.inputs))
+    outputs = tuple(spec(name, signature.outputs[name], "output") for name in sorted(signature.outputs))
+    return ArtifactSignature(inputs, outputs)
+
+
 #: Characters TensorFlow's checkpoint reader takes as a file pattern: it globs the variables' path.
 _GLOB_CHARACTERS = frozenset("*?[]\\")
 
@@ -130,7 +194,7 @@ class TFBackend(Backend):
 
     def __init__(
         self,
-        model: ModelDefinition,
+        model: ModelSignature,
         artifact_dir: Path,
         device: str = "cpu",
         precision: str = "fp32",
@@ -139,6 +203,9 @@ class TFBackend(Backend):
     ) -> None:
         super().__init__(model, artifact_dir, device, precision, compile, instances)
         self._tf_device = tf_device_name(device)
+        # BF16 travels as raw uint16 words: viewed as bfloat16 in, and back out.
+        self._bf16_inputs = {spec.name for spec in model.inputs if spec.datatype == "BF16"}
+        self._bf16_outputs = {spec.name for spec in model.outputs if spec.datatype == "BF16"}
         self._on_cpu = device == "cpu"
         self._saved_model: Any = None
         self._signature: Any = None
@@ -157,7 +224,9 @@ class TFBackend(Backend):
         if self.precision in ("fp32", "tf32"):
             return self.artifact_dir
         directory = self.artifact_dir / DERIVED / f"tensorflow-{tf.__version__}" / self.precision
-        if not (directory / "saved_model.pb").is_file():
+        if not (directory / SAVED_MODEL_FILE).is_file():
+            if not isinstance(self.model, ModelDefinition):
+                raise ValueError(f"--precision {self.precision}: {self.name} is served as exported (fp32 or tf32)")
             started = time.perf_counter()
             directory.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=f".{self.precision}-", dir=directory.parent))
@@ -212,10 +281,12 @@ class TFBackend(Backend):
         tolerance = TOLERANCES[self.precision]
         rng = np.random.default_rng(0)
         for rows in (1, 3):
-            inputs = self._feed(self.model.complete_inputs(self.model.example_inputs(rows, rng)))
-            expected, actual = self._run(structured, inputs), self.predict(inputs)
+            inputs = self.model.complete_inputs(self.model.example_inputs(rows, rng))
+            expected, actual = self._run(structured, self._feed(inputs)), self.predict(inputs)
             if expected.keys() != actual.keys():
                 raise ValueError(f"outputs {sorted(actual)} are not {sorted(expected)}")
+            for name in self._bf16_outputs:  # compared as values, not as raw words
+                expected[name], actual[name] = bf16_to_float32(expected[name]), bf16_to_float32(actual[name])
             for name, wanted in expected.items():
                 if strict and not np.allclose(actual[name], wanted, rtol=1e-5, atol=1e-6):
                     raise ValueError("outputs differ from the structured call")
@@ -242,13 +313,20 @@ class TFBackend(Backend):
             raise RuntimeError(f"{self.name}: placed outside {self._tf_device}: {sorted(variables | computed)}")
 
     def _feed(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {name: np.asarray(inputs[name], dtype=dtype) for name, dtype in self._input_dtypes.items()}
+        feed = {name: np.asarray(inputs[name], dtype=dtype) for name, dtype in self._input_dtypes.items()}
+        for name in self._bf16_inputs:
+            feed[name] = feed[name].view(BF16)
+        return feed
 
     def _run(self, call: Call, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._on_cpu:
-            return call(feed)
-        with tf.device(self._tf_device):
-            return call(feed)
+            outputs = call(feed)
+        else:
+            with tf.device(self._tf_device):
+                outputs = call(feed)
+        for name in self._bf16_outputs:
+            outputs[name] = outputs[name].view(np.uint16)
+        return outputs
 
     def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._call is None:

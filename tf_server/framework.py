@@ -17,7 +17,9 @@ from serving.devices import cpu_name, cuda_index
 if TYPE_CHECKING:
     import numpy as np
 
+    from contract.signature import ModelSignature
     from modelzoo.base import ModelDefinition
+    from serving.artifacts import ArtifactSignature
 
 
 class TensorFlowFramework:
@@ -101,9 +103,15 @@ class TensorFlowFramework:
 
         save(model, str(version_dir))
 
+    def signature(self, version_dir: Path) -> ArtifactSignature:
+        """What the SavedModel in ``version_dir`` takes and returns: its ``serving_default`` signature."""
+        from tf_server.backend import saved_model_signature
+
+        return saved_model_signature(Path(version_dir))
+
     def create_backend(
         self,
-        model: ModelDefinition,
+        model: ModelSignature,
         version_dir: Path,
         device: str,
         precision: str = "fp32",
@@ -114,26 +122,27 @@ class TensorFlowFramework:
 
         return TFBackend(model, Path(version_dir), self.resolve_device(device), precision, compile, instances)
 
-    def reference(self, model: ModelDefinition, version_dir: Path, device: str, precision: str = "fp32") -> Reference:
+    def reference(self, model: ModelSignature, version_dir: Path, device: str, precision: str = "fp32") -> Reference:
         """The same SavedModel (of the same precision) and its ``serving_default`` graph through
         its inference function's ``call_flat`` on TF tensors, outputs left as tensors: its
         fastest in-process call."""
         import tensorflow as tf
 
-        from tf_server.backend import TFBackend, load_saved_model, tf_device_name
+        from tf_server.backend import TFBackend, flat_input_names, load_saved_model, tf_device_name
 
         resolved = self.resolve_device(device)
         tf_device = tf_device_name(resolved)
-        saved_model_dir = TFBackend(model, Path(version_dir), resolved, precision).saved_model_dir()
+        backend = TFBackend(model, Path(version_dir), resolved, precision)
         with tf.device(tf_device):
-            signature = load_saved_model(saved_model_dir).signatures["serving_default"]
+            signature = load_saved_model(backend.saved_model_dir()).signatures["serving_default"]
         function = signature._inference_function
         captured = tuple(signature.captured_inputs)
-        names = [tensor.name.partition(":")[0] for tensor in signature.inputs[: len(signature.inputs) - len(captured)]]
+        names = flat_input_names(signature)
 
         def prepare(inputs: Mapping[str, np.ndarray]) -> Callable[[], object]:
+            feed = backend._feed(inputs)
             with tf.device(tf_device):
-                tensors = [tf.constant(inputs[name]) for name in names]
+                tensors = [tf.constant(feed[name]) for name in names]
 
             def run() -> object:
                 with tf.device(tf_device):

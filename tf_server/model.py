@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from contract.signature import ModelSignature
 from modelzoo.base import ModelDefinition
 from modelzoo.encoder import LAYER_NORM_EPS, MASK_VALUE, Encoder, fused_qkv
 from modelzoo.mlp import MLP
@@ -204,17 +205,17 @@ def save(model: ModelDefinition, directory: str, precision: str = "fp32") -> Non
     tf.saved_model.save(module, directory, signatures={"serving_default": module.serve.get_concrete_function()})
 
 
-def sequence_limit(model: ModelDefinition) -> int | None:
+def sequence_limit(model: ModelSignature) -> int | None:
     """The longest sequence the model accepts (None: it has no sequence dimension)."""
     return int(model.params["max_len"]) if isinstance(model, Encoder) else None
 
 
-def input_signature(model: ModelDefinition) -> list[tf.TensorSpec]:
+def input_signature(model: ModelSignature) -> list[tf.TensorSpec]:
     """The serving signature's inputs: contract names and dtypes, -1 dims as None."""
     return [
         tf.TensorSpec(
             shape=[None if size == -1 else size for size in spec.shape],
-            dtype=tf.as_dtype(spec.numpy_dtype),
+            dtype=tf.bfloat16 if spec.datatype == "BF16" else tf.as_dtype(spec.numpy_dtype),
             name=spec.name,
         )
         for spec in model.inputs

@@ -52,7 +52,10 @@ from torch._inductor.package import load_package
 from torch.export.passes import move_to_device_pass
 from torch.utils import _pytree as pytree
 
+from contract.datatypes import TensorSpec, bf16_to_float32
+from contract.signature import ModelSignature
 from modelzoo.base import ModelDefinition
+from serving.artifacts import ArtifactError, ArtifactSignature
 from serving.backend import TOLERANCES, Backend
 
 log = logging.getLogger(__name__)
@@ -77,9 +80,9 @@ def _consume_readonly_warning() -> None:
         torch.from_numpy(np.frombuffer(bytes(4), dtype=np.float32))
 
 
-def lean_module(program: torch.export.ExportedProgram, rebind: bool = True) -> tuple[torch.fx.GraphModule, list[str]]:
-    """The program's graph as a plain GraphModule (see the module docstring) and the names of
-    its outputs, in the order it returns them."""
+def lean_module(program: torch.export.ExportedProgram, rebind: bool = True) -> torch.fx.GraphModule:
+    """The program's graph as a plain GraphModule (see the module docstring): flat tensors in,
+    a flat tuple of its outputs out."""
     module = program.module(check_guards=False)
     module._forward_pre_hooks.clear()
     module._forward_hooks.clear()
@@ -98,16 +101,57 @@ def lean_module(program: torch.export.ExportedProgram, rebind: bool = True) -> t
                     node.target = binding
                     break
     module.recompile()
-    return module, output_names(program)
+    return module
 
 
-def output_names(program: torch.export.ExportedProgram) -> list[str]:
-    """The names of the program's outputs, in the order its flat outputs come."""
+def output_names(program: torch.export.ExportedProgram) -> list[str] | None:
+    """The names of the program's outputs, in the order its flat outputs come; None when it
+    returns no dict of named tensors (a tensor, a tuple)."""
     out_spec = program.call_spec.out_spec
     positions = pytree.tree_unflatten(list(range(out_spec.num_leaves)), out_spec)
-    if not isinstance(positions, dict):
-        raise TypeError(f"the exported program returns {type(positions).__name__}, not a dict of named outputs")
+    if not isinstance(positions, dict) or not all(isinstance(value, int) for value in positions.values()):
+        return None
     return sorted(positions, key=positions.__getitem__)
+
+
+#: Protocol datatype of each torch dtype a served tensor may have.
+DATATYPES: dict[torch.dtype, str] = {
+    torch.bool: "BOOL", torch.uint8: "UINT8", torch.uint16: "UINT16", torch.uint32: "UINT32",
+    torch.uint64: "UINT64", torch.int8: "INT8", torch.int16: "INT16", torch.int32: "INT32", torch.int64: "INT64",
+    torch.float16: "FP16", torch.float32: "FP32", torch.float64: "FP64", torch.bfloat16: "BF16",
+}  # fmt: skip
+
+
+def program_signature(program: torch.export.ExportedProgram, source: Path) -> ArtifactSignature:
+    """Inputs and outputs of an exported program: names (its forward's parameter names; its dict's
+    keys, else output_0 ...), datatypes, shapes (a symbolic dimension is -1)."""
+    nodes = {node.name: node for node in program.graph.nodes}
+
+    def spec(name: str, node_name: str, role: str) -> TensorSpec:
+        value = nodes[node_name].meta.get("val") if node_name in nodes else None
+        if not isinstance(value, torch.Tensor):
+            raise ArtifactError(f"{source}: {role} {name!r} is not a tensor ({type(value).__name__})")
+        datatype = DATATYPES.get(value.dtype)
+        if datatype is None:
+            raise ArtifactError(f"{source}: {role} {name!r} has dtype {value.dtype}, which the protocol cannot carry")
+        return TensorSpec(name, datatype, tuple(dim if isinstance(dim, int) else -1 for dim in value.shape))
+
+    user_inputs = program.graph_signature.user_inputs
+    user_outputs = [str(name) for name in program.graph_signature.user_outputs]
+    inputs = tuple(spec(str(name), str(name), "input") for name in user_inputs)
+    symbols: dict[str, list[tuple[str, int]]] = {}
+    for name in user_inputs:
+        for axis, dim in enumerate(nodes[str(name)].meta["val"].shape):
+            if axis and isinstance(dim, torch.SymInt):
+                symbols.setdefault(str(dim.node.expr), []).append((str(name), axis))
+    groups = tuple(tuple(group) for group in symbols.values() if len(group) > 1)
+    names = output_names(program)
+    named = names is not None and len(names) == len(user_outputs)
+    if not named:
+        names = [f"output_{index}" for index in range(len(user_outputs))]
+    assert names is not None
+    outputs = tuple(spec(name, node, "output") for name, node in zip(names, user_outputs, strict=True))
+    return ArtifactSignature(inputs, outputs, named_outputs=named, dim_groups=groups)
 
 
 #: Where derived artifacts live inside a version directory.
@@ -177,7 +221,7 @@ class TorchBackend(Backend):
 
     def __init__(
         self,
-        model: ModelDefinition,
+        model: ModelSignature,
         artifact_dir: Path,
         device: str = "cpu",
         precision: str = "fp32",
@@ -187,9 +231,15 @@ class TorchBackend(Backend):
         super().__init__(model, artifact_dir, device, precision, compile, instances)
         self._run: Run | None = None
         self._output_names: list[str] = []
+        self._output_datatypes = {spec.name: spec.datatype for spec in model.outputs}
         self._input_names = tuple(spec.name for spec in model.inputs)
         self._input_dtypes = tuple(spec.numpy_dtype for spec in model.inputs)
-        self._torch_input_dtypes = tuple(torch.from_numpy(np.empty(0, dtype)).dtype for dtype in self._input_dtypes)
+        # BF16 travels as raw uint16 words: viewed as bfloat16 in, and back out.
+        self._bf16_inputs = tuple(spec.datatype == "BF16" for spec in model.inputs)
+        self._torch_input_dtypes = tuple(
+            torch.bfloat16 if bf16 else torch.from_numpy(np.empty(0, dtype)).dtype
+            for dtype, bf16 in zip(self._input_dtypes, self._bf16_inputs, strict=True)
+        )
         self._torch_device = torch.device(device)
         self._on_cpu = self._torch_device.type == "cpu"
         self._lanes: queue.SimpleQueue[_Lane] = queue.SimpleQueue()
@@ -201,6 +251,9 @@ class TorchBackend(Backend):
         path = derived_dir(self.artifact_dir, self.precision) / ARTIFACT
         if not path.is_file():
             from torch_server.model import export_program
+
+            if not isinstance(self.model, ModelDefinition):
+                raise ValueError(f"--precision {self.precision}: {self.name} is served as exported (fp32 or tf32)")
 
             started = time.perf_counter()
             program = export_program(self.model, self.precision)
@@ -223,15 +276,16 @@ class TorchBackend(Backend):
             program = move_to_device_pass(program, self._torch_device)
         _consume_readonly_warning()
         reference = program.module()
+        # A program returning a dict names its outputs; else they come in the order the model's specs list them.
+        self._output_names = output_names(program) or [spec.name for spec in self.model.outputs]
         if self.compile == "on":
-            self._run, self._output_names = self._compiled(program), output_names(program)
+            self._run = self._compiled(program)
             self._check(reference, "the AOTInductor package", strict=False)
             return
-        module, self._output_names = lean_module(program)
-        self._run = module
+        self._run = lean_module(program)
         if not self._check(reference, "the rebound graph", strict=True):
             log.warning("%s: the rebound graph differs from the exported program; running it unbound", self.name)
-            self._run = lean_module(program, rebind=False)[0]
+            self._run = lean_module(program, rebind=False)
 
     def _compiled(self, program: torch.export.ExportedProgram) -> Run:
         """The AOTInductor package of ``program``: built and cached if missing, then loaded."""
@@ -269,10 +323,14 @@ class TorchBackend(Backend):
         for rows in (1, 3):
             inputs = self.model.complete_inputs(self.model.example_inputs(rows, rng))
             with torch.inference_mode():
-                expected = reference(*self._tensors(inputs))
+                leaves = pytree.tree_leaves(reference(*self._tensors(inputs)))
+            expected = dict(zip(self._output_names, (to_numpy(leaf.cpu()) for leaf in leaves), strict=True))
             actual = self.predict(inputs)
+            for name, datatype in self._output_datatypes.items():
+                if datatype == "BF16":  # compared as values, not as raw words
+                    actual[name], expected[name] = bf16_to_float32(actual[name]), bf16_to_float32(expected[name])
             for name in actual:
-                wanted = expected[name].cpu().numpy()
+                wanted = expected[name]
                 if strict and not np.allclose(actual[name], wanted, rtol=1e-5, atol=1e-6):
                     return False
                 if not strict and not tolerance.holds(actual[name], wanted):
@@ -288,6 +346,11 @@ class TorchBackend(Backend):
             torch.from_numpy(np.ascontiguousarray(inputs[name], dtype=dtype))
             for name, dtype in zip(self._input_names, self._input_dtypes, strict=True)
         ]
+        if any(self._bf16_inputs):
+            tensors = [
+                tensor.view(torch.int16).view(torch.bfloat16) if bf16 else tensor
+                for tensor, bf16 in zip(tensors, self._bf16_inputs, strict=True)
+            ]
         if self._on_cpu:
             return tensors
         return [tensor.to(self._torch_device) for tensor in tensors]
@@ -300,7 +363,7 @@ class TorchBackend(Backend):
             return self._predict_cuda(run, inputs)
         with torch.inference_mode():
             outputs = run(*self._tensors(inputs))
-            return {name: tensor.numpy() for name, tensor in zip(self._output_names, outputs, strict=True)}
+            return {name: to_numpy(tensor) for name, tensor in zip(self._output_names, outputs, strict=True)}
 
     def _predict_cuda(self, run: Run, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One forward pass on a lane: one copy in, one copy out (see the module docstring)."""
@@ -351,4 +414,14 @@ class TorchBackend(Backend):
 
 
 def _numpy_dtype(tensor: torch.Tensor) -> np.dtype:
+    """The numpy dtype of a tensor's elements as they travel (bfloat16 as raw uint16 words)."""
+    if tensor.dtype == torch.bfloat16:
+        return np.dtype("<u2")
     return torch.empty(0, dtype=tensor.dtype).numpy().dtype
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as numpy, sharing its memory; bfloat16 as its raw uint16 words."""
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(np.uint16)
+    return tensor.numpy()

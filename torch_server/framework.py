@@ -1,4 +1,5 @@
-"""The PyTorch Framework: thread/device settings, export to ``model.pt2``, TorchBackend factory.
+"""The PyTorch Framework: thread/device settings, export to ``model.pt2``, a program's signature,
+TorchBackend factory.
 
 ``FRAMEWORK`` is the instance the shared serving core uses. torch is imported lazily, so
 importing this module stays cheap (the CLI can parse flags and configure threads first).
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,7 +21,9 @@ from serving.devices import cpu_name, cuda_index
 if TYPE_CHECKING:
     import numpy as np
 
+    from contract.signature import ModelSignature
     from modelzoo.base import ModelDefinition
+    from serving.artifacts import ArtifactSignature
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +117,28 @@ class TorchFramework:
 
         torch.export.save(export_program(model), str(Path(version_dir) / ARTIFACT))
 
+    def signature(self, version_dir: Path) -> ArtifactSignature:
+        """What ``version_dir/model.pt2`` (``torch.export.save``) takes and returns."""
+        import torch
+
+        from serving.artifacts import ArtifactError
+        from torch_server.backend import ARTIFACT, program_signature
+
+        path = Path(version_dir) / ARTIFACT
+        if not path.is_file():
+            raise ArtifactError(f"{version_dir}: no {ARTIFACT} (a program saved with torch.export.save)")
+        # A .pt2 is a zip archive: a damaged one is told here in one line (torch would log a traceback first).
+        if not zipfile.is_zipfile(path):
+            raise ArtifactError(f"{path}: not a whole .pt2 archive (a zip; truncated or another kind of file)")
+        try:
+            program = torch.export.load(str(path))
+        except Exception as err:
+            raise ArtifactError(f"{path}: not a loadable exported program ({type(err).__name__}: {err})") from None
+        return program_signature(program, path)
+
     def create_backend(
         self,
-        model: ModelDefinition,
+        model: ModelSignature,
         version_dir: Path,
         device: str,
         precision: str = "fp32",
@@ -126,15 +149,22 @@ class TorchFramework:
 
         return TorchBackend(model, Path(version_dir), self.resolve_device(device), precision, compile, instances)
 
-    def reference(self, model: ModelDefinition, version_dir: Path, device: str, precision: str = "fp32") -> Reference:
+    def reference(self, model: ModelSignature, version_dir: Path, device: str, precision: str = "fp32") -> Reference:
         """The eager ``nn.Module`` of the same layers and weights (torch_server.model.build) in
-        the same precision, on torch tensors, under ``torch.inference_mode``."""
+        the same precision, on torch tensors, under ``torch.inference_mode``; for a model of the
+        user's own, the exported program's ``module()``."""
         import numpy as np
         import torch
 
+        from modelzoo.base import ModelDefinition
+        from torch_server.backend import ARTIFACT
         from torch_server.model import build
 
-        module = build(model, precision).to(self.resolve_device(device))
+        module: torch.nn.Module
+        if isinstance(model, ModelDefinition):
+            module = build(model, precision).to(self.resolve_device(device))
+        else:
+            module = torch.export.load(str(Path(version_dir) / ARTIFACT)).module().to(self.resolve_device(device))
         names = [spec.name for spec in model.inputs]
 
         def prepare(inputs: Mapping[str, np.ndarray]) -> Callable[[], object]:
