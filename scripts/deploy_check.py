@@ -19,6 +19,8 @@ exits 1; the stack is taken down whatever happens (``--keep`` leaves it up).
   locust      headless Locust master + N workers: the master sees N, every request succeeds
   compare     the comparison job refuses a report folder it cannot write, then reports with valid steps
   drain       ``docker compose stop`` under load: every call ends OK or UNAVAILABLE, each server exits 0
+  own         your own models from host repositories mounted read-only (docker-compose.repository.yml):
+              served alike by both, and a new version written there is switched to
   tls         the TLS + token override: healthy, token enforced, our client and Locust over TLS
   down        ``docker compose down -v``
 """
@@ -64,6 +66,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 BASE = ["docker-compose.yml", "docker-compose.cpu.yml"]
 TLS = [*BASE, "docker-compose.tls.yml"]
+OWN = [*BASE, "docker-compose.repository.yml"]
 SERVERS = ("torch_server", "tf_server")
 #: Image size budgets (bytes, as docker counts them) by compose service.
 BUDGETS = {"torch_server": 1.5e9, "tf_server": 1.8e9, "locust-master": 0.6e9}
@@ -205,13 +208,14 @@ class DeployCheck:
             raise CheckFailed(f"no Docker engine answers: {_tail(server.stderr, 3)}")
         compose = self.compose.run("version", "--short", timeout=30, files=[])
         # Every variant parses on this compose, the GPU one included (its images are not built here: CUDA).
-        for files in (["docker-compose.yml"], BASE, TLS, ["docker-compose.yml", "docker-compose.tls.yml"]):
-            self.compose.run("--profile", "compare", "config", "--quiet", timeout=60, files=files)
+        repositories = {"TORCH_REPOSITORY": str(self.scratch), "TF_REPOSITORY": str(self.scratch)}
+        for files in (["docker-compose.yml"], BASE, TLS, OWN, ["docker-compose.yml", "docker-compose.tls.yml"]):
+            self.compose.run("--profile", "compare", "config", "--quiet", timeout=60, files=files, env=repositories)
         wheel = subprocess.run([str(ROOT / "docker" / "wheelhouse.sh")], capture_output=True, text=True, timeout=900,
                                check=False)  # fmt: skip
         if wheel.returncode != 0:
             raise CheckFailed(f"docker/wheelhouse.sh failed:\n{_tail(wheel.stderr)}")
-        return (f"engine {server.stdout.strip()}, compose {compose.stdout.strip()}, GPU/CPU/TLS files parse; "
+        return (f"engine {server.stdout.strip()}, compose {compose.stdout.strip()}, every compose variant parses; "
                 f"{_tail(wheel.stderr, 1)}")  # fmt: skip
 
     def clean(self) -> str:
@@ -262,7 +266,7 @@ class DeployCheck:
         not_ours = self.scratch / "repo-not-ours"  # ours (root's, or the invoking user's): not uid 10001's
         not_ours.mkdir(mode=0o755)
         serve = ["docker", "run", "--rm", "-v", f"{not_ours}:/models", image, "python", "-m", "torch_server", "serve",
-                 "--model-dir", "/models/torch", "--device", "cpu"]  # fmt: skip
+                 "--model", "mlp", "--model-dir", "/models/torch", "--device", "cpu"]  # fmt: skip
         refused = subprocess.run(serve, capture_output=True, text=True, timeout=300, check=False)
         lines = refused.stderr.strip().splitlines()
         if refused.returncode != 2 or not lines or "Traceback" in refused.stderr or "model-dir" not in lines[-1]:
@@ -431,6 +435,45 @@ class DeployCheck:
                 raise CheckFailed(f"drain: {text}", [server])
         return f"stopped in {stop_s[0]:.1f} s; {text}"
 
+    def own(self) -> str:
+        own = self.scratch / "own"
+        example = [sys.executable, str(ROOT / "examples" / "own_model.py"), "--out", str(own)]
+        subprocess.run(example, cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
+        # MODEL empty: every model of the repositories (the rest of the check serves the zoo's mlp).
+        env = {"TORCH_REPOSITORY": str(own / "torch"), "TF_REPOSITORY": str(own / "tf"), "MODEL": ""}
+        self.compose.run("up", "-d", "--wait", "--wait-timeout", "300", *SERVERS, timeout=420, files=OWN, env=env,
+                         services=SERVERS)  # fmt: skip
+        rng = np.random.default_rng(3)
+        inputs: dict[str, np.ndarray] = {
+            "features": rng.standard_normal((4, 16)).astype(np.float32),
+            "item": rng.integers(0, 1000, 4),
+        }
+        answers = {}
+        for server in SERVERS:
+            with InferenceClient(self.target(server), timeout=10) as client:
+                ranges = client.model_config("ranker").parameters["range.item"].string_value
+                if ranges != "0,999":
+                    raise CheckFailed(f"{server}: ranker's config.json was not read (range.item {ranges!r})", [server])
+                answers[server] = client.infer("ranker", inputs)
+        diff = max(float(np.abs(answers["torch_server"][k] - answers["tf_server"][k]).max()) for k in ("score",
+                   "embedding"))  # fmt: skip
+        if diff > PARITY_ATOL:
+            raise CheckFailed(f"the servers disagree on ranker: max |diff| {diff:.2e}", SERVERS)
+        started = time.monotonic()
+        subprocess.run([*example, "--version", "2", "--seed", "1"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, check=True)  # fmt: skip
+
+        def switched() -> str | None:
+            seen = {}
+            for server in SERVERS:
+                with InferenceClient(self.target(server), timeout=10) as client:
+                    seen[server] = client.model_metadata("ranker").versions
+            return None if set(seen.values()) == {("2",)} else f"versions {seen}"
+
+        wait_for("version 2 of ranker served", switched, 90, interval=1, services=SERVERS)
+        return (f"ranker from read-only host repositories: both agree (max |diff| {diff:.1e}); version 2 written "
+                f"there served by both {time.monotonic() - started:.1f} s later")  # fmt: skip
+
     def tls(self) -> str:
         certs = self.scratch / "certs"
         make_pki(certs)
@@ -472,7 +515,7 @@ class DeployCheck:
         return [("engine", self.engine), ("clean", self.clean), ("build", self.build), ("images", self.images),
                 ("up", self.up), ("traffic", self.traffic_stage), ("prometheus", self.prometheus),
                 ("dashboard", self.dashboard), ("locust", self.locust), ("compare", self.compare),
-                ("drain", self.drain), ("tls", self.tls)]  # fmt: skip
+                ("drain", self.drain), ("own", self.own), ("tls", self.tls)]  # fmt: skip
 
 
 async def keep_calling(target: str, outcomes: collections.Counter[str]) -> None:

@@ -33,7 +33,11 @@ from tests.conftest import BackgroundServer, framework_for
 from tests.fakes import FakeFramework, FakeNvml
 
 ROOT = Path(__file__).resolve().parent.parent
-SETTINGS_FIELDS = {field.name.upper() for field in dataclasses.fields(ServerSettings)}
+SETTINGS_FIELDS = {
+    name.removeprefix("--").replace("-", "_").upper()
+    for field in dataclasses.fields(ServerSettings)
+    for name in (field.name, *field.metadata.get("aliases", ()))
+}
 SERVERS = [("torch_server", "torch"), ("tf_server", "tensorflow")]
 DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "serving.json"
 
@@ -132,9 +136,12 @@ def test_server_services_parse_and_match_settings(compose: dict[str, Any], servi
 
 def test_servers_get_identical_settings_and_one_gpu_each(compose: dict[str, Any]) -> None:
     torch_env, tf_env = (compose["services"][name]["environment"] for name in ("torch_server", "tf_server"))
-    assert {k.removeprefix("TORCH_SERVER_"): v for k, v in torch_env.items()} == {
-        k.removeprefix("TF_SERVER_"): v for k, v in tf_env.items()
-    }
+    torch_settings = {k.removeprefix("TORCH_SERVER_"): v for k, v in torch_env.items()}
+    tf_settings = {k.removeprefix("TF_SERVER_"): v for k, v in tf_env.items()}
+    # Each its own repository (one per framework), everything else the same.
+    repositories = (torch_settings.pop("MODEL_REPOSITORY"), tf_settings.pop("MODEL_REPOSITORY"))
+    assert repositories == ("/models/torch", "/models/tf")
+    assert torch_settings == tf_settings
     devices = {}
     for name, _ in SERVERS:
         (reservation,) = compose["services"][name]["deploy"]["resources"]["reservations"]["devices"]
@@ -169,6 +176,22 @@ def test_cpu_variant_runs_the_same_services_without_gpus(compose: dict[str, Any]
         assert spec["image"] != compose["services"][name]["image"]  # CPU and GPU images do not overwrite each other
         prefix = framework_for(framework).env_prefix
         assert spec["environment"] == {f"{prefix}DEVICE": "cpu"}
+
+
+def test_repository_variant_mounts_the_users_repositories_read_only(compose: dict[str, Any]) -> None:
+    own = load_compose("docker-compose.repository.yml")["services"]
+    assert set(own) == {name for name, _ in SERVERS}
+    for name, framework in SERVERS:
+        prefix = framework_for(framework).env_prefix
+        env = environment(own[name])
+        assert {key.removeprefix(prefix) for key in env} <= SETTINGS_FIELDS
+        assert env[f"{prefix}MODEL_REPOSITORY"] == "/repository"
+        assert _expand(str(env[f"{prefix}MODEL"])) == ""  # every model of the repository
+        (volume,) = own[name]["volumes"]
+        assert volume.endswith(":/repository:ro")
+        # The base file names the repository in the environment, not on the command line (a flag would win).
+        assert "--model-dir" not in compose["services"][name]["command"]
+        assert "--model-repository" not in compose["services"][name]["command"]
 
 
 def test_tls_variant_sets_real_settings() -> None:
