@@ -20,9 +20,9 @@ import modelzoo
 from contract.signature import ModelSignature
 from modelzoo.base import ModelDefinition
 from serving import repository
-from serving.artifacts import ArtifactModel, ModelConfigFile, versions
+from serving.artifacts import ModelConfigFile, versions
 from serving.backend import Framework
-from serving.loader import model_names, resolve
+from serving.loader import artifact_model, model_names, resolve
 from serving.settings import COMPILE_MODES, PRECISIONS, add_arguments, from_namespace, parse_model_args
 
 
@@ -90,9 +90,8 @@ def forward_benchmark(framework: Framework, args: argparse.Namespace) -> dict[st
         model = source.zoo
         version_dir = repository.ensure(framework, source.zoo, root)
     else:  # the user's own artifact: its highest version
-        version_dir = source.model_root / str(versions(source.model_root)[-1])
         config = ModelConfigFile.read(source.model_root)
-        model = ArtifactModel(source.name, framework.signature(version_dir), config, version_dir)
+        model, version_dir = artifact_model(framework, source, config, versions(source.model_root)[-1])
     backend = framework.create_backend(model, version_dir, device, args.precision, args.compile)
     started = time.perf_counter()
     backend.load()

@@ -100,6 +100,14 @@ def resolve(
     raise ValueError(f"unknown model {name!r}: {root / name} holds no version folder, and the zoo has {sorted(zoo)}")
 
 
+def artifact_model(
+    framework: Framework, source: Source, config: ModelConfigFile, version: int
+) -> tuple[ArtifactModel, Path]:
+    """One version of a user model as the core serves it (its signature and config.json), and its folder."""
+    version_dir = source.model_root / str(version)
+    return ArtifactModel(source.name, framework.signature(version_dir), config, version_dir), version_dir
+
+
 def one_line(error: BaseException) -> str:
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) <= REASON_CHARS else text[: REASON_CHARS - 3] + "..."
@@ -186,8 +194,7 @@ class ModelLoader:
 
     def load_artifact(self, source: Source, config: ModelConfigFile, version: int) -> ModelRuntime:
         """One version of a user model, described by its own signature and config.json."""
-        version_dir = source.model_root / str(version)
-        model = ArtifactModel(source.name, self.framework.signature(version_dir), config, version_dir)
+        model, version_dir = artifact_model(self.framework, source, config, version)
         batching = self.settings.batching()
         limit = batch_limit(batching.max_batch_size, config)
         batching = dataclasses.replace(
@@ -295,11 +302,9 @@ class ModelLoader:
                 log.info("model %s: version %d serves (requests without a version go to %s)", name, version,
                          self.servicer.models[name].versions[-1])  # fmt: skip
             served = self.servicer.models.get(name)
-            if served is None:
-                continue
-            for version in [int(v) for v in served.versions]:
-                keep = set(wanted) & {int(v) for v in served.versions}
-                if version not in wanted and keep:  # never the last one serving
+            serving = {int(version) for version in served.versions} if served else set()
+            if serving & set(wanted):  # never retire the last version serving
+                for version in sorted(serving - set(wanted)):
                     self.retire(name, str(version))
 
     def retire(self, name: str, version: str) -> None:

@@ -80,6 +80,11 @@ class ModelRuntime:
         self.batcher.start()
         self.unavailable = None
 
+    def hold(self) -> None:
+        """A caller is routed here (``ServedModel.acquire``); ``release`` when its answer is sent."""
+        with self._idle:
+            self.active += 1
+
     def release(self) -> None:
         """A caller routed here by ``ServedModel.acquire`` is done."""
         with self._idle:
@@ -268,8 +273,7 @@ class ServedModel:
         """``get``, held until ``release``: a version removed meanwhile waits for its callers."""
         with self._lock:
             runtime = self.get(version)
-            with runtime._idle:
-                runtime.active += 1
+            runtime.hold()
         return runtime
 
     def add(self, runtime: ModelRuntime) -> None:
