@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from contract.protocol import inference_pb2 as pb
 from contract.protocol import inference_pb2_grpc as pb_grpc
 from loadtest.stats import Tick
+from serving import nvml
 from serving.devices import cpu_model
 
 SAMPLE_INTERVAL_S = 0.5
@@ -176,19 +177,7 @@ class Sampler:
 
 
 def _nvml_gpus() -> list[str]:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:  # no NVML library or no driver: a CPU-only host
-        return []
-    try:
-        return [
-            str(pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i)))
-            for i in range(pynvml.nvmlDeviceGetCount())
-        ]
-    finally:
-        pynvml.nvmlShutdown()
+    return [gpu.device.name for gpu in nvml.all_gpus()]
 
 
 def environment() -> dict[str, Any]:

@@ -17,7 +17,10 @@ Families (same names on both servers): ``inference_requests_total{model,code}``,
 model), ``inference_executions_total``, ``inference_rows_total``,
 ``inference_queue_depth``, ``inference_inflight_requests``, and
 ``inference_worker_requests_total{model,worker}`` (with several workers: how the kernel
-spread the load).
+spread the load). On a GPU, once per server (a lone server, or the supervisor of several
+workers): ``gpu_utilization_ratio``, ``gpu_memory_used_bytes``, ``gpu_memory_total_bytes``,
+``gpu_info{device,uuid,name}`` and ``gpu_read_errors_total{device,field}`` (NVML, through
+``serving.nvml``; ``device`` is the CUDA index the server uses).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import bisect
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -37,6 +40,9 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from contract.protocol import inference_pb2 as pb
+from serving import nvml
+from serving.devices import cuda_index
+from serving.nvml import Gpu
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +324,8 @@ class _Families:
 
 class MetricsTable:
     """Every model's figures, one row per worker: private memory for a lone server process,
-    or a file in shared memory that the workers of one server map (``path``)."""
+    or a file in shared memory that the workers of one server map (``path``), beside it
+    (``<path>.gpu``) the GPU memory each worker's framework reports holding (NaN: none)."""
 
     def __init__(self, models: Sequence[str], max_batch_size: int, workers: int = 1, path: Path | None = None) -> None:
         self.layout = Layout(max_batch_size)
@@ -327,8 +334,14 @@ class MetricsTable:
         shape = (workers, len(self.models), self.layout.width)
         if path is None:
             self.array: np.ndarray = np.zeros(shape)
+            self.gpu_memory: np.ndarray = np.full(workers, np.nan)
         else:
+            side = path.with_name(path.name + ".gpu")
+            created = not side.exists()
             self.array = np.memmap(str(path), dtype=np.float64, mode="r+" if path.exists() else "w+", shape=shape)
+            self.gpu_memory = np.memmap(str(side), dtype=np.float64, mode="w+" if created else "r+", shape=(workers,))
+            if created:
+                self.gpu_memory[:] = np.nan
 
     def rows(self, model: str) -> np.ndarray:
         """A model's rows, one per worker (a view: writes land in the table)."""
@@ -348,8 +361,16 @@ class ServerMetrics(Collector):
         self.worker = worker
         self._models: dict[str, ModelMetrics] = {}
         self._publisher: threading.Thread | None = None
+        self._gpu_memory: Callable[[], int | None] | None = None
         registry.register(self)
         ProcessCollector(registry=registry)
+
+    def bind_gpu_memory(self, read: Callable[[], int | None]) -> None:
+        """Where this process's framework reports the GPU memory it holds (its allocator's own
+        figure, bytes; None: nothing to report). A worker of several publishes it for the
+        supervisor's ``worker_gpu_memory_framework_bytes``: the figure that holds in a
+        container, where NVML's per-process list does not (``serving.nvml``)."""
+        self._gpu_memory = read
 
     def for_model(self, name: str, version: str = "1", max_batch_size: int = STANDALONE_MAX_BATCH) -> ModelMetrics:
         table = self.table
@@ -371,6 +392,13 @@ class ServerMetrics(Collector):
     def publish(self) -> None:
         for metrics in list(self._models.values()):
             metrics.publish()
+        if self.table is not None and self._gpu_memory is not None:
+            try:
+                held = self._gpu_memory()
+            except Exception:  # the framework could not say: no figure, never a dead publisher
+                log.exception("the framework's GPU memory figure failed; left out")
+                self._gpu_memory, held = None, None
+            self.table.gpu_memory[self.worker] = np.nan if held is None else float(held)
 
     def collect(self) -> Iterator[Metric]:
         families = _Families()
@@ -378,6 +406,21 @@ class ServerMetrics(Collector):
             metrics.publish()
             families.add(metrics.name, metrics.layout, metrics.rows)
         yield from families
+        read = self._gpu_memory
+        if read is not None and self.table is None:  # one process (workers: the supervisor exports it)
+            try:
+                held = read()
+            except Exception:  # the framework could not say: no figure, the scrape goes on
+                log.exception("the framework's GPU memory figure failed; left out")
+                held = None
+            if held is not None:
+                gauge = GaugeMetricFamily(
+                    "process_gpu_memory_framework_bytes",
+                    "GPU memory this server's framework holds (its allocator's figure; holds in containers, where "
+                    "NVML's per-process list does not).",
+                )
+                gauge.add_metric([], held)
+                yield gauge
 
     def describe(self) -> Iterator[Metric]:
         return iter(())
@@ -401,36 +444,57 @@ class TableCollector(Collector):
 
 
 class GpuCollector(Collector):
-    """GPU utilisation and memory per device through NVML; absent without a GPU."""
+    """Utilisation and memory of GPUs through NVML (``serving.nvml``), each device and each
+    figure on its own: a figure NVML will not give a device (a MIG instance has no
+    utilisation) is left out for it, counted in ``gpu_read_errors_total`` and logged once."""
 
-    def __init__(self, device_indices: list[int]) -> None:
-        import pynvml  # nvidia-ml-py
+    def __init__(self, gpus: Sequence[Gpu]) -> None:
+        self.gpus = list(gpus)
 
-        pynvml.nvmlInit()
-        self._nvml = pynvml
-        self._handles = {index: pynvml.nvmlDeviceGetHandleByIndex(index) for index in device_indices}
+    def collect(self) -> Iterator[Metric]:
+        device = ["device"]
+        info = GaugeMetricFamily(
+            "gpu_info",
+            "The NVML device behind each device label (its UUID and model); always 1.",
+            labels=[*device, "uuid", "name"],
+        )
+        util = GaugeMetricFamily("gpu_utilization_ratio", "GPU busy fraction (NVML).", labels=device)
+        used = GaugeMetricFamily("gpu_memory_used_bytes", "GPU memory in use (NVML).", labels=device)
+        total = GaugeMetricFamily("gpu_memory_total_bytes", "GPU memory in all (NVML).", labels=device)
+        errors = CounterMetricFamily(
+            "gpu_read_errors", "NVML reads that failed, by figure (left out of that scrape).", labels=[*device, "field"]
+        )
+        for gpu in self.gpus:
+            label = [gpu.label]
+            info.add_metric([gpu.label, gpu.device.uuid, gpu.device.name], 1)
+            busy = gpu.utilization()
+            if busy is not None:
+                util.add_metric(label, busy)
+            memory = gpu.memory()
+            if memory is not None:
+                used.add_metric(label, float(memory[0]))
+                total.add_metric(label, float(memory[1]))
+            for field, count in gpu.errors().items():
+                errors.add_metric([gpu.label, field], count)
+        yield from (info, util, used, total, errors)
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        util = GaugeMetricFamily("gpu_utilization_ratio", "GPU busy fraction (NVML).", labels=["device"])
-        used = GaugeMetricFamily("gpu_memory_used_bytes", "GPU memory in use (NVML).", labels=["device"])
-        total = GaugeMetricFamily("gpu_memory_total_bytes", "GPU memory in all (NVML).", labels=["device"])
-        for index, handle in self._handles.items():
-            rates = self._nvml.nvmlDeviceGetUtilizationRates(handle)
-            memory = self._nvml.nvmlDeviceGetMemoryInfo(handle)
-            util.add_metric([str(index)], rates.gpu / 100.0)
-            used.add_metric([str(index)], float(memory.used))
-            total.add_metric([str(index)], float(memory.total))
-        yield from (util, used, total)
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
 
 
-def register_gpu_collector(registry: CollectorRegistry, device: str) -> bool:
-    """Add GPU metrics when ``device`` is a CUDA device and NVML answers."""
-    if not device.startswith("cuda"):
+def register_gpu_collector(
+    registry: CollectorRegistry, device: str, environ: Mapping[str, str] | None = None, quiet: bool = False
+) -> bool:
+    """Add GPU metrics when ``device`` is a CUDA device (``cuda:N`` as this process's CUDA numbers
+    it, under ``environ``: os.environ by default) and NVML finds it; else say why (``quiet``:
+    at info level, for a device that was only a guess)."""
+    index = cuda_index(device)
+    if index is None:
         return False
-    index = int(device.partition(":")[2] or 0)
     try:
-        registry.register(GpuCollector([index]))
-    except Exception as err:  # NVML missing or no driver: GPU metrics are optional
-        log.warning("GPU metrics unavailable: %s", err)
+        gpu = nvml.open_gpu(index, environ)
+    except nvml.NvmlUnavailable as err:  # GPU metrics are optional
+        (log.info if quiet else log.warning)("GPU metrics unavailable: %s", err)
         return False
+    registry.register(GpuCollector([gpu]))
     return True

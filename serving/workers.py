@@ -9,7 +9,8 @@ lands on one worker; open several to spread its load). The supervisor:
 - reserves the port (a bound, never listening SO_REUSEPORT socket: the workers share it,
   nobody else can take it), starts the workers with the same command line, and answers
   for the whole server: its port file, and the one metrics port, which totals every
-  worker's figures from a table they share in memory (serving.metrics.MetricsTable);
+  worker's figures from a table they share in memory (serving.metrics.MetricsTable) and
+  exports the GPU's figures once (workers have no metrics port of their own);
 - marks in a shared readiness table which workers serve: each worker's health says
   SERVING only while every worker serves (and ServerReady says the same);
 - restarts a worker that dies (logged; health NOT_SERVING until it is back; its figures
@@ -35,7 +36,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import psutil
@@ -43,7 +43,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from serving.metrics import MetricsTable, TableCollector
+from serving import nvml
+from serving.metrics import MetricsTable, TableCollector, register_gpu_collector
 from serving.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -120,38 +121,37 @@ def _reserve_port(host: str, port: int) -> socket.socket:
 
 class WorkerProcesses(Collector):
     """CPU and memory of a server's processes: totals (``process_*``, as one server), and per
-    worker: resident memory, and GPU memory where NVML answers (each worker holds its own
-    CUDA context and model copy)."""
+    worker (each holds its own CUDA context and model copy): resident memory, and GPU memory
+    from two sources, each under its own name:
 
-    def __init__(self, workers: Callable[[], list[tuple[int, int]]]) -> None:
+    - ``worker_gpu_memory_used_bytes``: NVML's figure for the worker's process (the whole
+      process: CUDA context, libraries and allocator), summed over the GPUs. Where NVML's
+      pids are not ours (a container with its own PID namespace) it has none to give
+      (``serving.nvml.process_memory``): the series is absent, never 0;
+    - ``worker_gpu_memory_framework_bytes``: what the worker's framework reports holding (its
+      allocator's figure, without the CUDA context), published by the worker itself into the
+      shared ``table`` (``ServerMetrics.bind_gpu_memory``): the figure that holds in containers.
+    """
+
+    def __init__(self, workers: Callable[[], list[tuple[int, int]]], table: MetricsTable | None = None) -> None:
         #: (worker index, pid) of the running workers.
         self.workers = workers
-        self._nvml: Any = None
-        try:
-            import pynvml  # nvidia-ml-py
-
-            pynvml.nvmlInit()
-            self._nvml = pynvml
-        except Exception:  # no NVML library or no driver: a CPU host
-            self._nvml = None
-
-    def _gpu_memory(self) -> dict[int, float]:
-        nvml, used = self._nvml, dict[int, float]()
-        if nvml is None:
-            return used
-        for device in range(nvml.nvmlDeviceGetCount()):
-            for process in nvml.nvmlDeviceGetComputeRunningProcesses(nvml.nvmlDeviceGetHandleByIndex(device)):
-                used[process.pid] = used.get(process.pid, 0.0) + float(process.usedGpuMemory or 0)
-        return used
+        self.table = table
+        self.gpus = nvml.all_gpus()
 
     def collect(self) -> Iterator[Metric]:
         cpu = CounterMetricFamily("process_cpu_seconds", "User and system CPU of the server's processes.")
         rss = GaugeMetricFamily("process_resident_memory_bytes", "Resident memory of the server's processes.")
         worker_rss = GaugeMetricFamily("worker_resident_memory_bytes", "Resident memory per worker.", labels=["worker"])
         worker_gpu = GaugeMetricFamily(
-            "worker_gpu_memory_used_bytes", "GPU memory per worker (NVML).", labels=["worker"]
+            "worker_gpu_memory_used_bytes", "GPU memory per worker process (NVML).", labels=["worker"]
         )
-        gpu = self._gpu_memory()
+        worker_framework = GaugeMetricFamily(
+            "worker_gpu_memory_framework_bytes",
+            "GPU memory per worker as its framework's allocator reports it (the CUDA context not included).",
+            labels=["worker"],
+        )
+        gpu = nvml.process_memory(self.gpus)
         total_cpu, total_rss = 0.0, 0.0
         for index, pid in [(-1, os.getpid()), *self.workers()]:
             try:
@@ -165,12 +165,23 @@ class WorkerProcesses(Collector):
                 worker_rss.add_metric([str(index)], memory)
                 if pid in gpu:
                     worker_gpu.add_metric([str(index)], gpu[pid])
+                held = float(self.table.gpu_memory[index]) if self.table is not None else np.nan
+                if not np.isnan(held):
+                    worker_framework.add_metric([str(index)], held)
         cpu.add_metric([], total_cpu)
         rss.add_metric([], total_rss)
-        yield from (cpu, rss, worker_rss, worker_gpu)
+        yield from (cpu, rss, worker_rss, worker_gpu, worker_framework)
 
     def describe(self) -> Iterator[Metric]:
         return iter(())
+
+
+def served_device(device: str) -> tuple[str, bool]:
+    """The device the workers serve on, as the supervisor can tell it without loading a
+    framework: ``--device`` itself, ``auto`` taken as ``cuda:0`` (the device both frameworks
+    choose where they see a GPU). Second: whether that is a guess."""
+    wanted = device.strip().lower()
+    return ("cuda:0", True) if wanted == "auto" else (wanted, False)
 
 
 class Supervisor:
@@ -194,6 +205,16 @@ class Supervisor:
     def running(self) -> list[tuple[int, int]]:
         """(index, pid) of the workers started."""
         return [(index, process.pid) for index, process in enumerate(self.processes) if process is not None]
+
+    def registry(self) -> CollectorRegistry:
+        """The server's one metrics registry: every worker's figures from the shared table,
+        their processes, and the GPU's figures, once (workers export none: no metrics port)."""
+        registry = CollectorRegistry()
+        registry.register(TableCollector(self.table))
+        registry.register(WorkerProcesses(self.running, self.table))
+        device, guessed = served_device(self.settings.device)
+        register_gpu_collector(registry, device, quiet=guessed)
+        return registry
 
     def _port_file(self, index: int) -> Path:
         return Path(self._dir.name) / f"worker-{index}.json"
@@ -219,6 +240,7 @@ class Supervisor:
             rows[-1] += gone
             rows[-1][layout.last_inference_ms] = max(rows[-1][layout.last_inference_ms], gone[layout.last_inference_ms])
             rows[index] = 0
+        self.table.gpu_memory[index] = np.nan
 
     def run(self) -> int:
         settings = self.settings
@@ -229,10 +251,7 @@ class Supervisor:
         metrics_http = None
         try:
             if settings.metrics_port >= 0:
-                registry = CollectorRegistry()
-                registry.register(TableCollector(self.table))
-                registry.register(WorkerProcesses(self.running))
-                metrics_http, _ = start_http_server(settings.metrics_port, settings.host, registry=registry)
+                metrics_http, _ = start_http_server(settings.metrics_port, settings.host, registry=self.registry())
             print(f"listening on port {self.port} with {self.count} workers", flush=True)
             # The first worker alone first: it exports and compiles what the repository lacks,
             # which the others then find ready (no two processes write one artifact).

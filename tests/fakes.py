@@ -2,7 +2,9 @@
 
 ``double``: y = 2x on FP32 [-1, 4]. Its backend can be gated (each forward pass
 waits for an event), made slow, or made to fail, so queueing, deadlines, drain and
-error paths are deterministic. ``FakeNvml`` stands in for pynvml, with fixed readings.
+error paths are deterministic. ``FakeNvml`` stands in for pynvml: several GPUs (``FakeGpu``)
+with UUIDs, MIG instances whose utilisation is NotSupported, failing reads, and process lists
+as a container sees them (host pids, or pids without figures).
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 import threading
 import time
 import types
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -132,25 +135,105 @@ class FakeFramework:
     def info(self, device: str) -> FrameworkInfo:
         return FrameworkInfo(name="fake", version="0", device="cpu")
 
+    def gpu_memory(self, device: str) -> int | None:
+        return None
+
+
+class NVMLError(Exception):
+    """pynvml's base error."""
+
+
+class NVMLError_NotSupported(NVMLError):
+    """What NVML answers for a figure a device does not have (a MIG instance's utilisation)."""
+
+
+class NVMLError_NotFound(NVMLError):
+    """An empty MIG slot, an unknown device."""
+
+
+@dataclass
+class FakeGpu:
+    """One device of a FakeNvml: its identity, readings, processes and failing reads."""
+
+    uuid: str = "GPU-5f0c2e53-0000-4000-8000-000000000000"
+    name: str = "NVIDIA H100 80GB HBM3"
+    utilization: int = 37  # percent
+    used: int = 3 << 30
+    total: int = 80 << 30
+    #: (pid as NVML gives it, bytes or None where NVML has no figure): in a container of its
+    #: own, an older driver gives host pids, a newer one the container's pids without bytes.
+    processes: list[tuple[int, int | None]] = field(default_factory=list)
+    #: MIG instances of this GPU (MIG mode is on when there are any).
+    mig: list[FakeGpu] = field(default_factory=list)
+    #: Figure ("utilization", "memory", "processes") -> the error its read raises.
+    errors: dict[str, Exception] = field(default_factory=dict)
+
+    def read(self, figure: str) -> None:
+        if figure in self.errors:
+            raise self.errors[figure]
+
+
+def mig_instance(uuid: str, used: int = 1 << 30, total: int = 10 << 30) -> FakeGpu:
+    """A MIG instance: memory and processes, but no utilisation (NVML: NotSupported)."""
+    return FakeGpu(uuid=uuid, used=used, total=total, errors={"utilization": NVMLError_NotSupported("Not Supported")})
+
 
 class FakeNvml(types.ModuleType):
-    """The part of pynvml that GpuCollector uses, with fixed readings."""
+    """The part of pynvml that serving.nvml uses, over ``gpus`` (in NVML's order: PCI bus
+    order); one H100 by default. Counts ``nvmlInit`` calls in ``inits``."""
 
-    def __init__(self, fail: bool = False) -> None:
+    NVMLError = NVMLError
+    NVMLError_NotSupported = NVMLError_NotSupported
+    NVMLError_NotFound = NVMLError_NotFound
+
+    def __init__(self, gpus: Sequence[FakeGpu] | None = None, fail: bool = False) -> None:
         super().__init__("pynvml")
+        self.gpus = list(gpus) if gpus is not None else [FakeGpu()]
         self.fail = fail
-        self.handles: list[int] = []
+        self.inits = 0
 
     def nvmlInit(self) -> None:
+        self.inits += 1
         if self.fail:
-            raise RuntimeError("NVML Shared Library Not Found")
+            raise NVMLError("NVML Shared Library Not Found")
 
-    def nvmlDeviceGetHandleByIndex(self, index: int) -> str:
-        self.handles.append(index)
-        return f"gpu{index}"
+    def nvmlShutdown(self) -> None:
+        pass
 
-    def nvmlDeviceGetUtilizationRates(self, handle: str) -> Any:
-        return types.SimpleNamespace(gpu=37, memory=12)
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.gpus)
 
-    def nvmlDeviceGetMemoryInfo(self, handle: str) -> Any:
-        return types.SimpleNamespace(used=3 << 30, total=80 << 30, free=77 << 30)
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> FakeGpu:
+        if not 0 <= index < len(self.gpus):
+            raise NVMLError_NotFound("Not Found")
+        return self.gpus[index]
+
+    def nvmlDeviceGetUUID(self, handle: FakeGpu) -> str:
+        return handle.uuid
+
+    def nvmlDeviceGetName(self, handle: FakeGpu) -> str:
+        return handle.name
+
+    def nvmlDeviceGetMigMode(self, handle: FakeGpu) -> list[int]:
+        mode = 1 if handle.mig else 0
+        return [mode, mode]
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, handle: FakeGpu) -> int:
+        return 7
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, handle: FakeGpu, index: int) -> FakeGpu:
+        if index >= len(handle.mig):
+            raise NVMLError_NotFound("Not Found")
+        return handle.mig[index]
+
+    def nvmlDeviceGetUtilizationRates(self, handle: FakeGpu) -> Any:
+        handle.read("utilization")
+        return types.SimpleNamespace(gpu=handle.utilization, memory=12)
+
+    def nvmlDeviceGetMemoryInfo(self, handle: FakeGpu) -> Any:
+        handle.read("memory")
+        return types.SimpleNamespace(used=handle.used, total=handle.total, free=handle.total - handle.used)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: FakeGpu) -> list[Any]:
+        handle.read("processes")
+        return [types.SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in handle.processes]

@@ -30,7 +30,7 @@ from serving.cli import main
 from serving.metrics import register_gpu_collector
 from serving.settings import add_arguments, from_namespace
 from tests.conftest import BackgroundServer
-from tests.fakes import FakeNvml
+from tests.fakes import FakeGpu, FakeNvml
 from tf_server.framework import FRAMEWORK as TF
 from torch_server.framework import FRAMEWORK as TORCH
 from torch_server.model import build
@@ -237,13 +237,14 @@ def test_serve_refuses_what_it_cannot_run(framework: Framework, capsys: pytest.C
 
 
 def test_gpu_metrics_from_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
-    nvml = FakeNvml()
-    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    second = FakeGpu(uuid="GPU-22222222-0000-4000-8000-000000000000")
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml([FakeGpu(used=1 << 30), second]))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     registry = CollectorRegistry()
     assert not register_gpu_collector(registry, "cpu")
     assert register_gpu_collector(registry, "cuda:1")
-    assert nvml.handles == [1]
     labels = {"device": "1"}
+    assert registry.get_sample_value("gpu_info", {**labels, "uuid": second.uuid, "name": second.name}) == 1
     assert registry.get_sample_value("gpu_utilization_ratio", labels) == pytest.approx(0.37)
     assert registry.get_sample_value("gpu_memory_used_bytes", labels) == 3 << 30
     assert registry.get_sample_value("gpu_memory_total_bytes", labels) == 80 << 30

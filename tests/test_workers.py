@@ -10,13 +10,14 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from client import InferenceClient
@@ -24,6 +25,10 @@ from contract import codec
 from contract.protocol import inference_pb2 as pb
 from contract.protocol import inference_pb2_grpc as pb_grpc
 from loadtest.servers import ROOT, ServerProcess
+from serving import nvml
+from serving.metrics import MetricsTable, ServerMetrics
+from serving.workers import WorkerProcesses
+from tests.fakes import FakeGpu, FakeNvml
 
 CHANNELS = 16  # the kernel spreads connections: 16 of them land on both workers but for 2 x 2^-16
 X = np.ones((1, 64), np.float32)
@@ -149,44 +154,109 @@ def test_a_worker_that_cannot_load_fails_the_whole_start(tmp_path: Path) -> None
     assert "Traceback" not in result.stderr
 
 
-def test_worker_memory_per_process_with_gpu_memory_from_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each worker holds its own CUDA context and model copy: its GPU memory is reported
-    apart (NVML faked: no GPU here), beside its resident memory and the server's totals."""
-    me = os.getpid()
-
-    class FakeNvml:
-        @staticmethod
-        def nvmlInit() -> None:
-            pass
-
-        @staticmethod
-        def nvmlDeviceGetCount() -> int:
-            return 1
-
-        @staticmethod
-        def nvmlDeviceGetHandleByIndex(index: int) -> str:
-            return f"gpu{index}"
-
-        @staticmethod
-        def nvmlDeviceGetComputeRunningProcesses(handle: str) -> list[object]:
-            process = type("Process", (), {"pid": me, "usedGpuMemory": 3 << 30})
-            other = type("Process", (), {"pid": 1, "usedGpuMemory": 1 << 30})  # not a worker
-            return [process, other]
-
-    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml)
-    from prometheus_client import CollectorRegistry, generate_latest
-
-    from serving.workers import WorkerProcesses
-
-    registry = CollectorRegistry()
-    registry.register(WorkerProcesses(lambda: [(0, me)]))
-    samples = {
+def metric_samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in text_string_to_metric_families(generate_latest(registry).decode())
         for sample in family.samples
     }
-    assert samples[("worker_gpu_memory_used_bytes", (("worker", "0"),))] == 3 << 30
-    assert samples[("worker_resident_memory_bytes", (("worker", "0"),))] > 0
-    assert (
-        samples[("process_resident_memory_bytes", ())] >= samples[("worker_resident_memory_bytes", (("worker", "0"),))]
+
+
+WORKER_0 = (("worker", "0"),)
+
+
+def test_worker_memory_per_process_with_gpu_memory_from_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each worker holds its own CUDA context and model copy: its GPU memory is reported
+    apart (NVML faked: no GPU here), beside its resident memory and the server's totals."""
+    me = os.getpid()
+    gpu = FakeGpu(processes=[(me, 3 << 30), (1, 1 << 30)])  # pid 1: not a worker
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml([gpu]))
+    monkeypatch.setattr(nvml, "in_host_pid_namespace", lambda: True)
+    registry = CollectorRegistry()
+    registry.register(WorkerProcesses(lambda: [(0, me)]))
+    samples = metric_samples(registry)
+    assert samples[("worker_gpu_memory_used_bytes", WORKER_0)] == 3 << 30
+    assert samples[("worker_resident_memory_bytes", WORKER_0)] > 0
+    assert samples[("process_resident_memory_bytes", ())] >= samples[("worker_resident_memory_bytes", WORKER_0)]
+
+
+@pytest.mark.parametrize(
+    "listed",
+    [
+        [(os.getpid(), 1 << 30), (4_194_305, 3 << 30)],  # an older driver: host pids, one equal to ours by chance
+        [(os.getpid(), None)],  # a driver that translates pids: ours, without a figure
+    ],
+    ids=["host-pids", "no-figure"],
+)
+def test_in_a_container_worker_gpu_memory_is_never_a_wrong_figure(
+    monkeypatch: pytest.MonkeyPatch, listed: list[tuple[int, int | None]]
+) -> None:
+    """In a PID namespace of its own NVML gives no figure for a worker: the series is absent
+    (it read another process's memory, or 0)."""
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml([FakeGpu(processes=listed)]))
+    monkeypatch.setattr(nvml, "in_host_pid_namespace", lambda: False)
+    registry = CollectorRegistry()
+    registry.register(WorkerProcesses(lambda: [(0, os.getpid())]))
+    samples = metric_samples(registry)
+    assert ("worker_gpu_memory_used_bytes", WORKER_0) not in samples
+    assert samples[("worker_resident_memory_bytes", WORKER_0)] > 0
+
+
+def test_a_worker_reports_its_framework_gpu_memory_through_the_shared_table(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """What holds in a container: each worker publishes what its framework holds, and the
+    supervisor exports it per worker."""
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml([FakeGpu(processes=[(4_194_305, 3 << 30)])]))
+    monkeypatch.setattr(nvml, "in_host_pid_namespace", lambda: False)
+    path = tmp_path / "metrics.table"
+    supervisor_table = MetricsTable(["double"], 8, workers=3, path=path)
+    readers: list[Callable[[], int | None]] = [lambda: 5 << 30, lambda: None]  # worker 1: nothing to report
+    for index, read in enumerate(readers):
+        worker = ServerMetrics(CollectorRegistry(), MetricsTable(["double"], 8, workers=3, path=path), worker=index)
+        worker.for_model("double", max_batch_size=8)
+        worker.bind_gpu_memory(read)
+        worker.publish()
+    registry = CollectorRegistry()
+    registry.register(WorkerProcesses(lambda: [(0, os.getpid()), (1, os.getpid())], supervisor_table))
+    samples = metric_samples(registry)
+    assert samples[("worker_gpu_memory_framework_bytes", WORKER_0)] == 5 << 30
+    assert ("worker_gpu_memory_framework_bytes", (("worker", "1"),)) not in samples
+    assert ("worker_gpu_memory_used_bytes", WORKER_0) not in samples
+
+
+def test_gpu_metrics_are_exported_once_by_a_server_of_several_workers(tmp_path: Path) -> None:
+    """--workers 2 on a GPU: the supervisor's metrics port exports the device's figures once
+    (workers have no metrics port). NVML is faked in the server's processes."""
+    fakes = tmp_path / "fake_nvml"
+    fakes.mkdir()
+    (fakes / "pynvml.py").write_text(
+        "import sys\n"
+        "from tests.fakes import FakeGpu, FakeNvml\n"
+        "sys.modules[__name__] = FakeNvml([FakeGpu(uuid='GPU-0', used=1 << 30), FakeGpu(uuid='GPU-1', used=2 << 30)])\n"
     )
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CUDA_")}
+    env.update(PYTHONPATH=os.pathsep.join([str(fakes), str(ROOT)]), CUDA_VISIBLE_DEVICES="1,0")
+    port_file = tmp_path / "ports.json"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tests.fake_server", "serve", "--model", "double", "--workers", "2", "--device",
+         "cuda:0", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--port-file", str(port_file),
+         "--model-dir", str(tmp_path / "models"), "--no-warmup"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not port_file.exists() and server.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert port_file.exists(), "the server did not start"
+        metrics_port = json.loads(port_file.read_text())["metrics_port"]
+        samples = counters(f"http://127.0.0.1:{metrics_port}/metrics")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, stderr = server.communicate(timeout=60)
+    gpu = [(name, labels) for name, labels in samples if name.startswith("gpu_")]
+    assert sorted(name for name, _ in gpu) == [
+        "gpu_info", "gpu_memory_total_bytes", "gpu_memory_used_bytes", "gpu_utilization_ratio",
+    ], stderr.decode()  # fmt: skip
+    assert samples[("gpu_memory_used_bytes", (("device", "0"),))] == 2 << 30  # cuda:0 is NVML's GPU 1
+    assert server.returncode == 0, stderr.decode()
