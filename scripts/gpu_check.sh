@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# The GPU check, one command: scripts/gpu_check.sh [--cpu] OUTDIR [more loadtest.gpucheck options]
+# The GPU check in two steps (README, "The GPU check"; the code is gpucheck/):
 #
-# On a host with one CUDA GPU, PyTorch and no network it serves resnet and encoder with
-# torch_server on cuda for fp32/bf16/fp16 x compile off/on (and tf_server where TensorFlow
-# with GPU support imports; otherwise it says it skipped it), checks parity against the
-# CPU fp32 reference, and measures served vs in-process throughput at 64 callers, p50/p99
-# and GPU memory, into OUTDIR/gpu_check.json and OUTDIR/gpu_check.md (about 7 minutes).
-# --cpu runs the same path on the CPU with small models (CI runs it: tests/test_gpu_check.py).
+#   scripts/gpu_check.sh --prepare        # once, where pip has network: the wheels the check carries
+#                                         # (gpucheck/wheels.py, about 7 MiB) into .whl/ (git-ignored)
+#   scripts/gpu_check.sh [--cpu] OUTDIR [python -m gpucheck run options]
+#                                         # on the GPU host (one CUDA GPU, torch, Python 3.12, no network)
 #
-# Python: $PYTHON, else .venv/bin/python when it exists, else python3. The check needs
-# numpy, torch, grpcio, protobuf, prometheus-client, psutil, grpcio-health-checking and
-# grpcio-reflection (nvidia-ml-py for GPU memory); no Locust, no TensorFlow. Missing
-# wheels can be carried in .whl/ at the repository root (see README, "Precision and
-# compilation"): they are installed into a temporary folder for this run, nothing else.
+# The run installs the wheels in .whl/ offline into a temporary folder put first on PYTHONPATH (for
+# this run only), checks that the check imports, and runs it: torch_server (tf_server too where
+# TensorFlow imports and sees a GPU) on cuda:0, resnet and encoder x fp32/bf16/fp16 x compile off/on:
+# parity with the CPU fp32 reference, served vs in-process throughput at 64 callers, p50/p99, GPU
+# memory, then the worker sweep. Results: OUTDIR/gpu_check.json and OUTDIR/gpu_check.md (printed too).
+# Its time budget (--budget-s, 420 s) bounds the whole check: under 8 minutes in all; what does not
+# fit is reported as skipped. --cpu runs the same path on the CPU with small models
+# (tests/test_gpu_check.py). Python: $PYTHON, else .venv/bin/python when it exists, else python3.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,26 +25,41 @@ elif [[ -x .venv/bin/python ]]; then
 else
     python=python3
 fi
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 
-imports="import numpy, torch, grpc, google.protobuf, prometheus_client, psutil, grpc_health.v1.health, \
-grpc_reflection.v1alpha.reflection; import contract.protocol.inference_pb2_grpc"
-if ! PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "$python" -c "$imports" 2>/dev/null; then
-    if compgen -G ".whl/*.whl" >/dev/null; then
-        site="$(mktemp -d)/site"
-        echo "gpu_check: installing the carried wheels in .whl/ into $site" >&2
-        "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl
-        export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+if [[ "${1:-}" == "--prepare" ]]; then
+    exec "$python" -m gpucheck prepare
+fi
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    scratch="$(mktemp -d)"
+    trap 'rm -rf "$scratch"' EXIT
+    if "$python" -m pip --version >/dev/null 2>&1; then
+        installed() {
+            "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
+                --target "$scratch/site" .whl/*.whl
+        }
+    else  # no pip on the host: a wheel is a zip archive of what it installs
+        installed() {
+            local wheel
+            for wheel in .whl/*.whl; do "$python" -m zipfile -e "$wheel" "$scratch/site" || return 1; done
+        }
     fi
-    if ! PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "$python" -c "$imports"; then
-        cat >&2 <<'EOF'
-gpu_check: a package the servers need does not import (above). On a machine with pip access, fetch
-the wheels into .whl/ at the repository root and run again, e.g. for Python 3.12 on x86-64:
-  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d .whl grpcio==1.81.1 grpcio-health-checking==1.81.1 grpcio-reflection==1.81.1 protobuf==6.33.6
-EOF
-        exit 2
+    if installed; then
+        export PYTHONPATH="$scratch/site:$PYTHONPATH"
+        echo "gpu_check: using the wheels in .whl/ for this run" >&2
+    else
+        echo "gpu_check: the wheels in .whl/ do not install for $("$python" -V 2>&1) (above); using its own packages" >&2
     fi
 fi
-export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-exec "$python" -m loadtest.gpucheck "$@"
+
+if ! "$python" -c "import gpucheck.check, serving.server, torch_server.framework"; then
+    cat >&2 <<'EOF'
+gpu_check: the check does not import here (above). On a machine where pip has network, in this
+repository, run   scripts/gpu_check.sh --prepare   and bring the .whl/ folder it fills to this one.
+EOF
+    exit 2
+fi
+status=0
+"$python" -m gpucheck run "$@" || status=$?
+exit "$status"

@@ -2,6 +2,7 @@
 
     scripts/gpu_check.sh OUTDIR            # a host with one CUDA GPU and PyTorch, no network
     scripts/gpu_check.sh --cpu OUTDIR      # the same path on the CPU, small models (CI runs it)
+    python -m gpucheck run [--cpu] OUTDIR  # the same without the script's wheel install
 
 For each framework that can run here (torch always; TensorFlow only where it imports and,
 on a GPU run, sees a GPU: otherwise the report says it was skipped and why), each model
@@ -19,15 +20,22 @@ on a GPU run, sees a GPU: otherwise the report says it was skipped and why), eac
    serving efficiency = served rows/s / in-process rows/s.
 
 Artifacts (each precision's export, the AOTInductor packages) are built first, one process
-per (model, precision) in parallel, so the measured starts load them from the model
-repository. A time budget (``--budget-s``) skips what would not fit, and says so.
+per (model, precision) in parallel, within half of what is left of the time budget, so the
+measured starts load them from the model repository. Last, a worker sweep: torch_server's
+mlp (fp32) behind ``--workers`` 1, 2, 4, 8 server processes (1, 2 on the CPU; ``--workers
+none`` skips it), 64 callers over 64 connections (the kernel spreads connections, not
+requests, over workers), one worker per core. ``--server-arg`` passes a flag to every server.
+
+Time: ``--budget-s`` (GPU 420 s, CPU 900 s) is the whole check's, from its start to its
+report (gpucheck.budget). Every child process, server start, RPC, load run and sweep step
+waits at most what is left of it; a run or sweep step starts only when what is left covers
+the longest one so far; what does not fit is reported as skipped for the time budget. Past
+the budget only stopping a server (at most 5 s) and writing the report remain, so with the
+defaults scripts/gpu_check.sh, its wheel install included, ends within 8 minutes.
 
 Results go to ``OUTDIR/gpu_check.json`` and ``OUTDIR/gpu_check.md`` (also printed). The
 exit status is 1 when a run failed (a server did not start, parity or a reported option
-was wrong), else 0. ``--server-arg`` passes a flag to every server. Last, a worker sweep:
-torch_server's mlp (fp32) behind ``--workers`` 1, 2, 4, 8 server processes (1, 2 on the
-CPU; ``--workers none`` skips it), 64 callers over 64 connections (the kernel spreads
-connections, not requests, over workers), one worker per core.
+was wrong) or no run finished within the budget, else 0.
 
 This module imports neither TensorFlow nor Locust: the TensorFlow server runs in its own
 process, and only when the probe finds it.
@@ -57,10 +65,16 @@ from typing import Any
 import numpy as np
 
 import modelzoo
+from client import InferenceClient, InferenceServerError
+from gpucheck import budget as timing
+from gpucheck.budget import Budget, OutOfTime
 from loadtest.driver import drive
-from loadtest.servers import MODULES, ROOT, ServerProcess, ServerStartError
+from loadtest.sampling import scrape as scrape_metrics
+from loadtest.servers import MODULES, ROOT, ServerProcess
+from loadtest.stats import requests_per_worker
 from modelzoo.base import ModelDefinition
 from serving.backend import TOLERANCES
+from serving.nvml import Gpu, open_gpu
 from serving.settings import COMPILE_MODES, PRECISIONS
 
 #: Model parameters of a GPU run: enough compute per row that the GPU, not the Python
@@ -82,6 +96,20 @@ SEQ_LEN = 16
 PARITY_BATCHES = ((1, 5, 1), (8, SEQ_LEN, 2), (32, 64, 3))
 #: Under XLA every batch size is a compilation: TensorFlow's compiled runs use these buckets.
 XLA_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+#: The whole check's time budget, seconds: the GPU default keeps scripts/gpu_check.sh within 8 minutes.
+BUDGET_S = {"gpu": 420.0, "cpu": 900.0}
+#: Share of what is left of the budget that the artifact builds may use: the runs get the rest.
+BUILD_SHARE = 0.5
+#: Caps of single waits; the budget bounds each further.
+START_CAP_S = 300.0
+CALL_CAP_S = 120.0
+CHILD_CAP_S = 600.0
+#: Measured seconds per batch size of the in-process forward timing.
+FORWARD_SECONDS = 1.0
+#: The worker sweep's callers, one connection each.
+SWEEP_CALLERS = 64
+#: Why a run or step was not started, or stopped: its report says this.
+TIME_BUDGET = "time budget"
 
 
 @dataclasses.dataclass
@@ -110,14 +138,19 @@ def log(message: str) -> None:
     print(f"[gpu_check {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def probe_tensorflow(device: str) -> str | None:
+def probe_tensorflow(device: str, budget: Budget | None = None) -> str | None:
     """None when tf_server can run on ``device`` here, else why not (in a child process, so
     TensorFlow never loads into this one)."""
     code = "import tensorflow as tf; print(len(tf.config.list_physical_devices('GPU')))"
     try:
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+        timeout = (budget or Budget(CALL_CAP_S)).timeout(CALL_CAP_S)
+    except OutOfTime:
+        return f"not probed: {TIME_BUDGET} spent"
+    try:
+        done = timing.run([sys.executable, "-c", code], timeout, ROOT, _env())
     except subprocess.TimeoutExpired:
-        return "TensorFlow did not import within 120 s"
+        cut = f" ({TIME_BUDGET} spent)" if budget and budget.spent() else ""
+        return f"TensorFlow did not import within {timeout:.0f} s{cut}"
     if done.returncode != 0:
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         return f"TensorFlow does not import here ({lines[-1].strip() if lines else 'exit ' + str(done.returncode)})"
@@ -146,16 +179,24 @@ def parity_inputs(model: ModelDefinition, max_batch_size: int) -> list[dict[str,
     return batches
 
 
-def check_parity(target: str, model: ModelDefinition, precision: str, max_batch_size: int) -> dict[str, Any]:
-    """Each parity batch over gRPC against the fp32 reference: the largest errors per output."""
-    from client import InferenceClient
-
+def check_parity(
+    target: str,
+    model: ModelDefinition,
+    precision: str,
+    max_batch_size: int,
+    budget: Budget,
+    references: dict[str, list[dict[str, np.ndarray]]],
+) -> dict[str, Any]:
+    """Each parity batch over gRPC against the fp32 reference (computed once per model, kept in
+    ``references``): the largest errors per output."""
     tolerance = TOLERANCES[precision]
     outputs: dict[str, dict[str, Any]] = {}
-    with InferenceClient(target, timeout=120) as client:
-        for inputs in parity_inputs(model, max_batch_size):
-            expected = reference_outputs(model, model.complete_inputs(inputs))
-            served = client.infer(model.name, inputs)
+    batches = parity_inputs(model, max_batch_size)
+    if model.name not in references:
+        references[model.name] = [reference_outputs(model, model.complete_inputs(inputs)) for inputs in batches]
+    with InferenceClient(target, timeout=CALL_CAP_S) as client:
+        for inputs, expected in zip(batches, references[model.name], strict=True):
+            served = client.infer(model.name, inputs, timeout=budget.timeout(CALL_CAP_S))
             for name, want in expected.items():
                 error, relative = tolerance.errors(served[name], want)
                 entry = outputs.setdefault(name, {"max_abs": 0.0, "max_rel_to_largest": 0.0, "ok": True})
@@ -170,63 +211,55 @@ def check_parity(target: str, model: ModelDefinition, precision: str, max_batch_
     }
 
 
-def model_config(target: str, model: str) -> dict[str, str]:
-    from client import InferenceClient
-
-    with InferenceClient(target, timeout=60) as client:
+def model_config(target: str, model: str, timeout: float) -> dict[str, str]:
+    with InferenceClient(target, timeout=timeout) as client:
         config = client.model_config(model)
     return {key: value.string_value for key, value in config.parameters.items()}
 
 
-def scrape(url: str | None, model: str) -> dict[str, float]:
-    """The server's rows and executions counters of ``model``."""
+def scrape(url: str | None, model: str, timeout: float) -> dict[str, float]:
+    """The server's rows and executions counters of ``model``, and the GPU memory its framework holds."""
     if url is None:
         return {}
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(url, timeout=10) as reply:
+    with urllib.request.urlopen(url, timeout=timeout) as reply:
         text = reply.read().decode()
     found: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name in ("inference_rows_total", "inference_executions_total") and (
-                sample.labels.get("model") == model
-            ):
+            if (
+                sample.name in ("inference_rows_total", "inference_executions_total")
+                and (sample.labels.get("model") == model)
+            ) or sample.name == "process_gpu_memory_framework_bytes":
                 found[sample.name] = float(sample.value)
     return found
 
 
 class GpuMemory:
-    """Peak GPU memory of one process (NVML; the device's rise over a baseline where the
-    runtime lists no processes). Inert on the CPU or without NVML."""
+    """Peak GPU memory of one process (NVML through ``serving.nvml``: the process's own figure
+    where NVML lists it, and the device's rise over a baseline). Inert on the CPU or without NVML."""
 
     def __init__(self, device: str) -> None:
-        self.nvml: Any = None
-        self.handle: Any = None
+        self.gpu: Gpu | None = None
         if device == "cpu":
             self.reason = "cpu run"
             return
         try:
-            import pynvml  # nvidia-ml-py
-
-            pynvml.nvmlInit()
-            index = int(device.partition(":")[2] or 0)
-            self.nvml, self.handle = pynvml, pynvml.nvmlDeviceGetHandleByIndex(index)
+            self.gpu = open_gpu(int(device.partition(":")[2] or 0))
             self.reason = ""
-        except Exception as err:  # no NVML: memory is reported as unknown, with why
+        except Exception as err:  # no NVML, or no NVML device for it: memory is unknown, with why
             self.reason = f"NVML unavailable ({err})"
 
+    @property
+    def nvml(self) -> bool:
+        return self.gpu is not None
+
     def device_used(self) -> int:
-        return int(self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used)
+        return (self.gpu.memory_used() if self.gpu else None) or 0
 
     def process_used(self, pid: int) -> int | None:
-        try:
-            for process in self.nvml.nvmlDeviceGetComputeRunningProcesses(self.handle):
-                if process.pid == pid and process.usedGpuMemory is not None:
-                    return int(process.usedGpuMemory)
-        except Exception:  # some runtimes (containers, gVisor) list no processes
-            return None
-        return None
+        return self.gpu.process_used(pid) if self.gpu else None
 
     def watch(self, pid: int, baseline: int, stop: threading.Event, peak: dict[str, int]) -> None:
         while not stop.is_set():
@@ -245,7 +278,7 @@ def forward_rows_per_s(
     compile: str,
     mean_batch: float,
     repo: Path,
-    timeout: float,
+    budget: Budget,
 ) -> dict[str, Any]:
     """In-process rows/s at ``mean_batch``: ``python -m <server> forward`` at the whole batch
     sizes around it, interpolated linearly."""
@@ -255,12 +288,12 @@ def forward_rows_per_s(
     command = [
         sys.executable, "-m", MODULES[framework], "forward",
         "--model", model, "--model-arg", opts.model_args.get(model, ""), "--model-dir", str(repo),
-        "--batch-sizes", ",".join(map(str, sizes)), "--seconds", "1.0", "--device", opts.device,
+        "--batch-sizes", ",".join(map(str, sizes)), "--seconds", str(FORWARD_SECONDS), "--device", opts.device,
         "--precision", precision, "--compile", compile,
     ]  # fmt: skip
     if opts.threads:
         command += ["--threads", str(opts.threads)]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=timeout, check=False)
+    done = timing.run(command, budget.timeout(CHILD_CAP_S), ROOT, _env())
     if done.returncode != 0:
         raise RuntimeError(f"forward failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -292,45 +325,45 @@ def server_args(opts: Options, framework: str, model: str, precision: str, compi
     return [*args, *opts.server_args]
 
 
-def prepare(opts: Options, framework: str, repo: Path, deadline: float) -> list[dict[str, Any]]:
+def build_artifacts(opts: Options, framework: str, repo: Path, budget: Budget) -> list[dict[str, Any]]:
     """Export each model, then build every (model, precision, compile) artifact in parallel
-    (a ``forward`` run each: it exports, compiles and caches what the server will load)."""
+    (a ``forward`` run each: it exports, compiles and caches what the server will load).
+    What ``budget`` has no room for is noted as skipped."""
+
+    def step(name: str, command: list[str]) -> dict[str, Any]:
+        started = time.monotonic()
+        try:
+            done = timing.run(command, budget.timeout(CHILD_CAP_S), ROOT, _env())
+        except (OutOfTime, subprocess.TimeoutExpired):
+            return {"step": name, "skipped": TIME_BUDGET}
+        note: dict[str, Any] = {"step": name, "seconds": round(time.monotonic() - started, 1)}
+        if done.returncode != 0:
+            note["error"] = done.stderr.strip().splitlines()[-1:]
+        return note
+
     notes = []
     for model in opts.models:
         command = [sys.executable, "-m", MODULES[framework], "export", "--model", model,
                    "--model-arg", opts.model_args.get(model, ""), "--out", str(repo)]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=_env(), check=False)
-        if done.returncode != 0:
-            notes.append({"step": f"export {model}", "error": done.stderr.strip().splitlines()[-1:]})
+        notes.append(step(f"export {model}", command))
     # One job per (model, precision) that has something to build: its own export (bf16,
     # fp16) and, for torch, its AOTInductor package. XLA keeps nothing between processes.
     compile = "on" if framework == "torch" and "on" in opts.compile_modes else "off"
     jobs = [
-        (model, precision, compile)
+        (model, precision)
         for model in opts.models
         for precision in opts.precisions
         if compile == "on" or precision in ("bf16", "fp16")
     ]
 
-    def build(job: tuple[str, str, str]) -> dict[str, Any]:
-        model, precision, compile = job
+    def build(job: tuple[str, str]) -> dict[str, Any]:
+        model, precision = job
         command = [
             sys.executable, "-m", MODULES[framework], "forward", "--model", model,
             "--model-arg", opts.model_args.get(model, ""), "--model-dir", str(repo), "--batch-sizes", "1",
             "--seconds", "0.01", "--device", opts.device, "--precision", precision, "--compile", compile,
         ]  # fmt: skip
-        started = time.perf_counter()
-        left = max(1.0, deadline - time.monotonic())
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=left,
-                                  check=False)  # fmt: skip
-        except subprocess.TimeoutExpired:
-            return {"step": f"build {model} {precision} compile {compile}", "error": "time budget"}
-        note: dict[str, Any] = {"step": f"build {model} {precision} compile {compile}",
-                                "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
-        if done.returncode != 0:
-            note["error"] = done.stderr.strip().splitlines()[-1:]
-        return note
+        return step(f"build {model} {precision} compile {compile}", command)
 
     workers = max(1, min(len(jobs), (os.cpu_count() or 2) // 2, 8))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
@@ -338,77 +371,126 @@ def prepare(opts: Options, framework: str, repo: Path, deadline: float) -> list[
     return notes
 
 
+def load(target: str, model: str, concurrency: int, seconds: float, warmup: float, seq_len: int, channels: int,
+         budget: Budget) -> dict[str, Any]:  # fmt: skip
+    """``loadtest.driver.drive``, cancelled when the budget runs out (TimeoutError)."""
+    timeout = budget.timeout(warmup + seconds + CALL_CAP_S)
+    return asyncio.run(
+        asyncio.wait_for(drive(target, model, concurrency, seconds, warmup, 1, seq_len, channels), timeout)
+    )
+
+
+def stop(server: ServerProcess, budget: Budget) -> None:
+    server.stop(timeout=budget.stop_timeout())
+    server.close()
+
+
 def run_one(
-    opts: Options, framework: str, model_name: str, precision: str, compile: str, repo: Path, deadline: float
+    opts: Options,
+    framework: str,
+    model_name: str,
+    precision: str,
+    compile: str,
+    repo: Path,
+    budget: Budget,
+    references: dict[str, list[dict[str, np.ndarray]]],
 ) -> dict[str, Any]:
-    """One server with these options: start, parity, load, then the in-process forward pass;
-    a start or forward pass may run until two minutes past the budget's end."""
+    """One server with these options: start, parity, load, then the in-process forward pass,
+    each wait within the budget. A run the budget cuts short is skipped, not failed."""
     model = modelzoo.get(model_name, **_params(opts.model_args.get(model_name, "")))
     result: dict[str, Any] = {"framework": framework, "model": model_name, "precision": precision, "compile": compile}
     memory = GpuMemory(opts.device)
     baseline = memory.device_used() if memory.nvml else 0
     server = ServerProcess(framework, model_name, server_args(opts, framework, model_name, precision, compile, repo))
+    stop_watch, peak = threading.Event(), dict[str, int]()
+    phase = "the server's start"
     try:
-        server.start(timeout=max(120.0, deadline + 120.0 - time.monotonic()))
+        server.start(timeout=budget.timeout(START_CAP_S))
         result["cold_start_s"] = server.cold_start_s
-        reported = model_config(server.target, model_name)
+        phase = "ModelConfig"
+        reported = model_config(server.target, model_name, budget.timeout(CALL_CAP_S))
         result["reported"] = {key: reported.get(key) for key in
                               ("device", "device_name", "precision", "compile", "export_s", "load_s", "compile_s",
-                               "warmup_s")}  # fmt: skip
+                               "warmup_s", "soft_placement")}  # fmt: skip
         wanted = {"precision": precision, "compile": compile}
         result["reported_ok"] = all(reported.get(key) == value for key, value in wanted.items()) and (
             reported.get("device", "").split(":")[0] == opts.device.split(":")[0]
         )
-        result["parity"] = check_parity(server.target, model, precision, opts.max_batch_size)
+        phase = "parity"
+        result["parity"] = check_parity(server.target, model, precision, opts.max_batch_size, budget, references)
         if opts.parity_only:
             return result
+        phase = "load"
+        if not budget.fits(opts.warmup + opts.seconds):
+            raise OutOfTime(phase)
         seq_len = SEQ_LEN if model.pad_values else 1
-        asyncio.run(drive(server.target, model_name, opts.concurrency, opts.warmup, 0.0, 1, seq_len, opts.channels))
-        before = scrape(server.metrics_url, model_name)
-        stop, peak = threading.Event(), dict[str, int]()
+        load(server.target, model_name, opts.concurrency, opts.warmup, 0.0, seq_len, opts.channels, budget)
+        before = scrape(server.metrics_url, model_name, budget.timeout(CALL_CAP_S))
         watcher = None
         if memory.nvml:
-            watcher = threading.Thread(target=memory.watch, args=(server.pid, baseline, stop, peak), daemon=True)
+            watcher = threading.Thread(target=memory.watch, args=(server.pid, baseline, stop_watch, peak), daemon=True)
             watcher.start()
-        load = asyncio.run(
-            drive(server.target, model_name, opts.concurrency, opts.seconds, 0.0, 1, seq_len, opts.channels)
-        )
-        stop.set()
+        served = load(server.target, model_name, opts.concurrency, opts.seconds, 0.0, seq_len, opts.channels, budget)
+        stop_watch.set()
         if watcher:
             watcher.join()
-        after = scrape(server.metrics_url, model_name)
+        after = scrape(server.metrics_url, model_name, budget.timeout(CALL_CAP_S))
         executions = after.get("inference_executions_total", 0) - before.get("inference_executions_total", 0)
         rows = after.get("inference_rows_total", 0) - before.get("inference_rows_total", 0)
-        latency = load["latency_us"]
+        latency = served["latency_us"]
         result["served"] = {
             "concurrency": opts.concurrency,
-            "requests_per_s": load["requests_per_s"],
+            "requests_per_s": served["requests_per_s"],
             "p50_ms": None if latency.get("p50") is None else latency["p50"] / 1e3,
             "p99_ms": None if latency.get("p99") is None else latency["p99"] / 1e3,
-            "errors": load["errors"],
+            "errors": served["errors"],
             "mean_batch": rows / executions if executions else None,
-            "generator_cpu": load["generator_cpu"],
+            "generator_cpu": served["generator_cpu"],
         }
+        held = after.get("process_gpu_memory_framework_bytes")
+        if held is not None:  # holds where NVML lists no processes (containers)
+            peak["framework_bytes"] = int(held)
         result["gpu_memory_mib"] = (
             {key.replace("_bytes", ""): round(value / 2**20, 1) for key, value in peak.items()}
-            if memory.nvml
+            if memory.nvml or held is not None
             else memory.reason
         )
-    except (ServerStartError, RuntimeError, OSError) as err:
-        result["error"] = " ".join(str(err).split())[-2000:]
+    except (OutOfTime, InferenceServerError, RuntimeError, OSError) as err:  # OSError: TimeoutError too
+        if isinstance(err, OutOfTime) or budget.spent():
+            result["skipped"] = f"{TIME_BUDGET}: it ran out during {phase}"
+        else:
+            result["error"] = " ".join(str(err).split())[-2000:]
         return result
     finally:
-        server.close()
-    mean_batch = result.get("served", {}).get("mean_batch")
+        stop_watch.set()
+        stop(server, budget)
+    mean_batch = result["served"]["mean_batch"]
     if mean_batch:
-        try:
-            timeout = max(120.0, deadline + 120.0 - time.monotonic())
-            forward = forward_rows_per_s(opts, framework, model_name, precision, compile, mean_batch, repo, timeout)
-            result["in_process"] = forward
-            result["efficiency"] = result["served"]["requests_per_s"] / forward["rows_per_s"]
-        except (RuntimeError, subprocess.TimeoutExpired, ValueError) as err:
-            result["in_process"] = {"error": str(err)}
+        result["in_process"] = in_process(opts, framework, model_name, precision, compile, mean_batch, repo, budget)
+        if "rows_per_s" in result["in_process"]:
+            result["efficiency"] = result["served"]["requests_per_s"] / result["in_process"]["rows_per_s"]
     return result
+
+
+def in_process(
+    opts: Options,
+    framework: str,
+    model: str,
+    precision: str,
+    compile: str,
+    mean_batch: float,
+    repo: Path,
+    budget: Budget,
+) -> dict[str, Any]:
+    """``forward_rows_per_s`` when the budget has room for it, else why not."""
+    if not budget.fits(2 * FORWARD_SECONDS):
+        return {"skipped": TIME_BUDGET}
+    try:
+        return forward_rows_per_s(opts, framework, model, precision, compile, mean_batch, repo, budget)
+    except (OutOfTime, subprocess.TimeoutExpired) as err:
+        return {"skipped": TIME_BUDGET} if budget.spent() else {"error": str(err)}
+    except (RuntimeError, ValueError, KeyError) as err:
+        return {"error": str(err)}
 
 
 def _params(text: str) -> dict[str, str]:
@@ -417,9 +499,7 @@ def _params(text: str) -> dict[str, str]:
     return parse_model_args(text)
 
 
-def run_check(opts: Options) -> dict[str, Any]:
-    started = time.monotonic()
-    deadline = started + opts.budget_s
+def run_check(opts: Options, budget: Budget) -> dict[str, Any]:
     report: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "host": platform.node(),
@@ -429,65 +509,103 @@ def run_check(opts: Options) -> dict[str, Any]:
         "frameworks": {},
         "runs": [],
     }
+    references: dict[str, list[dict[str, np.ndarray]]] = {}
+    # A run starts only when what is left covers the longest run so far (before the first:
+    # its load and forward seconds, which no run can take less than).
+    durations = [opts.warmup + opts.seconds + 2 * FORWARD_SECONDS if not opts.parity_only else 1.0]
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:
         for framework in opts.frameworks:
-            why_not = probe_tensorflow(opts.device) if framework == "tensorflow" else None
+            why_not = probe_tensorflow(opts.device, budget) if framework == "tensorflow" else None
             if why_not:
                 report["frameworks"][framework] = {"skipped": why_not}
                 log(f"{framework}: skipped: {why_not}")
                 continue
             repo = Path(scratch) / framework
             log(f"{framework}: building artifacts")
-            notes = prepare(opts, framework, repo, deadline)
+            notes = build_artifacts(opts, framework, repo, budget.part(BUILD_SHARE))
             report["frameworks"][framework] = {"prepared": notes}
             for compile in opts.compile_modes:
                 for model in opts.models:
                     for precision in opts.precisions:
                         combo = f"{framework} {model} {precision} compile {compile}"
-                        if time.monotonic() > deadline:
-                            report["runs"].append({"framework": framework, "model": model, "precision": precision,
-                                                   "compile": compile, "skipped": "time budget spent"})  # fmt: skip
-                            log(f"{combo}: skipped (time budget)")
+                        entry: dict[str, Any] = {"framework": framework, "model": model, "precision": precision,
+                                                 "compile": compile}  # fmt: skip
+                        if not budget.fits(max(durations)):
+                            entry["skipped"] = (f"{TIME_BUDGET}: {budget.left():.0f} s left, a run takes about "
+                                                f"{max(durations):.0f} s")  # fmt: skip
+                            report["runs"].append(entry)
+                            log(f"{combo}: skipped ({entry['skipped']})")
                             continue
                         log(f"{combo}: running")
-                        entry = run_one(opts, framework, model, precision, compile, repo, deadline)
+                        started = time.monotonic()
+                        entry = run_one(opts, framework, model, precision, compile, repo, budget, references)
+                        if "skipped" not in entry:
+                            durations.append(time.monotonic() - started)
                         report["runs"].append(entry)
                         log(f"{combo}: {summary(entry)}")
         if opts.workers and not opts.parity_only:
-            report["workers"] = worker_sweep(opts, Path(scratch) / "workers")
-    report["elapsed_s"] = round(time.monotonic() - started, 1)
-    report["ok"] = all(run_ok(entry) for entry in report["runs"] if "skipped" not in entry) and all(
-        "error" not in entry for entry in report.get("workers", [])
+            report["workers"] = worker_sweep(opts, Path(scratch) / "workers", budget)
+    finished = [entry for entry in report["runs"] if "skipped" not in entry]
+    report["budget_s"] = budget.seconds
+    report["skipped_for_time"] = {
+        "runs": len(report["runs"]) - len(finished),
+        "workers": len([entry for entry in report.get("workers", []) if "skipped" in entry]),
+    }
+    report["ok"] = (
+        bool(finished)
+        and all(run_ok(entry) for entry in finished)
+        and all("error" not in entry for entry in report.get("workers", []))
     )
+    report["elapsed_s"] = round(budget.elapsed(), 1)
     return report
 
 
-def worker_sweep(opts: Options, repo: Path) -> list[dict[str, Any]]:
+def worker_sweep(opts: Options, repo: Path, budget: Budget) -> list[dict[str, Any]]:
     """torch_server's mlp (fp32) behind 1, 2, 4, 8 ... workers, 64 callers over 64 connections:
-    what more server processes buy when Python around a small model is the limit."""
-    from loadtest.scaling import measure
-
-    args = argparse.Namespace(model="mlp", model_arg="", device=opts.device, threads=opts.threads or 0,
-                              seconds=opts.seconds, warmup=opts.warmup, concurrency=64, channels=64)  # fmt: skip
-    entries = []
+    what more server processes buy when Python around a small model is the limit. A step
+    starts only when what is left covers the longest so far (before the first: its load)."""
+    entries: list[dict[str, Any]] = []
+    durations = [opts.warmup + opts.seconds]
     for count in opts.workers:
-        log(f"torch mlp with {count} worker(s): running")
-        try:
-            run = measure("torch", count, args, repo)
-        except Exception as err:  # a run that failed is reported, the others still run
-            entries.append({"workers": count, "error": " ".join(str(err).split())[:500]})
+        if not budget.fits(max(durations)):
+            entries.append({"workers": count, "skipped": f"{TIME_BUDGET}: {budget.left():.0f} s left"})
+            log(f"torch mlp with {count} worker(s): skipped ({TIME_BUDGET})")
             continue
-        step = run["step"]
-        entries.append({
-            "workers": count,
-            "requests_per_s": step["requests_per_s"],
-            "p50_ms": step["latency_us"]["p50"] / 1e3,
-            "p99_ms": step["latency_us"]["p99"] / 1e3,
-            "errors": step["errors"],
-            "requests_per_worker": run["requests_per_worker"],
-        })  # fmt: skip
-        log(f"torch mlp with {count} worker(s): {step['requests_per_s']:.0f} req/s")
+        log(f"torch mlp with {count} worker(s): running")
+        started = time.monotonic()
+        try:
+            entries.append(sweep_step(opts, count, repo, budget))
+        except Exception as err:  # a run that failed is reported, the others still run
+            reason = f"{TIME_BUDGET}: it ran out" if isinstance(err, OutOfTime) or budget.spent() else None
+            entries.append({"workers": count, "skipped": reason} if reason else
+                           {"workers": count, "error": " ".join(str(err).split())[:500]})  # fmt: skip
+            continue
+        durations.append(time.monotonic() - started)
+        log(f"torch mlp with {count} worker(s): {entries[-1]['requests_per_s']:.0f} req/s")
     return entries
+
+
+def sweep_step(opts: Options, count: int, repo: Path, budget: Budget) -> dict[str, Any]:
+    """mlp behind ``count`` workers pinned to the first ``count`` cores (one each), loaded by
+    64 callers over 64 connections: requests/s, latency, and how the workers shared them."""
+    args = ["--workers", str(count), "--device", opts.device, "--model-dir", str(repo)]
+    if opts.threads:
+        args += ["--threads", str(opts.threads)]
+    server = ServerProcess("torch", "mlp", args, cpus=sorted(os.sched_getaffinity(0))[:count])
+    try:
+        server.start(timeout=budget.timeout(START_CAP_S))
+        step = load(server.target, "mlp", SWEEP_CALLERS, opts.seconds, opts.warmup, 1, SWEEP_CALLERS, budget)
+        counts = scrape_metrics(server.metrics_url, "mlp")
+    finally:
+        stop(server, budget)
+    return {
+        "workers": count,
+        "requests_per_s": step["requests_per_s"],
+        "p50_ms": step["latency_us"]["p50"] / 1e3,
+        "p99_ms": step["latency_us"]["p99"] / 1e3,
+        "errors": step["errors"],
+        "requests_per_worker": requests_per_worker(counts),
+    }
 
 
 def run_ok(entry: dict[str, Any]) -> bool:
@@ -495,6 +613,8 @@ def run_ok(entry: dict[str, Any]) -> bool:
 
 
 def summary(entry: dict[str, Any]) -> str:
+    if "skipped" in entry:
+        return f"skipped ({entry['skipped']})"
     if "error" in entry:
         return f"FAILED: {entry['error'][:300]}"
     served = entry.get("served", {})
@@ -520,10 +640,10 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# GPU check ({report['device']}), {report['date']}",
         "",
-        f"Host {report['host']}, Python {report['python']}, {report['elapsed_s']} s; "
-        f"{report['options']['concurrency']} closed-loop callers for {report['options']['seconds']} s per run. "
-        "Efficiency = served rows/s / in-process rows/s at the mean batch the server formed. "
-        f"Overall: {'OK' if report['ok'] else 'FAILED'}.",
+        f"Host {report['host']}, Python {report['python']}, {report['elapsed_s']} s of a {report['budget_s']:g} s "
+        f"time budget; {report['options']['concurrency']} closed-loop callers for {report['options']['seconds']} s "
+        "per run. Efficiency = served rows/s / in-process rows/s at the mean batch the server formed. "
+        f"Overall: {verdict(report)}.",
         "",
     ]
     for framework, state in report["frameworks"].items():
@@ -531,7 +651,11 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"- **{framework}: skipped** — {state['skipped']}.")
         else:
             failed = [note for note in state["prepared"] if "error" in note]
-            lines.append(f"- {framework}: ran; artifact builds: {len(state['prepared'])}, failed: {len(failed)}.")
+            skipped = [note for note in state["prepared"] if "skipped" in note]
+            lines.append(
+                f"- {framework}: ran; artifact builds: {len(state['prepared'])}, failed: {len(failed)}, "
+                f"skipped for the {TIME_BUDGET}: {len(skipped)}."
+            )
     lines += [
         "",
         "| framework | model | precision | compile | parity (max abs) | reported | cold start s | load / compile s | "
@@ -550,7 +674,11 @@ def markdown(report: dict[str, Any]) -> str:
         worst = max(output["max_abs"] for output in parity["outputs"].values())
         served = entry.get("served", {})
         memory = entry.get("gpu_memory_mib")
-        mib = memory.get("process", memory.get("device_rise")) if isinstance(memory, dict) else None
+        mib = (
+            memory.get("process", memory.get("framework", memory.get("device_rise")))
+            if isinstance(memory, dict)
+            else None
+        )
         reported = entry["reported"]
         startup = f"{reported.get('load_s') or '–'} / {reported.get('compile_s') if entry['compile'] == 'on' else '–'}"
         lines.append(
@@ -558,11 +686,11 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {_cell(entry.get('cold_start_s'), '.1f')} | {startup} "
             f"| {_cell(served.get('requests_per_s'), '.0f')} | {_cell(served.get('p50_ms'), '.2f')} "
             f"| {_cell(served.get('p99_ms'), '.2f')} | {_cell(served.get('mean_batch'), '.1f')} "
-            f"| {_cell(entry.get('in_process', {}).get('rows_per_s'), '.0f')} "
+            f"| {forward_cell(entry.get('in_process', {}))} "
             f"| {_cell(entry.get('efficiency'), '.2f')} | {_cell(mib)} |"
         )
     if report.get("workers"):
-        base = next((w["requests_per_s"] for w in report["workers"] if "error" not in w), None)
+        base = next((w["requests_per_s"] for w in report["workers"] if "requests_per_s" in w), None)
         lines += [
             "",
             "Workers (torch_server, mlp fp32, 64 callers over 64 connections; one worker per core):",
@@ -571,6 +699,9 @@ def markdown(report: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|---|",
         ]
         for entry in report["workers"]:
+            if "skipped" in entry:
+                lines.append(f"| {entry['workers']} | skipped: {entry['skipped']} | | | | | |")
+                continue
             if "error" in entry:
                 lines.append(f"| {entry['workers']} | FAILED: {entry['error'][:200]} | | | | | |")
                 continue
@@ -581,6 +712,32 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {entry['p99_ms']:.2f} | {sum(entry['errors'].values())} | {spread} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def forward_cell(forward: dict[str, Any]) -> str:
+    if "skipped" in forward:
+        return f"skipped: {forward['skipped']}"
+    if "error" in forward:
+        return f"FAILED: {forward['error'][:200]}"
+    return _cell(forward.get("rows_per_s"), ".0f")
+
+
+def verdict(report: dict[str, Any]) -> str:
+    """OK, FAILED or INCOMPLETE, and what the time budget skipped."""
+    skipped = report["skipped_for_time"]
+    runs = len(report["runs"])
+    if report["ok"]:
+        word = "OK"
+    elif runs and skipped["runs"] == runs:
+        word = f"INCOMPLETE (no run finished within the {TIME_BUDGET})"
+    else:
+        word = "FAILED"
+    if skipped["runs"] or skipped["workers"]:
+        word += (
+            f"; skipped for the {TIME_BUDGET}: {skipped['runs']} of {runs} runs, "
+            f"{skipped['workers']} of {len(report.get('workers', []))} worker-sweep steps"
+        )
+    return word
 
 
 def parse_model_args(items: Sequence[str], defaults: dict[str, str]) -> dict[str, str]:
@@ -599,7 +756,10 @@ def _list(text: str) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    budget_started = time.monotonic()
+    parser = argparse.ArgumentParser(
+        prog="python -m gpucheck run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("out", type=Path, help="folder for gpu_check.json and gpu_check.md")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU with small models (the CI check)")
     parser.add_argument("--device", default=None, help="default: cuda:0, or cpu with --cpu")
@@ -611,7 +771,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=None, help="measured seconds per run (GPU 4, CPU 1)")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before each measured run")
     parser.add_argument("--max-batch-size", type=int, default=64)
-    parser.add_argument("--budget-s", type=float, default=None, help="stop starting runs after this (GPU 360 s)")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help=f"seconds for the whole check, builds, runs, sweep and report; what does not fit is skipped "
+        f"(GPU {BUDGET_S['gpu']:g} s: with the defaults scripts/gpu_check.sh ends within 8 minutes; "
+        f"CPU {BUDGET_S['cpu']:g} s)",
+    )
     parser.add_argument("--model-arg", action="append", default=[], help="MODEL:KEY=VALUE,... (repeatable)")
     parser.add_argument("--server-arg", action="append", default=[], help="one more server flag (repeatable)")
     parser.add_argument("--channels", type=int, default=1, help="connections of the load driver (workers: several)")
@@ -633,7 +800,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds=args.seconds if args.seconds is not None else (1.0 if device == "cpu" else 4.0),
         warmup=args.warmup,
         max_batch_size=args.max_batch_size,
-        budget_s=args.budget_s if args.budget_s is not None else (900.0 if device == "cpu" else 360.0),
+        budget_s=args.budget_s if args.budget_s is not None else BUDGET_S["cpu" if device == "cpu" else "gpu"],
         model_args=parse_model_args(args.model_arg, CPU_MODEL_ARGS if device == "cpu" else GPU_MODEL_ARGS),
         server_args=list(args.server_arg),
         threads=args.threads if args.threads is not None else (1 if device == "cpu" else None),
@@ -658,14 +825,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print(f"error: --device {device}: torch {torch.__version__} sees no CUDA GPU (use --cpu)", file=sys.stderr)
             return 2
-    report = run_check(opts)
+    report = run_check(opts, Budget(opts.budget_s, budget_started))
     opts.out.mkdir(parents=True, exist_ok=True)
     (opts.out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     text = markdown(report)
     (opts.out / "gpu_check.md").write_text(text)
     print(text)
     return 0 if report["ok"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
