@@ -4,6 +4,9 @@
     python3 image_requirements.py install EXTRAS FILE          pip-install FILE into /opt/venv
     python image_requirements.py verify EXTRAS FILE            (the venv's python) refuse an image that
                                                                is not what EXTRAS and FILE say
+    python image_requirements.py cuda-home LINK                (the venv's python) link LINK to the CUDA
+                                                               headers' folder of an installed nvidia
+                                                               wheel (include/cuda.h); none: no link
 
 The list is written in a stage of its own, so that the install layer's cache depends on the
 requirements alone, not on the rest of pyproject.toml (tool settings). EXTRAS is a comma-separated
@@ -107,8 +110,27 @@ def read_requirements(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
 
 
+def cuda_home(link: Path) -> Path | None:
+    """Link ``link`` to the folder holding ``include/cuda.h`` in an installed nvidia wheel (the CUDA
+    runtime that torch's CUDA build depends on), so that CUDA_HOME=``link`` finds the headers.
+    Returns that folder, or None (a CPU image: nothing linked)."""
+    for dist in importlib.metadata.distributions():
+        if not (dist.metadata["Name"] or "").lower().startswith("nvidia-cuda-runtime"):
+            continue
+        for file in dist.files or ():
+            if file.name == "cuda.h" and file.parent.name == "include":
+                home = Path(str(dist.locate_file(file))).parent.parent
+                link.symlink_to(home, target_is_directory=True)
+                return home
+    return None
+
+
 def main(argv: list[str]) -> int:
     command, args = (argv[0], argv[1:]) if argv else ("", [])
+    if command == "cuda-home" and len(args) == 1:
+        home = cuda_home(Path(args[0]))
+        print(f"CUDA headers: {home or 'none (a CPU image)'}", file=sys.stderr)
+        return 0
     if (command, len(args)) not in (("requirements", 1), ("install", 2), ("verify", 2)):
         print(__doc__, file=sys.stderr)
         return 2

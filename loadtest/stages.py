@@ -63,7 +63,7 @@ def framework_of(name: str) -> Framework:
 def stages(framework: Framework, model_name: str, model_dir: Path, seconds: float) -> list[dict[str, Any]]:
     model = modelzoo.get(model_name)
     backend = framework.create_backend(model, repository.ensure(framework, model, model_dir), "cpu")
-    backend.load()
+    backend.start()
     rng = np.random.default_rng(0)
     inputs = model.example_inputs(1, rng, seq_len=16)
     request = codec.build_request(model.name, inputs)
@@ -74,7 +74,7 @@ def stages(framework: Framework, model_name: str, model_dir: Path, seconds: floa
     decoder = runtime.decoder
     arrays, rows = decoder.inputs(request)
     names = runtime.decoder.outputs(request)
-    outputs = backend.predict(arrays)
+    outputs = backend.forward(arrays)
     response = runtime.encode(request, outputs, names)
     instant = DynamicBatcher(dict, model.inputs, model.inputs, settings, ModelMetrics("instant"))
     instant.start()
@@ -82,7 +82,7 @@ def stages(framework: Framework, model_name: str, model_dir: Path, seconds: floa
     output_specs = {spec.name: spec for spec in model.outputs}
     batch = [Request(arrays, rows, None, (), None) for _ in range(8)]
     merged, _ = merge(batch, specs, model.pad_values)
-    batch_outputs = backend.predict(merged)
+    batch_outputs = backend.forward(merged)
     metrics = ModelMetrics(model.name)
 
     def one_request_metrics() -> None:
@@ -97,8 +97,8 @@ def stages(framework: Framework, model_name: str, model_dir: Path, seconds: floa
         ),
         ("batcher round trip, instant model", lambda: instant.infer(arrays, rows)),
         ("merge 8 requests (per batch)", lambda: merge(batch, specs, model.pad_values)),
-        ("forward, batch 1", lambda: backend.predict(arrays)),
-        ("forward, batch 8", lambda: backend.predict(merged)),
+        ("forward, batch 1", lambda: backend.forward(arrays)),
+        ("forward, batch 8", lambda: backend.forward(merged)),
         ("split 8 requests (per batch)", lambda: split(batch_outputs, batch, output_specs)),
         ("encode the reply", lambda: runtime.encode(request, outputs, names)),
         ("gRPC out: serialize the reply (protobuf)", response.SerializeToString),
@@ -107,7 +107,7 @@ def stages(framework: Framework, model_name: str, model_dir: Path, seconds: floa
         ("whole dataplane: ModelRuntime.infer", lambda: runtime.infer(request, None)),
     ]
     results = [{"stage": label, "us": timed(run, seconds)} for label, run in figures]
-    backend.close()
+    backend.shutdown()
     return results
 
 

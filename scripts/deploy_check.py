@@ -1,6 +1,7 @@
 """``make deploy-check``: the compose deployment, proven on a real engine the way an operator runs it.
 
-``python -m scripts.deploy_check [--keep] [--locust-workers N] [--project NAME]`` (needs a Docker engine).
+``python -m scripts.deploy_check [--keep] [--toolchain] [--locust-workers N] [--project NAME]`` (needs a
+Docker engine).
 
 The CPU variant (docker-compose.yml + docker-compose.cpu.yml, then docker-compose.tls.yml), under
 its own project name and free host ports, from a clean state to ``down -v``. Each stage prints
@@ -22,6 +23,9 @@ exits 1; the stack is taken down whatever happens (``--keep`` leaves it up).
   own         your own models from host repositories mounted read-only (docker-compose.repository.yml):
               served alike by both, and a new version written there is switched to
   tls         the TLS + token override: healthy, token enforced, our client and Locust over TLS
+  toolchain   (--toolchain only: a 450 MB image and a compilation) the slim torch image refuses
+              ``--compile on`` at start naming the missing compiler; the TORCH_TOOLCHAIN=1 image compiles
+              (AOTInductor) as its non-root user and serves the compiled model
   down        ``docker compose down -v``
 """
 
@@ -507,6 +511,26 @@ class DeployCheck:
         locust = self.locust(files=TLS, workers=1, seconds=8)
         return f"healthy {states}; token enforced, plaintext refused, CLI health without token ok; Locust: {locust}"
 
+    def toolchain(self) -> str:
+        forward = ["python", "-m", "torch_server", "forward", "--model", "mlp", "--device", "cpu", "--threads", "1",
+                   "--compile", "on", "--batch-sizes", "1,4", "--seconds", "0.2"]  # fmt: skip
+        slim = self.compose.run("run", "--rm", "--no-deps", "torch_server", *forward, timeout=300, check=False)
+        if (
+            slim.returncode == 0
+            or "--compile on: torch's AOTInductor cannot compile here; missing a C++ compiler"
+            not in (slim.stdout + slim.stderr)
+        ):
+            raise CheckFailed(f"the slim torch image did not refuse --compile on:\n{_tail(slim.stdout + slim.stderr)}")
+        toolchain = {"TORCH_TOOLCHAIN": "1"}
+        self.compose.run("build", "torch_server", timeout=3600, env=toolchain)
+        done = self.compose.run("run", "--rm", "--no-deps", "torch_server", *forward, timeout=900, env=toolchain)
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        if result["compile"] != "on" or not result["timings"].get("compile_s"):
+            raise CheckFailed(f"the toolchain image did not compile: {result}")
+        rates = ", ".join(f"batch {r['batch_size']} {r['median_us']:.0f} µs" for r in result["results"])
+        return (f"slim image refuses at start; toolchain image compiled in {result['timings']['compile_s']:.1f} s, "
+                f"serves {rates}")  # fmt: skip
+
     def down(self) -> str:
         self.compose.run("--profile", "compare", "down", "-v", "--remove-orphans", timeout=300, files=TLS)
         return "containers, network and volumes removed"
@@ -515,7 +539,8 @@ class DeployCheck:
         return [("engine", self.engine), ("clean", self.clean), ("build", self.build), ("images", self.images),
                 ("up", self.up), ("traffic", self.traffic_stage), ("prometheus", self.prometheus),
                 ("dashboard", self.dashboard), ("locust", self.locust), ("compare", self.compare),
-                ("drain", self.drain), ("own", self.own), ("tls", self.tls)]  # fmt: skip
+                ("drain", self.drain), ("own", self.own), ("tls", self.tls),
+                *([("toolchain", self.toolchain)] if self.args.toolchain else [])]  # fmt: skip
 
 
 async def keep_calling(target: str, outcomes: collections.Counter[str]) -> None:
@@ -605,6 +630,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--project", default="oip-deploy-check", help="compose project name (%(default)s)")
     parser.add_argument("--locust-workers", type=int, default=2, help="Locust workers to scale to (%(default)s)")
     parser.add_argument("--keep", action="store_true", help="leave the stack up at the end (no down -v)")
+    parser.add_argument("--toolchain", action="store_true", help="also build and check the compile-capable torch image")
     args = parser.parse_args(argv)
     durations: list[tuple[str, float, str]] = []
     started = time.monotonic()

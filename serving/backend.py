@@ -6,6 +6,16 @@ loads an artifact, runs a forward pass on numpy batches, and releases resources.
 ``predict`` is called from a worker thread, never on the event loop, and at most
 ``instances`` calls run at once.
 
+The core calls a backend through ``start``/``forward``/``shutdown``, never ``load``/``predict``/
+``close`` directly. On a GPU ``start`` and ``forward`` run their work on one of ``instances``
+fixed threads (``DeviceThreads``): frameworks keep per-thread device state (PyTorch a cuBLAS
+handle and workspace per thread and stream, tens of MiB each, created on a thread's first
+call), so forward passes on any of a server's many handler threads would grow GPU memory
+with the thread count and stall each new thread's first call. On the CPU there is no such
+state and the calling thread runs the pass itself (no hand-off: the CPU path's measured
+speed). ``shutdown`` closes on the calling thread (releasing creates no per-thread state, and
+a pass stuck past the grace period must not hold the close up) and lets the threads end.
+
 Every framework serves the same numeric options, with the same meaning: ``precision``
 (``fp32``, ``tf32``, ``bf16``, ``fp16``: the dtype of weights and computation; inputs and
 outputs keep their contract datatypes, cast at the edges) and ``compile`` (``off``/``on``).
@@ -14,11 +24,12 @@ outputs keep their contract datatypes, cast at the edges) and ``compile`` (``off
 
 from __future__ import annotations
 
+import concurrent.futures
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
 
@@ -29,6 +40,26 @@ if TYPE_CHECKING:
     from contract.signature import ModelSignature
     from modelzoo.base import ModelDefinition
     from serving.artifacts import ArtifactSignature
+
+
+T = TypeVar("T")
+
+
+class DeviceThreads:
+    """A fixed set of ``count`` threads that run every call touching one backend's GPU: at
+    most ``count`` distinct threads ever do (``call`` hands the work over and waits)."""
+
+    def __init__(self, count: int, name: str) -> None:
+        self.count = count
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=count, thread_name_prefix=name)
+
+    def call(self, function: Callable[..., T], *args: object) -> T:
+        """``function(*args)`` on one of the threads; its result, or its exception raised here."""
+        return self._pool.submit(function, *args).result()
+
+    def close(self) -> None:
+        """No more calls; each thread ends once its current call (if any) returns."""
+        self._pool.shutdown(wait=False)
 
 
 class Backend(ABC):
@@ -62,6 +93,33 @@ class Backend(ABC):
         self.timings: dict[str, float] = {}
         #: Set once warm-up has run: a shape compiled after it is compiled while serving.
         self.warmed_up = False
+        #: What ``load`` found that ModelConfig reports among its parameters (e.g. soft placement).
+        self.reported: dict[str, str] = {}
+        #: Where device work runs: fixed threads on a GPU, the caller's thread on the CPU.
+        self.device_threads = DeviceThreads(max(1, instances), f"{model.name}-device") if device != "cpu" else None
+
+    def start(self) -> None:
+        """``load``, on a device thread when there are any."""
+        threads = self.device_threads
+        if threads is None:
+            self.load()
+        else:
+            threads.call(self.load)
+
+    def forward(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``predict``, on a device thread when there are any: the served forward pass."""
+        threads = self.device_threads
+        if threads is None:
+            return self.predict(inputs)
+        return threads.call(self.predict, inputs)
+
+    def shutdown(self) -> None:
+        """``close``, here; then the device threads (if any) end."""
+        try:
+            self.close()
+        finally:
+            if self.device_threads is not None:
+                self.device_threads.close()
 
     @property
     def name(self) -> str:
@@ -192,6 +250,10 @@ class Framework(Protocol):
 
     def info(self, device: str) -> FrameworkInfo:
         """Framework version and device description."""
+
+    def gpu_memory(self, device: str) -> int | None:
+        """Bytes of GPU memory this process's framework holds on ``device`` (its allocator's own
+        figure); None on the CPU. Holds in containers, where NVML's per-process list does not."""
 
     def reference(self, model: ModelSignature, version_dir: Path, device: str, precision: str = "fp32") -> Reference:
         """The fastest in-process call of this model that the framework offers, the yardstick

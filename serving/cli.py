@@ -45,8 +45,9 @@ def build_parser(framework: Framework) -> argparse.ArgumentParser:
     forward = commands.add_parser(
         "forward",
         help="time the model's own forward pass in-process (the serving ceiling), print JSON",
-        description="Loads the artifact exactly as `serve` does and times backend.predict per batch size, beside "
-        "the framework's fastest in-process call of the same model (the reference).",
+        description="Loads the artifact exactly as `serve` does and times the served forward pass (backend.forward: "
+        "on a GPU, on the device threads as served) per batch size, beside the framework's fastest in-process call "
+        "of the same model (the reference; on a GPU it waits for its kernels, as the served pass does).",
     )
     forward.add_argument("--model", default="mlp", help="a zoo model, or a model of --model-dir (its highest version)")
     forward.add_argument("--model-arg", default="", help="zoo model parameters as KEY=VALUE, comma-separated")
@@ -75,7 +76,7 @@ def _median_us(run: Callable[[], object], seconds: float) -> float:
 
 
 def forward_benchmark(framework: Framework, args: argparse.Namespace) -> dict[str, object]:
-    """Median latency and rows/s of backend.predict at each batch size, beside the framework's
+    """Median latency and rows/s of the served forward pass (backend.forward) at each batch size, beside the framework's
     fastest in-process call of the same model (``Framework.reference``: same precision,
     uncompiled), timed alternately. Compile time (``--compile on``) is reported apart."""
     import numpy as np
@@ -94,14 +95,14 @@ def forward_benchmark(framework: Framework, args: argparse.Namespace) -> dict[st
         model, version_dir = artifact_model(framework, source, config, versions(source.model_root)[-1])
     backend = framework.create_backend(model, version_dir, device, args.precision, args.compile)
     started = time.perf_counter()
-    backend.load()
+    backend.start()
     load_s = time.perf_counter() - started
     reference = framework.reference(model, version_dir, device, args.precision)
     rng = np.random.default_rng(0)
     results = []
     for size in (int(part) for part in args.batch_sizes.split(",") if part.strip()):
         inputs = model.complete_inputs(model.example_inputs(size, rng, seq_len=16))
-        served = functools.partial(backend.predict, inputs)
+        served = functools.partial(backend.forward, inputs)
         fastest = reference(inputs)
         started = time.perf_counter()
         served()  # compiles this shape, where the backend compiles per shape
@@ -122,7 +123,7 @@ def forward_benchmark(framework: Framework, args: argparse.Namespace) -> dict[st
             "vs_reference": served_us / reference_us,
             "first_call_us": first_us,
         })  # fmt: skip
-    backend.close()
+    backend.shutdown()
     info = framework.info(device)
     described = " ".join((reference.__doc__ or "").split())
     return {"framework": framework.name, "version": info.version, "device": info.device, "model": args.model,

@@ -214,11 +214,11 @@ class ModelLoader:
         )
         started = time.perf_counter()
         try:
-            backend.load()
+            backend.start()
             loaded = time.perf_counter() - started
             warmed = warm_up(backend, batching, settings.compile) if settings.warmup else 0.0
         except BaseException:
-            backend.close()
+            backend.shutdown()
             raise
         compiled = settings.compile == "on"
         inner = {key: backend.timings.get(key, 0.0) for key in ("export_s", "compile_s")}
@@ -239,6 +239,7 @@ class ModelLoader:
             **info.extra,
             "precision": settings.precision,
             "compile": settings.compile,
+            **backend.reported,
             **{key: f"{value:.3f}" for key, value in timings.items()},
             # Integer inputs' accepted values, so that load generators stay within them.
             **{f"range.{spec.name}": f"{spec.value_range[0]},{spec.value_range[1]}"
@@ -259,7 +260,7 @@ class ModelLoader:
     def _serve(self, runtime: ModelRuntime) -> None:
         """Start ``runtime`` and route to it, unless the server is draining (then close it)."""
         if self.servicer.draining:
-            runtime.backend.close()
+            runtime.backend.shutdown()
             return
         runtime.start()
         self.servicer.add(runtime)
@@ -317,7 +318,7 @@ class ModelLoader:
         if not runtime.wait_idle(grace) or not runtime.batcher.drain(grace):
             log.error("model %s version %s: still busy %.1f s after it was retired; closing it anyway", name,
                       version, grace)  # fmt: skip
-        runtime.backend.close()
+        runtime.backend.shutdown()
         log.info("model %s: version %s retired", name, version)
 
     def _remember_failure(self, source: Source, version: int) -> None:
@@ -342,14 +343,16 @@ def _mtime(path: Path) -> float:
 
 
 def warm_up(backend: Backend, batching: BatchingSettings, compile: str) -> float:
-    """Run every warm-up shape: each batch size times ``backend.warm_up_inputs``; seconds taken.
+    """Run every warm-up shape: each batch size times ``backend.warm_up_inputs``, as served
+    (``backend.forward``); seconds taken.
 
-    Compiled, the sizes are every size the batcher can produce (the preferred sizes and every
-    size above the largest of them; without preferred sizes 1..max_batch_size); otherwise 1,
-    the preferred sizes and the largest."""
+    Compiled, or on a GPU, the sizes are every size the batcher can produce (the preferred
+    sizes and every size above the largest of them; without preferred sizes 1..max_batch_size):
+    a compiled graph is specialised per shape, and cuDNN/cuBLAS pick (cuDNN autotunes) their
+    kernels per shape on first use. Otherwise (eager, CPU) 1, the preferred sizes and the largest."""
     started = time.perf_counter()
     preferred, largest = batching.preferred_batch_sizes, batching.max_batch_size
-    if compile != "on":
+    if compile != "on" and backend.device == "cpu":
         sizes = sorted({1, *preferred, largest})
     elif preferred:
         sizes = sorted({*preferred, *range(max(preferred) + 1, largest + 1)})
@@ -358,6 +361,6 @@ def warm_up(backend: Backend, batching: BatchingSettings, compile: str) -> float
     rng = np.random.default_rng(0)
     for size in sizes:
         for inputs in backend.warm_up_inputs(size, rng):
-            backend.predict(inputs)
+            backend.forward(inputs)
     backend.warmed_up = True
     return time.perf_counter() - started

@@ -68,7 +68,7 @@ class ModelRuntime:
         self.last_refused = 0.0
         self.decoder = RequestDecoder(model, batching.max_batch_size)
         self.batcher = DynamicBatcher(
-            backend.predict, model.inputs, model.outputs, batching, metrics, pad_values=model.pad_values
+            backend.forward, model.inputs, model.outputs, batching, metrics, pad_values=model.pad_values
         )
         self._datatypes = {spec.name: spec.datatype for spec in model.outputs}
 

@@ -13,6 +13,7 @@ it free (see serving.batcher). On one core it answered the same identity request
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
@@ -129,6 +130,8 @@ class InferenceServer:
         self.port = 0
         self.metrics_port: int | None = None
         self.device = framework.resolve_device(settings.device)
+        if self.device != "cpu":
+            self.metrics.bind_gpu_memory(functools.partial(framework.gpu_memory, self.device))
         self.started_at = time.monotonic()
         self.ready_after_s: float | None = None
         self._server: grpc.Server | None = None
@@ -320,7 +323,7 @@ class InferenceServer:
                 self._server.stop(max(0.0, grace - (time.monotonic() - started))).wait()
             if drained:
                 for runtime in runtimes:
-                    runtime.backend.close()
+                    runtime.backend.shutdown()
             if self._metrics_http is not None:
                 self._metrics_http.shutdown()
                 self._metrics_http.server_close()

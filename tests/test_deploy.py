@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 import urllib.request
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -84,11 +84,18 @@ def compose() -> dict[str, Any]:
 
 
 def _expand(value: str, env: dict[str, str] | None = None) -> str:
-    """Compose's ${VAR:-default}, nested defaults included, with ``env`` or the defaults."""
+    """Compose's ${VAR:-default} (nested defaults included) and ${VAR:+if set}, with ``env`` or the defaults."""
     env = env or {}
-    pattern = re.compile(r"\$\{([A-Z_]+):-([^${}]*)\}")
+    pattern = re.compile(r"\$\{([A-Z_]+):([-+])([^${}]*)\}")
+
+    def substitute(match: re.Match[str]) -> str:
+        name, sign, word = match.groups()
+        if sign == "+":
+            return word if env.get(name) else ""
+        return env.get(name) or word
+
     while True:
-        expanded = pattern.sub(lambda m: env.get(m.group(1), m.group(2)), value)
+        expanded = pattern.sub(substitute, value)
         if expanded == value:
             return expanded
         value = expanded
@@ -299,6 +306,49 @@ def test_build_context_holds_what_the_image_copies() -> None:
         sources |= set(re.findall(r"--mount=type=bind,source=([^,\s]+)", args))
     assert sources == allowed
     assert all((ROOT / source).exists() for source in sources)
+
+
+def test_compile_capable_torch_images_are_a_build_argument_away(compose: dict[str, Any]) -> None:
+    """TORCH_TOOLCHAIN=1 builds torch_server with the compiler toolchain under a tag of its own (GPU
+    and CPU variants alike); unset, the slim image keeps its tag. TensorFlow's XLA needs none."""
+    cpu = load_compose("docker-compose.cpu.yml")["services"]["torch_server"]
+    for spec, tag in ((compose["services"]["torch_server"], "0.1.0"), (cpu, "0.1.0-cpu")):
+        assert _expand(spec["build"]["args"]["TOOLCHAIN"]) == ""
+        assert _expand(spec["image"]) == f"oip-serving/torch_server:{tag}"
+        assert _expand(spec["build"]["args"]["TOOLCHAIN"], {"TORCH_TOOLCHAIN": "1"}) == "1"
+        assert _expand(spec["image"], {"TORCH_TOOLCHAIN": "1"}) == f"oip-serving/torch_server:{tag}-toolchain"
+    assert "TOOLCHAIN" not in compose["services"]["tf_server"]["build"]["args"]
+    instructions = dockerfile_instructions()
+    assert ("ARG", 'TOOLCHAIN=""') in instructions
+    assert ("ENV", "CUDA_HOME=/opt/cuda") in instructions
+    checks = [body for kind, body in instructions if kind == "RUN" and "missing_for_compile" in body]
+    assert len(checks) == 1  # the toolchain image is checked at build by the server's own start-up check
+
+
+def test_cuda_home_links_the_headers_of_the_cuda_runtime_wheel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    site = tmp_path / "site"
+    (site / "nvidia" / "cuda_runtime" / "include").mkdir(parents=True)
+    (site / "nvidia" / "cuda_runtime" / "include" / "cuda.h").write_text("")
+
+    class Dist:
+        def __init__(self, name: str, files: list[str]) -> None:
+            self.metadata = {"Name": name}
+            self.files = [PurePosixPath(file) for file in files]
+
+        def locate_file(self, file: PurePosixPath) -> Path:
+            return site / file
+
+    dists = [
+        Dist("numpy", ["numpy/__init__.py"]),
+        Dist("nvidia-cuda-runtime-cu12", ["nvidia/cuda_runtime/__init__.py", "nvidia/cuda_runtime/include/cuda.h"]),
+    ]
+    monkeypatch.setattr(image_requirements.importlib.metadata, "distributions", lambda: dists)
+    link = tmp_path / "cuda"
+    assert image_requirements.cuda_home(link) == site / "nvidia" / "cuda_runtime"
+    assert (link / "include" / "cuda.h").is_file()
+    monkeypatch.setattr(image_requirements.importlib.metadata, "distributions", lambda: dists[:1])
+    assert image_requirements.cuda_home(tmp_path / "none") is None  # a CPU image: no link
+    assert not (tmp_path / "none").exists()
 
 
 def test_image_requirements_per_extras() -> None:

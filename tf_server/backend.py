@@ -21,8 +21,15 @@ Precision and compilation (``--precision``, ``--compile``):
   longest sequence, and outputs cut back, so warm-up can compile every shape the batcher
   can produce: each batch size times each sequence bucket (``warm_up_inputs``). A shape
   met for the first time while serving is compiled then, and logged as a warning.
-- On a GPU every op must run there: soft device placement is off (no silent CPU fallback).
-  Where the variables and outputs live is logged once at load, and checked. Inputs reach the GPU
+- On a GPU every op should run there: the model loads with soft device placement off, so an
+  op placed elsewhere is an error, not a silent CPU fallback. If that load fails because an op
+  has no GPU kernel (some ops have none in bf16/fp16), it loads again with soft placement on
+  (such ops run on the CPU, with copies around them), says so in a warning and reports it
+  in ModelConfig (``soft_placement``: ``on: <TensorFlow's reason>``, else ``off``), so its cost shows
+  in every measurement of that server; the GPU check reports it per run. Soft placement is
+  process-wide in TensorFlow: it stays on for the process once a model needed it.
+  Where the variables and outputs live is logged once at load, and checked (strictly
+  placed: all on the GPU). Inputs reach the GPU
   as one host-to-device copy per input (TensorFlow stages them through its own pinned
   buffers) and outputs come back once each (``.numpy()``).
 """
@@ -53,13 +60,22 @@ Call = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
 
 
 def tf_device_name(device: str) -> str:
-    """TF's name for a resolved device: ``"cpu"`` -> ``"/CPU:0"``, ``"cuda:N"`` -> ``"/GPU:N"``."""
+    """TF's name for a resolved device: ``"cpu"`` -> ``"/CPU:0"``, ``"cuda:N"`` -> ``"/GPU:K"``, K
+    the position of physical GPU N among the GPUs visible to TensorFlow (0 once
+    ``TensorFlowFramework.configure`` has narrowed visibility to it)."""
     if device == "cpu":
         return "/CPU:0"
     kind, _, index = device.partition(":")
     if kind != "cuda" or not index.isdigit():
         raise ValueError(f"not a resolved device: {device!r} (expected cpu or cuda:N)")
-    return f"/GPU:{index}"
+    physical = tf.config.list_physical_devices("GPU")
+    if int(index) >= len(physical):
+        return f"/GPU:{index}"  # TensorFlow sees no such GPU: placing there fails, naming it
+    visible = [gpu.name for gpu in tf.config.get_visible_devices("GPU")]
+    name = physical[int(index)].name
+    if name not in visible:
+        raise ValueError(f"{device}: TensorFlow was configured for another GPU (visible: {visible})")
+    return f"/GPU:{visible.index(name)}"
 
 
 def structured_call(signature: Any) -> Call:
@@ -187,6 +203,10 @@ def load_saved_model(directory: Path) -> Any:
         return tf.saved_model.load(str(link))
 
 
+#: What TensorFlow's errors say when an op cannot be placed on the device asked for.
+_PLACEMENT_ERRORS = ("Could not satisfy", "no supported kernel", "Cannot assign a device", "No registered")
+
+
 class TFBackend(Backend):
     """One SavedModel; the version directory is the SavedModel directory (TF Serving layout)."""
 
@@ -244,8 +264,25 @@ class TFBackend(Backend):
 
     def load(self) -> None:
         tf.config.experimental.enable_tensor_float_32_execution(self.precision == "tf32")
-        if not self._on_cpu:
-            tf.config.set_soft_device_placement(False)
+        if self._on_cpu:
+            self._load()
+            return
+        tf.config.set_soft_device_placement(False)
+        try:
+            self._load()
+            self.reported["soft_placement"] = "off"
+        except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as err:
+            reason = " ".join(str(err.message).split())
+            if not any(sign in reason for sign in _PLACEMENT_ERRORS):
+                raise
+            log.warning("%s: an op cannot run on %s (%s); loading again with soft device placement: such ops run "
+                        "on the CPU (ModelConfig reports soft_placement)", self.name, self._tf_device,
+                        reason[:500])  # fmt: skip
+            tf.config.set_soft_device_placement(True)
+            self._load()
+            self.reported["soft_placement"] = f"on: {reason[:300]}"
+
+    def _load(self) -> None:
         with tf.device(self._tf_device):
             self._saved_model = load_saved_model(self.saved_model_dir())
         self._signature = self._saved_model.signatures["serving_default"]
@@ -309,7 +346,8 @@ class TFBackend(Backend):
         log.info("%s: placement: variables on %s, outputs computed on %s", self.name, ", ".join(sorted(variables)),
                  ", ".join(sorted(computed)))  # fmt: skip
         wanted = self._tf_device.lstrip("/").upper()
-        if not all(device.upper().endswith(wanted) for device in variables | computed):
+        strict = self._on_cpu or not tf.config.get_soft_device_placement()
+        if strict and not all(device.upper().endswith(wanted) for device in variables | computed):
             raise RuntimeError(f"{self.name}: placed outside {self._tf_device}: {sorted(variables | computed)}")
 
     def _feed(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

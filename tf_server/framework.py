@@ -32,9 +32,14 @@ class TensorFlowFramework:
     default_port = 8003
 
     def configure(self, threads: int | None, device: str) -> None:
-        """Set intra-op and inter-op pool sizes (both to ``threads``); hide GPUs for ``cpu``,
-        enable memory growth on them otherwise; turn TF32 off (strict fp32, as torch_server).
-        Must run before TensorFlow's first op."""
+        """Set intra-op and inter-op pool sizes (both to ``threads``); make only the chosen GPU
+        visible (none for ``cpu``), with memory growth; turn TF32 off (strict fp32, as
+        torch_server). Must run before TensorFlow's first op.
+
+        TensorFlow opens a context, and reserves memory, on every GPU it can see: without
+        narrowing, each tf_server process would hold all of a host's GPUs. The chosen GPU keeps
+        its name (``cuda:N``, N among the GPUs CUDA_VISIBLE_DEVICES leaves); inside TensorFlow
+        it is then ``/GPU:0`` (``tf_server.backend.tf_device_name``)."""
         import tensorflow as tf
 
         resolved = self.resolve_device(device)
@@ -46,12 +51,11 @@ class TensorFlowFramework:
                 tf.config.threading.set_intra_op_parallelism_threads(threads)
                 tf.config.threading.set_inter_op_parallelism_threads(threads)
             gpus = tf.config.list_physical_devices("GPU")
-            if resolved == "cpu":
-                if gpus:
-                    tf.config.set_visible_devices([], "GPU")
-            else:
-                for gpu in gpus:
-                    tf.config.experimental.set_memory_growth(gpu, True)
+            chosen = [] if resolved == "cpu" else [gpus[int(resolved.partition(":")[2])]]
+            if gpus:
+                tf.config.set_visible_devices(chosen, "GPU")
+            for gpu in chosen:
+                tf.config.experimental.set_memory_growth(gpu, True)
         except RuntimeError as exc:
             raise RuntimeError(
                 f"TensorFlow is already initialized, so threads={threads} / device={device!r} cannot be applied: "
@@ -67,7 +71,7 @@ class TensorFlowFramework:
         if precision == "tf32" and not on_cuda:
             raise ValueError(f"--precision tf32: it changes only CUDA matmul/convolution math, and {device} has none")
         if precision == "bf16" and on_cuda:
-            gpu = tf.config.get_visible_devices("GPU")[int(device.partition(":")[2] or 0)]
+            gpu = tf.config.list_physical_devices("GPU")[int(device.partition(":")[2] or 0)]
             details = tf.config.experimental.get_device_details(gpu)
             if tuple(details.get("compute_capability", (0, 0))) < (8, 0):
                 name = details.get("device_name", gpu.name)
@@ -79,7 +83,8 @@ class TensorFlowFramework:
         import tensorflow as tf
 
         wanted = device.strip().lower()
-        gpus = tf.config.get_visible_devices("GPU")
+        # Physical, not visible: configure() may have narrowed visibility to the chosen GPU.
+        gpus = tf.config.list_physical_devices("GPU")
         if wanted == "auto":
             return "cuda:0" if gpus else "cpu"
         if wanted == "cpu":
@@ -125,13 +130,15 @@ class TensorFlowFramework:
     def reference(self, model: ModelSignature, version_dir: Path, device: str, precision: str = "fp32") -> Reference:
         """The same SavedModel (of the same precision) and its ``serving_default`` graph through
         its inference function's ``call_flat`` on TF tensors, outputs left as tensors: its
-        fastest in-process call."""
+        fastest in-process call. On a GPU each call waits for its kernels
+        (``tf.test.experimental.sync_devices``), as the served pass waits for its outputs."""
         import tensorflow as tf
 
         from tf_server.backend import TFBackend, flat_input_names, load_saved_model, tf_device_name
 
         resolved = self.resolve_device(device)
         tf_device = tf_device_name(resolved)
+        on_gpu = resolved != "cpu"
         backend = TFBackend(model, Path(version_dir), resolved, precision)
         with tf.device(tf_device):
             signature = load_saved_model(backend.saved_model_dir()).signatures["serving_default"]
@@ -146,7 +153,10 @@ class TensorFlowFramework:
 
             def run() -> object:
                 with tf.device(tf_device):
-                    return function.call_flat(*tensors, *captured)
+                    outputs = function.call_flat(*tensors, *captured)
+                if on_gpu:  # kernels are queued, not done, when the call returns
+                    tf.test.experimental.sync_devices()
+                return outputs
 
             return run
 
@@ -165,7 +175,7 @@ class TensorFlowFramework:
         }
         if resolved.startswith("cuda"):
             index = int(resolved.partition(":")[2])
-            gpu = tf.config.get_visible_devices("GPU")[index]
+            gpu = tf.config.list_physical_devices("GPU")[index]
             name = tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
             build = tf.sysconfig.get_build_info()
             extra["cuda"] = str(build.get("cuda_version", ""))
@@ -173,6 +183,16 @@ class TensorFlowFramework:
         else:
             name = cpu_name()
         return FrameworkInfo(name=self.name, version=tf.__version__, device=name, extra=extra)
+
+    def gpu_memory(self, device: str) -> int | None:
+        """What TensorFlow's allocator holds on ``device`` (``get_memory_info``'s ``current``)."""
+        if device == "cpu":
+            return None
+        import tensorflow as tf
+
+        from tf_server.backend import tf_device_name
+
+        return int(tf.config.experimental.get_memory_info(tf_device_name(device).lstrip("/"))["current"])
 
 
 FRAMEWORK = TensorFlowFramework()

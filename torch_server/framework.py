@@ -8,8 +8,11 @@ Devices are reported as ``"cpu"`` or ``"cuda:N"``, the same strings as tf_server
 
 from __future__ import annotations
 
+import ctypes.util
 import logging
+import os
 import shutil
+import sysconfig
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -66,7 +69,8 @@ class TorchFramework:
 
     def check_options(self, device: str, precision: str, compile: str) -> None:
         """Refuse what torch cannot run here: tf32 off CUDA, bf16 on a GPU without bf16 kernels,
-        compilation without Inductor's toolchain (a C++ compiler; Triton on CUDA)."""
+        compilation without everything Inductor needs (``missing_for_compile``), each missing
+        part named in one line."""
         import torch
 
         on_cuda = device.startswith("cuda")
@@ -76,14 +80,9 @@ class TorchFramework:
             name = torch.cuda.get_device_name(torch.device(device))
             raise ValueError(f"--precision bf16: {name} has no bf16 kernels (compute capability 8.0 or newer needed)")
         if compile == "on":
-            compiler = _cpp_compiler()
-            if compiler is None:
-                raise ValueError("--compile on: torch's AOTInductor needs a C++ compiler (g++ or clang++); none found")
-            if on_cuda:
-                from torch.utils._triton import has_triton
-
-                if not has_triton():
-                    raise ValueError(f"--compile on: torch {torch.__version__} finds no usable Triton for {device}")
+            missing = missing_for_compile(on_cuda)
+            if missing:
+                raise ValueError(f"--compile on: torch's AOTInductor cannot compile here; missing {'; '.join(missing)}")
 
     def resolve_device(self, device: str) -> str:
         """``"auto"`` -> ``"cuda:0"`` when CUDA is available, else ``"cpu"``; ``"cuda"``/``"gpu"``
@@ -152,7 +151,8 @@ class TorchFramework:
     def reference(self, model: ModelSignature, version_dir: Path, device: str, precision: str = "fp32") -> Reference:
         """The eager ``nn.Module`` of the same layers and weights (torch_server.model.build) in
         the same precision, on torch tensors, under ``torch.inference_mode``; for a model of the
-        user's own, the exported program's ``module()``."""
+        user's own, the exported program's ``module()``. On a GPU each call waits for its
+        kernels (``torch.cuda.synchronize``), as the served pass waits for its outputs."""
         import numpy as np
         import torch
 
@@ -172,11 +172,15 @@ class TorchFramework:
 
             def run() -> object:
                 with torch.inference_mode():
-                    return module(*tensors)
+                    outputs = module(*tensors)
+                if on_cuda:  # kernels are queued, not done, when the call returns
+                    torch.cuda.synchronize(module_device)
+                return outputs
 
             return run
 
         module_device = self.resolve_device(device)
+        on_cuda = module_device.startswith("cuda")
         prepare.__doc__ = self.reference.__doc__
         return prepare
 
@@ -198,6 +202,55 @@ class TorchFramework:
             name = cpu_name()
         return FrameworkInfo(name=self.name, version=torch.__version__, device=name, extra=extra)
 
+    def gpu_memory(self, device: str) -> int | None:
+        """What torch's caching allocator holds on ``device`` (``torch.cuda.memory_reserved``)."""
+        return _reserved(device)
+
+
+def _reserved(device: str) -> int | None:
+    import torch
+
+    if not device.startswith("cuda"):
+        return None
+    return int(torch.cuda.memory_reserved(torch.device(device)))
+
+
+def missing_for_compile(on_cuda: bool, at_run_time: bool = True) -> list[str]:
+    """What ``--compile on`` needs and this host lacks, each named with where to get it.
+
+    Everywhere: a C++ compiler (AOTInductor compiles the model's kernels and wrapper to a
+    shared library). On CUDA also: Triton (it generates the GPU kernels), a C compiler and
+    Python's headers (Triton builds its kernel launchers at run time), the CUDA headers
+    (the wrapper includes cuda.h; found through CUDA_HOME, nvcc on PATH or /usr/local/cuda)
+    and the driver's libcuda. ``at_run_time=False`` (an image build, no GPU there) leaves out
+    what only a GPU host can have: a usable Triton and the driver library.
+    """
+    import torch
+
+    missing = []
+    if _cpp_compiler() is None:
+        missing.append("a C++ compiler (g++ or clang++ on PATH, or CXX; the image's TOOLCHAIN=1 build)")
+    if not on_cuda:
+        return missing
+    if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+        missing.append("a C compiler for Triton's kernel launchers (gcc or clang on PATH, or CC)")
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+        missing.append(f"Python's C headers ({sysconfig.get_paths()['include']}/Python.h: python3-dev)")
+    home = _cuda_home()
+    if home is None or not (Path(home) / "include" / "cuda.h").is_file():
+        where = f"CUDA_HOME={home} has no include/cuda.h" if home else "no CUDA_HOME, nvcc or /usr/local/cuda"
+        missing.append(
+            f"the CUDA headers ({where}: a CUDA toolkit, or CUDA_HOME set to the nvidia-cuda-runtime wheel's folder)"
+        )
+    if at_run_time:
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            missing.append(f"a Triton that torch {torch.__version__} can use on this GPU")
+        if ctypes.util.find_library("cuda") is None:
+            missing.append("the CUDA driver library (libcuda.so, from the NVIDIA driver)")
+    return missing
+
 
 def _cpp_compiler() -> str | None:
     """The C++ compiler Inductor would use (its own choice, else CXX or g++/clang++ on PATH)."""
@@ -207,6 +260,14 @@ def _cpp_compiler() -> str | None:
         return shutil.which(get_cpp_compiler())
     except Exception:  # its lookup raises when it finds none
         return None
+
+
+def _cuda_home() -> str | None:
+    """Where torch's C++ builds look for CUDA (CUDA_HOME or CUDA_PATH, else nvcc's folder, else
+    /usr/local/cuda when it exists)."""
+    from torch.utils.cpp_extension import _find_cuda_home
+
+    return _find_cuda_home()
 
 
 FRAMEWORK = TorchFramework()
