@@ -1,6 +1,11 @@
-"""Load tests and the torch_server / tf_server comparison.
+"""Load tests and the torch_server / tf_server comparison: ``python -m loadtest --help``.
+
+Rooms: ``users`` (Locust: the gRPC user, the locustfile, shapes, TLS, latency files),
+``compare`` (plan, run, parity, report), ``tools`` (bench, stages, bare, coldstart, overhead,
+overload, scaling, soak, fuzz). Shared at the top: ``servers`` (starting servers),
+``workload`` (what a request carries), ``driver`` and ``openloop`` (asyncio load),
+``stats`` and ``sampling`` (latency statistics, resource samples).
 
 Import order matters: modules that load Locust (gevent monkey patching) must be
-imported before TensorFlow or requests. Nothing in this package imports either
-framework.
+imported before TensorFlow or requests. Nothing in this package imports a framework.
 """

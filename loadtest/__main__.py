@@ -1,23 +1,42 @@
-"""``python -m loadtest {compare,report}``.
+"""``python -m loadtest <command>``: every load-testing tool of the suite, one entry point.
 
-compare   start both servers (or target running ones), load them identically, write a report folder
-report    re-render report.md, report.html and the plots of a results.json
+``python -m loadtest --help`` lists the commands; ``python -m loadtest <command> --help`` tells
+one. A tool's module is imported only when it runs (some load grpc.aio, some the frameworks).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from loadtest import compare
+#: command -> (module with ``main(argv) -> int``, what it does). compare and report are below.
+TOOLS: dict[str, tuple[str, str]] = {
+    "bench": ("loadtest.tools.bench", "what the served path costs beyond the model and gRPC (ratios, one run)"),
+    "stages": ("loadtest.tools.stages", "what each stage of one request costs on the served path, in-process"),
+    "bare": ("loadtest.tools.bare", "the plumbing ceiling: a bare identity server, no model"),
+    "drive": ("loadtest.driver", "a lean closed-loop gRPC load generator (grpc.aio, no Locust)"),
+    "coldstart": ("loadtest.tools.coldstart", "cold start to SERVING and idle memory of each server"),
+    "overhead": ("loadtest.tools.overhead", "what our Locust user costs the load generator per request"),
+    "overload": ("loadtest.tools.overload", "open-loop load past capacity and back: refusals, not collapse"),
+    "scaling": ("loadtest.tools.scaling", "throughput of 1..N server worker processes behind one port"),
+    "soak": ("loadtest.tools.soak", "a steady share of capacity for minutes: what drifts"),
+    "fuzz": ("loadtest.tools.fuzz", "malformed ModelInfer requests, each owed a precise status"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m loadtest", description="torch_server vs tf_server comparison.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    from loadtest.compare import run as compare
+
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest",
+        description="torch_server vs tf_server: the comparison, its report, and the load-testing tools.",
+        epilog="Locust itself: locust -f loadtest/locustfile.py --host HOST (see its docstring).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
     compare.add_arguments(
         commands.add_parser(
             "compare",
@@ -27,15 +46,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report = commands.add_parser("report", help="re-render a report folder from its results.json")
     report.add_argument("results", type=Path, help="a results.json written by compare")
+    for name, (_, summary) in TOOLS.items():
+        commands.add_parser(name, help=summary, add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TOOLS:
+        module = importlib.import_module(TOOLS[argv[0]][0])
+        called, sys.argv[0] = sys.argv[0], f"python -m loadtest {argv[0]}"  # its usage line names the command
+        try:
+            return int(module.main(argv[1:]))
+        finally:
+            sys.argv[0] = called
     args = build_parser().parse_args(argv)
     if args.command == "compare":
+        from loadtest.compare import run as compare
+
         return compare.main(args, argv)
-    from loadtest.report import write_report
+    from loadtest.compare.report import write_report
 
     write_report(json.loads(args.results.read_text()), args.results.parent)
     print(args.results.parent / "report.html")

@@ -1,14 +1,21 @@
-"""A lean closed-loop gRPC load generator for benchmarks (one process, grpc.aio).
+"""The load engine of the asyncio tools (grpc.aio, one process, no Locust): one request pool,
+a closed loop and an open loop. bench, scaling, overload, soak and the GPU check drive
+servers through it; Locust is the load driver for scenarios (``loadtest.users``).
 
-    python -m loadtest.driver --target 127.0.0.1:8001 --model mlp --concurrency 8 --seconds 5
+    python -m loadtest drive --target 127.0.0.1:8001 --model mlp --concurrency 8 --seconds 5
 
-``concurrency`` coroutines each send pre-built ModelInfer requests back to back on
-``channels`` connections (default one; a server of several workers needs several, since
-the kernel spreads connections, not requests) for ``warmup`` + ``seconds``; only requests that start after the
-warm-up count. Prints one JSON object: requests, errors, rows/s, requests/s,
-latency percentiles (µs) and this process's CPU use (to detect a saturated
-generator). Locust is the load driver for scenarios; this is the minimal-overhead
-driver the benchmark uses to find a server's ceiling.
+- ``RequestPool``: pre-built ModelInfer requests, cycled (random inputs from the model's
+  metadata, as ``python -m client infer --random`` makes them, or the zoo model's examples).
+- ``closed_loop``: ``concurrency`` callers send back to back over ``channels`` connections
+  (a server of several workers needs several: the kernel spreads connections, not
+  requests) for ``warmup`` + ``seconds``; only requests that start after the warm-up count.
+- ``open_loop``: each request is sent at its scheduled time whatever earlier ones are doing,
+  its deadline and latency counted from that time (no coordinated omission), optionally
+  bounded in flight (an arrival beyond the bound is recorded as GENERATOR_BACKLOG, unsent).
+
+``drive`` (the command) prints one JSON object: requests, errors, rows/s, requests/s, latency
+percentiles (µs) and this process's CPU share (near 1.0: the generator, not the server, set
+the pace).
 """
 
 from __future__ import annotations
@@ -18,17 +25,29 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import grpc.aio
 import numpy as np
 
+import modelzoo
 from contract import codec
 from contract.protocol import inference_pb2 as pb
 from contract.protocol import inference_pb2_grpc as pb_grpc
 from contract.random_tensors import random_array
 from loadtest.stats import percentiles
+
+#: Channel options of every connection the engine opens (a connection per channel).
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.use_local_subchannel_pool", 1),
+]
+#: Status recorded for an open-loop arrival that was not sent: ``max_in_flight`` were outstanding.
+BACKLOG = "GENERATOR_BACKLOG"
 
 
 def random_inputs(metadata: pb.ModelMetadataResponse, batch_size: int, seq_len: int, rng: np.random.Generator) -> dict:
@@ -42,6 +61,132 @@ def random_inputs(metadata: pb.ModelMetadataResponse, batch_size: int, seq_len: 
     return arrays
 
 
+@dataclass(frozen=True)
+class RequestPool:
+    """Pre-built requests, sent in turn (building one per send would load the generator)."""
+
+    requests: tuple[pb.ModelInferRequest, ...]
+
+    def __getitem__(self, index: int) -> pb.ModelInferRequest:
+        return self.requests[index % len(self.requests)]
+
+    @classmethod
+    async def from_metadata(
+        cls, stub: pb_grpc.GRPCInferenceServiceAsyncStub, model: str, batch_size: int = 1, seq_len: int = 16,
+        count: int = 16, seed: int = 0,
+    ) -> RequestPool:  # fmt: skip
+        """Random inputs shaped by the server's ModelMetadata of ``model``."""
+        metadata = await stub.ModelMetadata(pb.ModelMetadataRequest(name=model), timeout=30)
+        rng = np.random.default_rng(seed)
+        return cls(tuple(codec.build_request(model, random_inputs(metadata, batch_size, seq_len, rng))
+                         for _ in range(count)))  # fmt: skip
+
+    @classmethod
+    def from_zoo(cls, model: str, seq_len: int = 16, count: int = 64) -> RequestPool:
+        """Batch-1 requests of the zoo model's own example inputs (``seq_len`` tokens for the encoder)."""
+        definition = modelzoo.get(model)
+        rng = np.random.default_rng(0)
+        extra = {"seq_len": seq_len} if "max_len" in definition.params else {}
+        return cls(tuple(codec.build_request(model, definition.example_inputs(1, rng, **extra)) for _ in range(count)))
+
+
+def channels(target: str, count: int = 1) -> list[grpc.aio.Channel]:
+    """``count`` connections to ``target`` (insecure: the engine loads loopback servers)."""
+    return [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(count)]
+
+
+@dataclass
+class ClosedLoop:
+    """What a closed loop saw after its warm-up: latencies (s), errors by status, and all
+    requests completed (the warm-up's too); ``generator_cpu``: this process's CPU share."""
+
+    seconds: float
+    latencies: list[float] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+    completed: int = 0
+    generator_cpu: float = 0.0
+
+    @property
+    def requests_per_s(self) -> float:
+        return len(self.latencies) / self.seconds
+
+
+async def closed_loop(
+    stubs: Sequence[pb_grpc.GRPCInferenceServiceAsyncStub], pool: RequestPool, concurrency: int, seconds: float,
+    warmup: float = 0.0, timeout: float = 30.0,
+) -> ClosedLoop:  # fmt: skip
+    """``concurrency`` callers over ``stubs`` (one per connection) sending back to back."""
+    result = ClosedLoop(seconds)
+    measure_from = time.perf_counter() + warmup
+    stop_at = measure_from + seconds
+
+    async def caller(index: int) -> None:
+        stub = stubs[index % len(stubs)]
+        while (sent := time.perf_counter()) < stop_at:
+            try:
+                await stub.ModelInfer(pool[index], timeout=timeout)
+                result.completed += 1
+                if sent >= measure_from:
+                    result.latencies.append(time.perf_counter() - sent)
+            except grpc.aio.AioRpcError as err:
+                if sent >= measure_from:
+                    result.errors[err.code().name] = result.errors.get(err.code().name, 0) + 1
+            index += concurrency
+
+    cpu_before, wall_before = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(caller(i) for i in range(concurrency)))
+    result.generator_cpu = (time.process_time() - cpu_before) / (time.perf_counter() - wall_before)
+    return result
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """One open-loop request: its tag, scheduled time (s from the loop's origin), send lag
+    (s), latency from its scheduled time (s), and status ("OK", a gRPC code, BACKLOG)."""
+
+    tag: str
+    scheduled: float
+    lag: float
+    latency: float
+    status: str
+    details: str = ""
+
+
+async def open_loop(
+    stub: pb_grpc.GRPCInferenceServiceAsyncStub, pool: RequestPool, schedule: Iterable[tuple[str, float]],
+    deadline_s: float, max_in_flight: int | None = None,
+) -> list[Arrival]:  # fmt: skip
+    """Send ``pool``'s requests at the ``schedule``'s times ((tag, seconds from now) in
+    order), each with a deadline of ``deadline_s`` from its scheduled time; wait for all."""
+    arrivals: list[Arrival] = []
+    tasks: set[asyncio.Task[None]] = set()
+    origin = time.perf_counter()
+
+    async def send(tag: str, index: int, scheduled: float) -> None:
+        lag = time.perf_counter() - scheduled
+        status, details = "OK", ""
+        try:
+            await stub.ModelInfer(pool[index], timeout=max(deadline_s - lag, 0.001))
+        except grpc.aio.AioRpcError as err:
+            status, details = err.code().name, err.details() or ""
+        arrivals.append(Arrival(tag, scheduled - origin, lag, time.perf_counter() - scheduled, status, details))
+
+    for index, (tag, offset) in enumerate(schedule):
+        scheduled = origin + offset
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if max_in_flight is not None and len(tasks) >= max_in_flight:
+            arrivals.append(Arrival(tag, offset, time.perf_counter() - scheduled, 0.0, BACKLOG))
+            continue
+        task = asyncio.get_running_loop().create_task(send(tag, index, scheduled))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    while tasks:
+        await asyncio.gather(*list(tasks))
+    return arrivals
+
+
 async def drive(
     target: str,
     model: str,
@@ -50,67 +195,31 @@ async def drive(
     warmup: float,
     batch_size: int,
     seq_len: int,
-    channels: int = 1,
+    channel_count: int = 1,
 ) -> dict[str, Any]:
-    """``concurrency`` callers over ``channels`` connections (a server of several workers
-    gets connections, not requests, spread over them)."""
-    options = [
-        ("grpc.max_receive_message_length", 64 << 20),
-        ("grpc.max_send_message_length", 64 << 20),
-        ("grpc.use_local_subchannel_pool", 1),  # a connection per channel
-    ]
-    opened = [grpc.aio.insecure_channel(target, options=options) for _ in range(channels)]
+    """A closed loop against ``target`` with random inputs, summed up as the command prints it."""
+    opened = channels(target, channel_count)
     try:
         stubs = [pb_grpc.GRPCInferenceServiceStub(channel) for channel in opened]
-        metadata = await stubs[0].ModelMetadata(pb.ModelMetadataRequest(name=model), timeout=30)
-        rng = np.random.default_rng(0)
-        pool = [codec.build_request(model, random_inputs(metadata, batch_size, seq_len, rng)) for _ in range(16)]
-        start = time.perf_counter()
-        measure_from = start + warmup
-        stop_at = measure_from + seconds
-        latencies: list[float] = []
-        errors: dict[str, int] = {}
-        completed = [0]
-
-        async def worker(index: int) -> None:
-            stub = stubs[index % channels]
-            i = index
-            while True:
-                sent = time.perf_counter()
-                if sent >= stop_at:
-                    return
-                try:
-                    await stub.ModelInfer(pool[i % len(pool)], timeout=30)
-                    completed[0] += 1
-                    if sent >= measure_from:
-                        latencies.append(time.perf_counter() - sent)
-                except grpc.aio.AioRpcError as err:
-                    if sent >= measure_from:
-                        errors[err.code().name] = errors.get(err.code().name, 0) + 1
-                i += 1
-
-        cpu_before = time.process_time()
-        wall_before = time.perf_counter()
-        await asyncio.gather(*(worker(i) for i in range(concurrency)))
-        cpu = (time.process_time() - cpu_before) / (time.perf_counter() - wall_before)
+        pool = await RequestPool.from_metadata(stubs[0], model, batch_size, seq_len)
+        loop = await closed_loop(stubs, pool, concurrency, seconds, warmup)
     finally:
         for channel in opened:
             await channel.close(None)
-    latencies_us = np.asarray(latencies) * 1e6
     return {
         "target": target,
         "model": model,
         "concurrency": concurrency,
-        "channels": channels,
+        "channels": channel_count,
         "batch_size": batch_size,
         "seconds": seconds,
-        "requests": len(latencies),
-        "requests_all": completed[0],
-        "errors": errors,
-        "requests_per_s": len(latencies) / seconds,
-        "rows_per_s": len(latencies) * batch_size / seconds,
-        "latency_us": percentiles(latencies_us),
-        "generator_cpu": cpu,
+        "requests": len(loop.latencies),
+        "requests_all": loop.completed,
+        "errors": loop.errors,
+        "requests_per_s": loop.requests_per_s,
+        "rows_per_s": loop.requests_per_s * batch_size,
+        "latency_us": percentiles(np.asarray(loop.latencies) * 1e6),
+        "generator_cpu": loop.generator_cpu,
     }
 
 

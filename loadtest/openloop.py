@@ -39,7 +39,7 @@ from gevent.event import Event
 from locust.env import Environment
 from locust.runners import MasterRunner
 
-from loadtest.grpc_user import ClientBacklog, GrpcUser, Outcome, recorder_for
+from loadtest.users.grpc_user import ClientBacklog, GrpcUser, Outcome, recorder_for
 
 #: A send later than this after its scheduled time counts as late.
 LATE_S = 0.002

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
-MODULES = {"torch": "torch_server", "tensorflow": "tf_server", "tf": "tf_server", "bare": "loadtest.bare"}
+MODULES = {"torch": "torch_server", "tensorflow": "tf_server", "tf": "tf_server", "bare": "loadtest.tools.bare"}
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -7,12 +7,12 @@
 - ``resource_stats``: CPU, RSS, GPU and the servers' metric deltas from the resource
   samples (``Tick``) taken inside the window only, never in the warm-up before it.
 - ``requests_per_worker``: a scrape's ``inference_worker_requests_total`` by worker (the
-  comparison and ``loadtest.scaling`` share it); ``worker_balance``: how a step's
+  comparison and ``loadtest.tools.scaling`` share it); ``worker_balance``: how a step's
   requests spread over the workers, and whether one got too few (``UNBALANCED_SHARE``).
 - ``decide``: whether one server beats another on values over repeats, by a stated rule
   (``DECISION_RULE``), else "no difference beyond noise".
 
-No I/O here: ``loadtest.sampling`` takes the samples, ``loadtest.compare`` runs the steps.
+No I/O here: ``loadtest.sampling`` takes the samples, ``loadtest.compare.run`` runs the steps.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from loadtest.latency_file import Samples
+from loadtest.users.latency_file import Samples
 
 WORKER_REQUESTS = "inference_worker_requests_total"
 #: A worker that answered less than this fraction of its fair share (requests / workers) makes a step unbalanced.

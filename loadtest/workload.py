@@ -1,7 +1,7 @@
 """What a load test sends: its settings and the pool of pre-encoded requests.
 
 Free of gevent and Locust, so the comparison runner, the tests and any tool can import it
-without monkey-patching their process (``loadtest.grpc_user`` is the Locust side).
+without monkey-patching their process (``loadtest.users.grpc_user`` is the Locust side).
 
 - ``LoadSettings``: what each request looks like (model, batch size, encoding, deadline, ...).
 - ``InputPool``: ModelInferRequests built from the target's ModelMetadata/ModelConfig,

@@ -18,10 +18,12 @@ import numpy as np
 import pytest
 
 from contract.protocol import inference_pb2 as pb
-from loadtest import compare, plan, report, sampling, stats
-from loadtest.latency_file import Samples, read_latencies
+from loadtest import sampling, stats
+from loadtest.compare import plan, report
+from loadtest.compare import run as compare
 from loadtest.servers import ServerProcess
 from loadtest.stats import Tick
+from loadtest.users.latency_file import Samples, read_latencies
 
 ROOT = Path(__file__).resolve().parent.parent
 

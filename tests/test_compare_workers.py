@@ -11,7 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from loadtest import compare, plan, report, sampling, stats
+from loadtest import sampling, stats
+from loadtest.compare import plan, report
+from loadtest.compare import run as compare
 from loadtest.servers import ServerProcess
 from loadtest.stats import Tick
 from tests.test_compare import _synthetic_results

@@ -23,7 +23,7 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
 from client import InferenceClient
-from loadtest.compare import check_writable
+from loadtest.compare.run import check_writable
 from scripts.dashboard import dashboard_queries, metric_names
 from serving import probe
 from serving.cli import build_parser
@@ -210,7 +210,7 @@ def test_tls_variant_sets_real_settings() -> None:
         assert settings == {"TLS_CERT", "TLS_KEY", "AUTH_TOKEN_FILE"}
         assert settings <= SETTINGS_FIELDS
     # The locustfile's options read LOADTEST_<OPTION> (imported here it would patch this process with gevent).
-    options = set(re.findall(r'option\("(--[a-z-]+)"', (ROOT / "loadtest" / "locustfile.py").read_text()))
+    options = set(re.findall(r'option\("(--[a-z-]+)"', (ROOT / "loadtest" / "users" / "locustfile.py").read_text()))
     for name in ("locust-master", "locust-worker"):
         env = environment(tls[name])
         assert set(env) == {"LOADTEST_TLS_CA", "LOADTEST_AUTH_TOKEN_FILE"}

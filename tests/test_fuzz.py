@@ -3,8 +3,8 @@ gets the precise status it is owed, never UNKNOWN or INTERNAL, in one line witho
 traceback; huge declared shapes are refused before anything is allocated; a message over
 the limit is RESOURCE_EXHAUSTED; and the servers answer as before afterwards.
 
-The cases and their owed statuses are ``loadtest.fuzz``'s (its docstring lists them);
-``python -m loadtest.fuzz --server torch,tf --requests 10000`` is the full run. Here
+The cases and their owed statuses are ``loadtest.tools.fuzz``'s (its docstring lists them);
+``python -m loadtest fuzz --server torch,tf --requests 10000`` is the full run. Here
 ``FUZZ_EXAMPLES`` (default 300) requests per server keep CI within seconds.
 """
 
@@ -17,7 +17,7 @@ from collections import Counter
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from loadtest import fuzz
+from loadtest.tools import fuzz
 from tests.conftest import FRAMEWORKS, BackgroundServer
 
 pytestmark = pytest.mark.timeout(600)

@@ -3,7 +3,7 @@ several Locust processes, the input pool, the latency files, the overhead tool.
 
 Locust only ever runs in child processes: importing it monkey-patches the interpreter
 with gevent, which must not leak into the rest of the pytest session. The input pool
-and the latency files (``loadtest.workload``, ``loadtest.latency_file``) are free of
+and the latency files (``loadtest.workload``, ``loadtest.users.latency_file``) are free of
 gevent and are tested here directly, against small in-process OIP servers.
 """
 
@@ -30,10 +30,11 @@ from contract.codec import request_inputs
 from contract.datatypes import CONFIG_DATATYPES, TensorSpec
 from contract.protocol import inference_pb2 as pb
 from contract.protocol import inference_pb2_grpc as pb_grpc
-from loadtest import plan, stats
-from loadtest.latency_file import LatencyRecorder, Samples, read_latencies
-from loadtest.security import TOKEN_ENV, ChannelSecurity
+from loadtest import stats
+from loadtest.compare import plan
 from loadtest.servers import ServerProcess
+from loadtest.users.latency_file import LatencyRecorder, Samples, read_latencies
+from loadtest.users.security import TOKEN_ENV, ChannelSecurity
 from loadtest.workload import InputPool, LoadSettings
 from tests.conftest import BackgroundServer
 from tests.fakes import FakeFramework
@@ -355,7 +356,7 @@ def test_latency_file_round_trip(tmp_path: Path, name: str) -> None:
 
 
 def test_overhead_tool_runs_against_the_bare_server() -> None:
-    command = [sys.executable, "-m", "loadtest.overhead", "--seconds", "1", "--rounds", "1", "--users", "2",
+    command = [sys.executable, "-m", "loadtest", "overhead", "--seconds", "1", "--rounds", "1", "--users", "2",
                "--rates", "100"]  # fmt: skip
     result = subprocess.run(command, check=False, cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=90)
     assert result.returncode == 0, result.stderr[-3000:]

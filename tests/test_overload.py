@@ -4,7 +4,7 @@ Open-loop arrivals at twice the measured peak must leave the server serving clos
 peak, refusing the excess quickly, keeping the admitted requests' latency bounded, and
 back to normal soon after. (Without grpcio's in-flight cap, refusing in handler threads
 took the core from the model: goodput fell to ~0.1x the peak.) The margins are loose:
-CI machines are noisy; ``python -m loadtest.overload`` prints the figures.
+CI machines are noisy; ``python -m loadtest overload`` prints the figures.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from loadtest.overload import measure
+from loadtest.tools.overload import measure
 
 
 def test_twice_the_peak_is_refused_quickly_and_served_near_the_peak(tmp_path: Path) -> None:

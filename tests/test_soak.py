@@ -1,6 +1,6 @@
 """A short soak (tens of seconds, ``SOAK_SECONDS``): a real torch_server process held at half
 its measured capacity, open loop, answers every request within its deadline and its RSS
-stays bounded. ``python -m loadtest.soak --server torch --minutes 10`` is the full soak
+stays bounded. ``python -m loadtest soak --server torch --minutes 10`` is the full soak
 (70 % of capacity, RSS growth under 5 %); CI offers half of capacity, as other tests may
 share the machine, and allows 10 % growth over a run this short (RSS still settling)."""
 
@@ -11,7 +11,7 @@ import os
 import pytest
 
 from loadtest.servers import ServerProcess
-from loadtest.soak import build_parser, run
+from loadtest.tools.soak import build_parser, run
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -1,6 +1,6 @@
 """The plumbing ceiling: a bare identity Open Inference Protocol server, no model, same grpcio.
 
-    python -m loadtest.bare --model mlp --port 0 --port-file ports.json [--mode aio|sync]
+    python -m loadtest bare --model mlp --port 0 --port-file ports.json [--mode aio|sync]
 
 It answers ServerLive/Ready, ModelReady, ServerMetadata, ModelMetadata, ModelConfig,
 ModelInfer and grpc.health.v1 for one zoo model's inputs: every output is its input,

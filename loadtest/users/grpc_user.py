@@ -3,7 +3,7 @@
 - ``GrpcUser``: abstract Locust user. The users of a process share its gRPC channels
   (``LoadSettings.connections`` HTTP/2 connections, 1 by default, users assigned
   round-robin), opened once and kept for the process: one channel per user would also
-  mean one completion thread per user (see ``loadtest.gevent_grpc``).
+  mean one completion thread per user (see ``loadtest.users.gevent_grpc``).
 - ``TimedRpc``: one unary RPC, timed with ``time.perf_counter``; each call fires
   ``environment.events.request`` (name ``<model>/<RPC>``, ``exception=`` on failure, never
   a success/failure split in the request type) and, when recording, its exact figures.
@@ -12,15 +12,15 @@
   latency counts from the scheduled send time it is given).
 - ModelInfer goes out pre-serialized (``InputPool.payloads``) and its reply is not parsed:
   the generator spends its CPU on gRPC, not on protobuf or numpy.
-- TLS, mutual TLS and the bearer token: ``loadtest.security`` (read once per process,
+- TLS, mutual TLS and the bearer token: ``loadtest.users.security`` (read once per process,
   ``security_for``); the token's metadata is built once and goes with every call.
 
 The gevent-free parts live in ``loadtest.workload`` (settings, input pool) and
-``loadtest.latency_file`` (the exact latency files).
+``loadtest.users.latency_file`` (the exact latency files).
 
 Import order matters: ``locust`` (gevent monkey-patching) first, and
 ``grpc.experimental.gevent.init_gevent()`` before any channel exists; importing this
-module does both, and installs ``loadtest.gevent_grpc``.
+module does both, and installs ``loadtest.users.gevent_grpc``.
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ from locust.env import Environment
 from locust.exception import LocustError
 
 from contract.protocol import inference_pb2 as pb
-from loadtest import gevent_grpc
-from loadtest.latency_file import LatencyRecorder
-from loadtest.security import NO_SECURITY, ChannelSecurity
+from loadtest.users import gevent_grpc
+from loadtest.users.latency_file import LatencyRecorder
+from loadtest.users.security import NO_SECURITY, ChannelSecurity
 from loadtest.workload import InputPool, LoadSettings, grpc_target
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name

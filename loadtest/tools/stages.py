@@ -1,6 +1,6 @@
 """What each stage of one request costs on the served path, in-process.
 
-    python -m loadtest.stages --server torch --model mlp
+    python -m loadtest stages --server torch --model mlp
 
 Runs the serving core's own code for one batch-1 request of the model, stage by stage,
 in a tight loop on one core (the server's, 0): parsing the request and serializing the

@@ -1,7 +1,7 @@
 """Soak: hold a server at a steady share of its capacity for minutes; report what drifts.
 
-    python -m loadtest.soak --server torch --model mlp --minutes 10      # start it, 70 % of capacity
-    python -m loadtest.soak --target 127.0.0.1:8001 --pid 4321 --rate 800 --minutes 10
+    python -m loadtest soak --server torch --model mlp --minutes 10      # start it, 70 % of capacity
+    python -m loadtest soak --target 127.0.0.1:8001 --pid 4321 --rate 800 --minutes 10
 
 With ``--server`` the server is started here (``python -m <server> serve``, pinned to
 core 0 and this generator to core 1 when there are two cores). Its capacity is measured
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
 import time
@@ -42,10 +43,8 @@ import grpc.aio
 import numpy as np
 import psutil
 
-import modelzoo
-from contract import codec
-from contract.protocol import inference_pb2 as pb
 from contract.protocol import inference_pb2_grpc as pb_grpc
+from loadtest.driver import BACKLOG, CHANNEL_OPTIONS, RequestPool, closed_loop, open_loop
 from loadtest.stats import percentiles
 
 #: A send later than this after its scheduled time counts as late.
@@ -94,29 +93,17 @@ class Record:
 
 async def soak(settings: SoakSettings, pid: int | None) -> dict[str, Any]:
     """Run one soak against ``settings.target``; ``pid``: the server's process, for its RSS."""
-    options = [("grpc.max_receive_message_length", 64 * MiB), ("grpc.max_send_message_length", 64 * MiB)]
     process = psutil.Process(pid) if pid else None
     record = Record()
-    async with grpc.aio.insecure_channel(settings.target, options=options) as channel:
+    pool = RequestPool.from_zoo(settings.model, settings.seq_len)
+    interval = 1.0 / settings.rate
+    total = settings.warmup_s + settings.seconds
+    schedule = (("soak" if index * interval >= settings.warmup_s else "warmup", index * interval)
+                for index in range(math.ceil(total / interval)))  # fmt: skip
+    async with grpc.aio.insecure_channel(settings.target, options=CHANNEL_OPTIONS) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        pool = requests(settings.model, settings.seq_len)
-        in_flight: set[asyncio.Task[None]] = set()
-        interval = 1.0 / settings.rate
         started = time.perf_counter()
-        measure_from = started + settings.warmup_s
-        stop_at = measure_from + settings.seconds
-
-        async def one(request: pb.ModelInferRequest, scheduled: float, counted: bool) -> None:
-            left = settings.deadline_s - (time.perf_counter() - scheduled)
-            try:
-                await stub.ModelInfer(request, timeout=max(left, 0.001))
-            except grpc.aio.AioRpcError as err:
-                if counted:
-                    record.errors[err.code().name] += 1
-                    record.error_offsets.append(scheduled - measure_from)
-                return
-            if counted:
-                record.latencies.append((scheduled - measure_from, time.perf_counter() - scheduled))
+        measure_from, stop_at = started + settings.warmup_s, started + total
 
         async def sample_rss() -> None:
             while process is not None:
@@ -127,45 +114,24 @@ async def soak(settings: SoakSettings, pid: int | None) -> dict[str, Any]:
                     return
                 await asyncio.sleep(min(RSS_INTERVAL_S, max(stop_at - now, 0.0)))
 
-        sampler = asyncio.create_task(sample_rss())
-        cpu_before, wall_before = time.process_time(), time.perf_counter()
-        index = 0
-        while True:
-            scheduled = started + index * interval
-            if scheduled >= stop_at:
-                break
-            delay = scheduled - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            counted = scheduled >= measure_from
-            if counted:
-                record.scheduled += 1
-                if time.perf_counter() - scheduled > LATE_S:
-                    record.late += 1
-            if len(in_flight) >= settings.max_in_flight:
-                if counted:
-                    record.errors["GENERATOR_BACKLOG"] += 1
-                    record.error_offsets.append(scheduled - measure_from)
-            else:
-                if counted:
-                    record.sent += 1
-                task = asyncio.create_task(one(pool[index % len(pool)], scheduled, counted))
-                in_flight.add(task)
-                task.add_done_callback(in_flight.discard)
-            index += 1
-        if in_flight:
-            await asyncio.wait(set(in_flight))
-        await sampler
-        generator_cpu = (time.process_time() - cpu_before) / (time.perf_counter() - wall_before)
+        cpu_before = time.process_time()
+        arrivals, _ = await asyncio.gather(
+            open_loop(stub, pool, schedule, settings.deadline_s, settings.max_in_flight), sample_rss()
+        )
+        generator_cpu = (time.process_time() - cpu_before) / (time.perf_counter() - started)
+    for arrival in arrivals:
+        if arrival.tag != "soak":
+            continue
+        offset = arrival.scheduled - settings.warmup_s
+        record.scheduled += 1
+        record.late += arrival.lag > LATE_S
+        record.sent += arrival.status != BACKLOG
+        if arrival.status == "OK":
+            record.latencies.append((offset, arrival.latency))
+        else:
+            record.errors[arrival.status] += 1
+            record.error_offsets.append(offset)
     return summarize(settings, record, generator_cpu)
-
-
-def requests(model: str, seq_len: int, count: int = 64) -> list[pb.ModelInferRequest]:
-    """Batch-1 requests of the zoo model's own example inputs (``seq_len`` tokens for the encoder)."""
-    definition = modelzoo.get(model)
-    rng = np.random.default_rng(0)
-    extra = {"seq_len": seq_len} if "max_len" in definition.params else {}
-    return [codec.build_request(model, definition.example_inputs(1, rng, **extra)) for _ in range(count)]
 
 
 def summarize(settings: SoakSettings, record: Record, generator_cpu: float) -> dict[str, Any]:
@@ -245,21 +211,10 @@ def verdict(report: dict[str, Any], max_rss_growth_pct: float) -> list[str]:
 async def capacity(target: str, model: str, concurrency: int, seconds: float, seq_len: int) -> float:
     """Requests per second the server completes under a closed loop of ``concurrency``
     callers sending back to back for ``seconds`` (after one uncounted second)."""
-    pool = requests(model, seq_len)
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        measure_from = time.perf_counter() + 1.0
-        stop_at = measure_from + seconds
-        done = [0]
-
-        async def caller(index: int) -> None:
-            while (sent := time.perf_counter()) < stop_at:
-                await stub.ModelInfer(pool[index % len(pool)], timeout=30)
-                done[0] += sent >= measure_from
-                index += concurrency
-
-        await asyncio.gather(*(caller(i) for i in range(concurrency)))
-    return done[0] / seconds
+        loop = await closed_loop([stub], RequestPool.from_zoo(model, seq_len), concurrency, seconds, warmup=1.0)
+    return loop.requests_per_s
 
 
 def run(args: argparse.Namespace, target: str, pid: int | None) -> dict[str, Any]:

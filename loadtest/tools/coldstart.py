@@ -1,6 +1,6 @@
 """Cold start to SERVING and idle memory of each server, per model.
 
-    python -m loadtest.coldstart --model mlp,resnet,encoder --repeats 3
+    python -m loadtest coldstart --model mlp,resnet,encoder --repeats 3
 
 Each start is a fresh process (``python -m <server> serve --port 0``) on its own model
 repository. The first start of each (server, model) exports the artifact into the empty
@@ -23,7 +23,7 @@ from typing import Any
 
 import psutil
 
-from loadtest.plan import abba
+from loadtest.compare.plan import abba
 from loadtest.servers import ServerProcess
 
 

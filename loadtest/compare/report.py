@@ -1,6 +1,6 @@
 """The comparison report: results.json, report.md, a self-contained report.html and PNG plots.
 
-Everything is derived from the results document ``loadtest.compare`` builds, so a
+Everything is derived from the results document ``loadtest.compare.run`` builds, so a
 report can be re-rendered from its results.json (``python -m loadtest report``).
 Figures are means over the valid repeats with their min-max range; invalid steps are
 listed with their reasons and left out of the verdict and of every resource figure.

@@ -1,6 +1,6 @@
 """Overload without collapse: open-loop load past a server's capacity, and back.
 
-    python -m loadtest.overload --server both --model resnet --deadline-ms 250
+    python -m loadtest overload --server both --model resnet --deadline-ms 250
 
 Per server (pinned to core 0; this generator to core 1): the closed-loop peak with 64
 callers (loadtest.driver), then one continuous open-loop run (Poisson arrivals; latency
@@ -32,62 +32,39 @@ from typing import Any
 import grpc
 import numpy as np
 
-from contract import codec
-from contract.protocol import inference_pb2 as pb
 from contract.protocol import inference_pb2_grpc as pb_grpc
-from loadtest.bench import drive
-from loadtest.driver import random_inputs
+from loadtest.driver import CHANNEL_OPTIONS, RequestPool, open_loop
 from loadtest.servers import ServerProcess
 from loadtest.stats import percentiles
+from loadtest.tools.bench import drive
 
 PHASES = (("80%", 0.8), ("200%", 2.0), ("after", 0.5))
 
 
-async def open_loop(
+async def poisson_phases(
     target: str, model: str, phases: Sequence[tuple[str, float, float]], deadline_s: float, seed: int = 0
 ) -> list[tuple[str, float, float, float, str]]:
-    """Poisson arrivals at each phase's rate (req/s) for its seconds; one record per request:
-    (phase, scheduled time from the start, send lag, latency from the scheduled time, status)."""
-    async with grpc.aio.insecure_channel(target) as channel:
+    """Poisson arrivals at each phase's rate (req/s) for its seconds, through the engine's open
+    loop; one record per request: (phase, scheduled time from the start, send lag, latency from
+    the scheduled time, status; a refusal names who refused: grpcio's cap or our admission)."""
+    arrivals = random.Random(seed)
+    schedule: list[tuple[str, float]] = []
+    phase_start = 0.0
+    for phase, rate, seconds in phases:
+        scheduled = phase_start
+        while (scheduled := scheduled + arrivals.expovariate(rate)) < phase_start + seconds:
+            schedule.append((phase, scheduled))
+        phase_start += seconds
+    async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        metadata = await stub.ModelMetadata(pb.ModelMetadataRequest(name=model), timeout=30)
-        rng = np.random.default_rng(seed)
-        pool = [codec.build_request(model, random_inputs(metadata, 1, 16, rng)) for _ in range(16)]
-        records: list[tuple[str, float, float, float, str]] = []
-        tasks: set[asyncio.Task[None]] = set()
-        arrivals = random.Random(seed)
-
-        async def send(phase: str, index: int, scheduled: float, origin: float) -> None:
-            lag = time.perf_counter() - scheduled
-            try:
-                await stub.ModelInfer(pool[index % len(pool)], timeout=max(deadline_s - lag, 0.001))
-                status = "OK"
-            except grpc.aio.AioRpcError as err:
-                status = err.code().name
-                if status == "RESOURCE_EXHAUSTED":  # who refused: grpcio's cap or our admission
-                    status += ": " + " ".join((err.details() or "").split()[:3])
-            records.append((phase, scheduled - origin, lag, time.perf_counter() - scheduled, status))
-
-        origin = time.perf_counter()
-        scheduled = origin
-        index = 0
-        for phase, rate, seconds in phases:
-            phase_end = scheduled + seconds
-            while True:
-                scheduled += arrivals.expovariate(rate)
-                if scheduled >= phase_end:
-                    scheduled = phase_end
-                    break
-                delay = scheduled - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                task = asyncio.get_running_loop().create_task(send(phase, index, scheduled, origin))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-                index += 1
-        while tasks:
-            await asyncio.gather(*list(tasks))
-        return records
+        pool = await RequestPool.from_metadata(stub, model, seed=seed)
+        done = await open_loop(stub, pool, schedule, deadline_s)
+    refused = "RESOURCE_EXHAUSTED"
+    return [
+        (arrival.tag, arrival.scheduled, arrival.lag, arrival.latency,
+         arrival.status + (": " + " ".join(arrival.details.split()[:3]) if arrival.status == refused else ""))
+        for arrival in done
+    ]  # fmt: skip
 
 
 def summarize(records: list[tuple[str, float, float, float, str]], peak: float, seconds: dict[str, float]) -> dict:
@@ -132,7 +109,7 @@ def measure(framework: str, args: argparse.Namespace, server_cpus: list[int] | N
         seconds = {name: args.seconds for name, _ in PHASES}
         phases = [(name, fraction * peak, seconds[name]) for name, fraction in PHASES]
         cpu_before = time.process_time()
-        records = asyncio.run(open_loop(server.target, args.model, phases, args.deadline_ms / 1e3))
+        records = asyncio.run(poisson_phases(server.target, args.model, phases, args.deadline_ms / 1e3))
         generator_cpu = (time.process_time() - cpu_before) / sum(seconds.values())
     result = summarize(records, peak, seconds)
     result["generator_cpu"] = generator_cpu

@@ -1,11 +1,11 @@
 """Serving-efficiency benchmark: what the served path costs beyond the model and the gRPC stack.
 
-    python -m loadtest.bench --server both --model mlp --concurrency 1,8,32
+    python -m loadtest bench --server both --model mlp --concurrency 1,8,32
 
 In one run, with the server pinned to one core and the load driver (loadtest.driver,
 closed loop, batch-1 requests by default) to another:
 
-1. the plumbing ceiling: the bare identity OIP server (loadtest.bare, same grpcio, no
+1. the plumbing ceiling: the bare identity OIP server (loadtest.tools.bare, same grpcio, no
    model), as ``grpc.aio`` and as a thread-pool ``grpc.server``, at each concurrency;
 2. per framework, the model's own forward pass in-process at each batch size beside the
    framework's fastest call of the same model (``python -m <server> forward``);

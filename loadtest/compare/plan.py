@@ -1,7 +1,7 @@
 """The comparison's plan: which servers, with which flags, in which order, at which loads, and
 whether a measured step or a pair of servers may be compared at all.
 
-Pure: no server is started and nothing is measured here (``loadtest.compare`` does that).
+Pure: no server is started and nothing is measured here (``loadtest.compare.run`` does that).
 
 - ``Options``: the comparison's settings (its command line); ``server_args_for_all`` is
   every server flag, explicit, the same for both servers.

@@ -141,7 +141,7 @@ def install() -> None:
         return
     for module, name in ((grpc_channel, "_run_channel_spin_thread"), (grpc_observability, "get_plugin")):
         if not callable(getattr(module, name, None)):
-            raise RuntimeError(f"this grpcio has no {module.__name__}.{name}: loadtest.gevent_grpc needs one")
+            raise RuntimeError(f"this grpcio has no {module.__name__}.{name}: loadtest.users.gevent_grpc needs one")
     grpc_channel._run_channel_spin_thread = _native_channel_spin
     grpc_observability.get_plugin = _get_plugin  # type: ignore[assignment]
     _installed = True

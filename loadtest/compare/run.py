@@ -35,7 +35,7 @@ Per step, the server's ``inference_worker_requests_total`` between the same scra
 requests each worker process answered (``--server-arg=--workers=N``); a step where one worker
 got less than half its fair share is flagged unbalanced (a note: the step stays valid). The
 server gets as many cores as it has workers, one at least left for the generator
-(``loadtest.plan.pinning``; otherwise a warning, recorded).
+(``loadtest.compare.plan.pinning``; otherwise a warning, recorded).
 
 A step is invalid (kept, flagged, left out of the verdict and of every resource figure)
 when the measurement cannot be trusted: the generator's CPU exceeds ``GENERATOR_CPU_LIMIT``
@@ -70,9 +70,8 @@ import grpc
 import psutil
 
 from client import InferenceServerError
-from loadtest import parity
-from loadtest.latency_file import Samples, read_latencies
-from loadtest.plan import (
+from loadtest.compare import parity
+from loadtest.compare.plan import (
     CONNECTIONS_PER_WORKER,
     GENERATOR_CPU_LIMIT,
     MATRIX_KEYS,
@@ -99,12 +98,13 @@ from loadtest.plan import (
 from loadtest.sampling import SAMPLE_INTERVAL_S, Endpoint, Sampler, environment, listener_pid
 from loadtest.servers import ROOT, ServerProcess, ServerStartError, pin_to
 from loadtest.stats import DECISION_RULE, resource_stats, window_stats
+from loadtest.users.latency_file import Samples, read_latencies
 from serving.backend import TOLERANCES, Tolerance
 
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
 TAIL_S = 0.5
 LOCUST_GRACE_S = 30.0
-#: Generator CPU per request assumed until a step has measured it (µs; see loadtest.overhead).
+#: Generator CPU per request assumed until a step has measured it (µs; see loadtest.tools.overhead).
 GENERATOR_US_PER_REQUEST = 300.0
 LATENCY_NOTE = (
     "Latency percentiles count every request sent in the window: failed ones at the time they took to fail "
@@ -711,7 +711,7 @@ def check_writable(folder: Path) -> str | None:
 
 def main(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run the comparison (``argv``: its command line, recorded) and write the report; the exit status."""
-    from loadtest.report import write_report
+    from loadtest.compare.report import write_report
 
     try:
         opts = options_from(args)

@@ -1,9 +1,9 @@
 """What our Locust user costs the load generator: CPU per request, against a minimal one.
 
-    python -m loadtest.overhead [--mode sync|aio] [--users 8] [--seconds 5] [--rounds 2] [--rates 1000,3000]
-    python -m loadtest.overhead --target HOST:PORT ...     # a server that already runs
+    python -m loadtest overhead [--mode sync|aio] [--users 8] [--seconds 5] [--rounds 2] [--rates 1000,3000]
+    python -m loadtest overhead --target HOST:PORT ...     # a server that already runs
 
-By default it starts the bare identity server (``loadtest.bare``: no model, the cheapest
+By default it starts the bare identity server (``loadtest.tools.bare``: no model, the cheapest
 replies) pinned to the first half of the cores and pins itself to the rest, so the
 generator's own cost is what limits it. Then, in one Locust process (Locust as a
 library), it runs rounds of ``GrpcUser`` (our user: shared channel, completions off the
@@ -34,9 +34,9 @@ from locust.env import Environment
 from locust.event import Events
 
 from contract.protocol import inference_pb2_grpc as pb_grpc
-from loadtest.grpc_user import GrpcUser, attach_recorder, close_channels, shared_pool
 from loadtest.openloop import OpenLoopUser
 from loadtest.servers import ServerProcess
+from loadtest.users.grpc_user import GrpcUser, attach_recorder, close_channels, shared_pool
 from loadtest.workload import CHANNEL_OPTIONS, LoadSettings
 
 #: Generator CPU per request that leaves a one-core generator room for this box's servers (µs).

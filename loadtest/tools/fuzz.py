@@ -1,7 +1,7 @@
 """Fuzz ModelInfer: malformed requests against running servers, each owed a precise status.
 
-    python -m loadtest.fuzz --server torch,tf --requests 10000       # start both locally, fuzz, stop
-    python -m loadtest.fuzz --target 127.0.0.1:8001 --requests 10000  # a server that already runs
+    python -m loadtest fuzz --server torch,tf --requests 10000       # start both locally, fuzz, stop
+    python -m loadtest fuzz --target 127.0.0.1:8001 --requests 10000  # a server that already runs
 
 Every request starts as a valid one for a served zoo model (random batch size, sequence
 length, values, raw or typed contents, input order, outputs asked for, request id,

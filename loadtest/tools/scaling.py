@@ -1,6 +1,6 @@
 """Worker scaling: throughput of 1..N server processes behind one port (``--workers``).
 
-    python -m loadtest.scaling --server torch --model resnet --model-arg image_size=160 --workers 1,2
+    python -m loadtest scaling --server torch --model resnet --model-arg image_size=160 --workers 1,2
 
 For each worker count W the server runs pinned to the first W cores (one worker per
 core, one framework thread each) and a closed-loop driver (loadtest.driver, spread
@@ -21,10 +21,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from loadtest.bench import drive
 from loadtest.sampling import scrape
 from loadtest.servers import ServerProcess
 from loadtest.stats import requests_per_worker
+from loadtest.tools.bench import drive
 
 
 def measure(framework: str, workers: int, args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:

@@ -1,0 +1,2 @@
+"""The comparison: the plan of steps (``plan``), the run that starts or targets both servers
+and loads them alike (``run``), parity of their outputs (``parity``) and the report (``report``)."""
