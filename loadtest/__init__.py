@@ -7,5 +7,6 @@ overload, scaling, soak, fuzz). Shared at the top: ``servers`` (starting servers
 ``stats`` and ``sampling`` (latency statistics, resource samples).
 
 Import order matters: modules that load Locust (gevent monkey patching) must be
-imported before TensorFlow or requests. Nothing in this package imports a framework.
+imported before TensorFlow or requests. No module here imports a framework when it is
+imported; ``tools.stages`` loads the one it measures, in its own process, when it runs.
 """

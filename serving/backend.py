@@ -3,7 +3,7 @@
 A Backend is one loaded model in one framework. The serving core owns everything
 around it (gRPC, validation, batching, deadlines, metrics, health); a backend only
 loads an artifact, runs a forward pass on numpy batches, and releases resources.
-``predict`` is called from a worker thread, never on the event loop, and at most
+``predict`` is called from a handler thread (on a GPU, a device thread), and at most
 ``instances`` calls run at once.
 
 The core calls a backend through ``start``/``forward``/``shutdown``, never ``load``/``predict``/
@@ -62,32 +62,43 @@ class DeviceThreads:
         self._pool.shutdown(wait=False)
 
 
+@dataclass(frozen=True)
+class BackendOptions:
+    """How a backend serves its model; every framework gives them the same meaning (module docstring)."""
+
+    #: A resolved device ("cpu", "cuda:N") once the framework has it; what the user asked for before.
+    device: str = "cpu"
+    precision: str = "fp32"
+    compile: str = "off"
+    #: Forward passes that may run at once (per-instance resources: streams, compiled runners).
+    instances: int = 1
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision {self.precision}: must be one of {', '.join(PRECISIONS)}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"--compile {self.compile}: must be one of {', '.join(COMPILE_MODES)}")
+
+
+#: CPU, fp32, uncompiled, one instance.
+DEFAULT_OPTIONS = BackendOptions()
+
+
 class Backend(ABC):
     """One model served by one framework."""
 
     #: Triton-style platform string reported in metadata, e.g. "pytorch_torch_export".
     platform: str = ""
 
-    def __init__(
-        self,
-        model: ModelSignature,
-        artifact_dir: Path,
-        device: str = "cpu",
-        precision: str = "fp32",
-        compile: str = "off",
-        instances: int = 1,
-    ) -> None:
-        if precision not in PRECISIONS:
-            raise ValueError(f"--precision {precision}: must be one of {', '.join(PRECISIONS)}")
-        if compile not in COMPILE_MODES:
-            raise ValueError(f"--compile {compile}: must be one of {', '.join(COMPILE_MODES)}")
+    def __init__(self, model: ModelSignature, artifact_dir: Path, options: BackendOptions = DEFAULT_OPTIONS) -> None:
         self.model = model
         self.artifact_dir = artifact_dir
-        self.device = device
-        self.precision = precision
-        self.compile = compile
+        self.options = options
+        self.device = options.device
+        self.precision = options.precision
+        self.compile = options.compile
         #: Forward passes that may run at once (per-instance resources: streams, compiled runners).
-        self.instances = instances
+        self.instances = options.instances
         #: Seconds ``load`` spent, by phase: "export_s" (derived artifacts written, e.g. a bf16
         #: export) and "compile_s" (ahead-of-time compilation, or loading its cached result).
         self.timings: dict[str, float] = {}
@@ -96,7 +107,9 @@ class Backend(ABC):
         #: What ``load`` found that ModelConfig reports among its parameters (e.g. soft placement).
         self.reported: dict[str, str] = {}
         #: Where device work runs: fixed threads on a GPU, the caller's thread on the CPU.
-        self.device_threads = DeviceThreads(max(1, instances), f"{model.name}-device") if device != "cpu" else None
+        self.device_threads = (
+            DeviceThreads(max(1, self.instances), f"{model.name}-device") if self.device != "cpu" else None
+        )
 
     def start(self) -> None:
         """``load``, on a device thread when there are any."""
@@ -135,7 +148,7 @@ class Backend(ABC):
 
     @abstractmethod
     def load(self) -> None:
-        """Load the artifact onto ``self.device``; called once, off the event loop."""
+        """Load the artifact onto ``self.device``; called once, before any ``predict``."""
 
     @abstractmethod
     def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -240,13 +253,11 @@ class Framework(Protocol):
         self,
         model: ModelSignature,
         version_dir: Path,
-        device: str,
-        precision: str = "fp32",
-        compile: str = "off",
-        instances: int = 1,
+        options: BackendOptions,
     ) -> Backend:
-        """A Backend for the artifact in ``version_dir``; not loaded yet. Artifacts derived
-        from it (another precision's export, a compiled package) are cached beside it."""
+        """A Backend for the artifact in ``version_dir`` with ``options`` (its device resolved
+        first); not loaded yet. Artifacts derived from it (another precision's export, a
+        compiled package) are cached beside it."""
 
     def info(self, device: str) -> FrameworkInfo:
         """Framework version and device description."""

@@ -21,9 +21,17 @@ from contract.signature import ModelSignature
 from modelzoo.base import ModelDefinition
 from serving import repository
 from serving.artifacts import ModelConfigFile, versions
-from serving.backend import Framework
+from serving.backend import BackendOptions, Framework
 from serving.loader import artifact_model, model_names, resolve
-from serving.settings import COMPILE_MODES, PRECISIONS, add_arguments, from_namespace, parse_model_args
+from serving.settings import (
+    COMPILE_MODES,
+    PRECISIONS,
+    StartupError,
+    add_arguments,
+    from_namespace,
+    parse_model_args,
+    worker_count,
+)
 
 
 def build_parser(framework: Framework) -> argparse.ArgumentParser:
@@ -93,7 +101,7 @@ def forward_benchmark(framework: Framework, args: argparse.Namespace) -> dict[st
     else:  # the user's own artifact: its highest version
         config = ModelConfigFile.read(source.model_root)
         model, version_dir = artifact_model(framework, source, config, versions(source.model_root)[-1])
-    backend = framework.create_backend(model, version_dir, device, args.precision, args.compile)
+    backend = framework.create_backend(model, version_dir, BackendOptions(device, args.precision, args.compile))
     started = time.perf_counter()
     backend.start()
     load_s = time.perf_counter() - started
@@ -172,8 +180,9 @@ def main(
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    from serving.server import StartupError, run
-    from serving.workers import WorkerPlace, supervise, worker_count
+    # Imported here, not at the top: export and forward start no gRPC server.
+    from serving.server import run
+    from serving.workers import WorkerPlace, supervise
 
     workers = worker_count(settings.workers)
     if workers > 1 and WorkerPlace.from_environment() is None:

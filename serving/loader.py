@@ -38,7 +38,7 @@ import numpy as np
 from modelzoo.base import ModelDefinition
 from serving import repository
 from serving.artifacts import ArtifactError, ArtifactModel, ModelConfigFile, batch_limit, discover, versions
-from serving.backend import Backend, Framework, FrameworkInfo
+from serving.backend import Backend, BackendOptions, Framework, FrameworkInfo
 from serving.metrics import ModelMetrics, ServerMetrics
 from serving.runtime import VERSION, ModelRuntime
 from serving.servicer import InferenceServicer
@@ -210,7 +210,7 @@ class ModelLoader:
     ) -> ModelRuntime:  # fmt: skip
         settings = self.settings
         backend = self.framework.create_backend(
-            model, version_dir, self.device, settings.precision, settings.compile, settings.instances
+            model, version_dir, BackendOptions(self.device, settings.precision, settings.compile, settings.instances)
         )
         started = time.perf_counter()
         try:

@@ -38,11 +38,11 @@ from contract.protocol import inference_pb2 as pb
 from contract.protocol import inference_pb2_grpc as pb_grpc
 from modelzoo.base import ModelDefinition
 from serving.backend import Framework
-from serving.guard import guard
 from serving.loader import ModelLoader, model_names
 from serving.metrics import MetricsTable, ServerMetrics, register_gpu_collector
+from serving.rpc_boundary import guard
 from serving.servicer import SERVICE, InferenceServicer
-from serving.settings import ServerSettings
+from serving.settings import ServerSettings, StartupError
 from serving.workers import Readiness, WorkerPlace
 
 log = logging.getLogger(__name__)
@@ -56,10 +56,6 @@ PEER_POLL_S = 0.05
 QUIET_S = 0.2
 LINGER_MAX_S = 2.0
 REFLECTION_SERVICE = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
-
-
-class StartupError(Exception):
-    """The server cannot start as configured; the message is one line naming the option."""
 
 
 def _check_port_free(host: str, port: int, flag: str) -> None:

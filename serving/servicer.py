@@ -2,7 +2,7 @@
 
 Each method reads what the transport knows (deadline, cancellation, the stream) and
 hands the request to a ``ModelRuntime``; errors are raised as ``contract.errors`` and
-turned into status codes by ``serving.guard`` (installed around every method).
+turned into status codes by ``serving.rpc_boundary`` (installed around every method).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from contract.errors import ModelNotFound, ServingError, Unavailable
 from contract.protocol import inference_pb2 as pb
 from contract.protocol import inference_pb2_grpc as pb_grpc
 from serving.batcher import FINISHED, Request
-from serving.guard import status_of
+from serving.rpc_boundary import status_of
 from serving.runtime import ModelRuntime, ServedModel
 
 log = logging.getLogger(__name__)

@@ -28,6 +28,27 @@ def _doc(text: str, aliases: tuple[str, ...] = (), **kwargs: Any) -> Any:
     return field(metadata={"help": text, "aliases": aliases}, **kwargs)
 
 
+#: ``--workers auto`` starts one worker per usable CPU, at most this many (each holds a model copy).
+AUTO_WORKERS_MAX = 8
+
+
+class StartupError(Exception):
+    """The server cannot start as configured; the message is one line naming the option."""
+
+
+def worker_count(text: str) -> int:
+    """``--workers``: a count, or ``auto`` (the CPUs this process may use, at most AUTO_WORKERS_MAX)."""
+    if text.strip().lower() == "auto":
+        return max(1, min(len(os.sched_getaffinity(0)), AUTO_WORKERS_MAX))
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ValueError(f"--workers {text}: must be auto or a count >= 1")
+    return count
+
+
 @dataclass
 class BatchingSettings:
     """The dynamic batcher's policy; identical for every framework."""
@@ -146,8 +167,6 @@ class ServerSettings(BatchingSettings):
             raise ValueError(f"--compile {self.compile}: must be one of {', '.join(COMPILE_MODES)}")
         if self.precision == "tf32" and self.device.strip().lower() == "cpu":
             raise ValueError("--precision tf32: it changes only CUDA matmul/convolution math; --device cpu has none")
-        from serving.workers import worker_count
-
         worker_count(self.workers)  # raises ValueError naming --workers
         if self.grpc_threads and self.grpc_threads < 2:
             raise ValueError(f"--grpc-threads {self.grpc_threads}: must be 0 (auto) or >= 2")

@@ -45,13 +45,11 @@ from prometheus_client.registry import Collector
 
 from serving import nvml
 from serving.metrics import MetricsTable, TableCollector, register_gpu_collector
-from serving.settings import ServerSettings
+from serving.settings import ServerSettings, StartupError
 
 log = logging.getLogger(__name__)
 
 WORKER_ENV = "OIP_WORKER"
-#: ``--workers auto`` starts one worker per usable CPU, at most this many (each holds a model copy).
-AUTO_WORKERS_MAX = 8
 POLL_S = 0.1
 #: How long a worker may take to reach SERVING after the others did (slow starts are not failures).
 START_TIMEOUT_S = 600.0
@@ -91,19 +89,6 @@ class Readiness:
         return bool(np.all(self.flags == 1))
 
 
-def worker_count(text: str) -> int:
-    """``--workers``: a count, or ``auto`` (the CPUs this process may use, at most AUTO_WORKERS_MAX)."""
-    if text.strip().lower() == "auto":
-        return max(1, min(len(os.sched_getaffinity(0)), AUTO_WORKERS_MAX))
-    try:
-        count = int(text)
-    except ValueError:
-        count = 0
-    if count < 1:
-        raise ValueError(f"--workers {text}: must be auto or a count >= 1")
-    return count
-
-
 def _reserve_port(host: str, port: int) -> socket.socket:
     """A bound SO_REUSEPORT socket on ``port`` (0: a free one), never listening."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -113,8 +98,6 @@ def _reserve_port(host: str, port: int) -> socket.socket:
         reserved.bind((host, port))
     except OSError as err:
         reserved.close()
-        from serving.server import StartupError
-
         raise StartupError(f"--port {port}: cannot listen on {host}:{port} ({err.strerror or err})") from None
     return reserved
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: real servers in-process (a background event loop) on port 0."""
+"""Shared fixtures: real servers in this process (grpcio's own threads) on port 0, and the frameworks."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from contract.datatypes import TensorSpec
 from modelzoo.base import ModelDefinition
-from serving.backend import Backend, FrameworkInfo
+from serving.backend import Backend, BackendOptions, FrameworkInfo
 
 
 class Double(ModelDefinition):
@@ -70,13 +70,10 @@ class FakeBackend(Backend):
         self,
         model: ModelDefinition,
         artifact_dir: Path,
-        device: str,
+        options: BackendOptions,
         controls: Controls,
-        precision: str = "fp32",
-        compile: str = "off",
-        instances: int = 1,
     ) -> None:
-        super().__init__(model, artifact_dir, device, precision, compile, instances)
+        super().__init__(model, artifact_dir, options)
         self.controls = controls
 
     def load(self) -> None:
@@ -125,12 +122,9 @@ class FakeFramework:
         self,
         model: ModelDefinition,
         version_dir: Path,
-        device: str,
-        precision: str = "fp32",
-        compile: str = "off",
-        instances: int = 1,
+        options: BackendOptions,
     ) -> Backend:
-        return FakeBackend(model, version_dir, device, self.controls, precision, compile, instances)
+        return FakeBackend(model, version_dir, options, self.controls)
 
     def info(self, device: str) -> FrameworkInfo:
         return FrameworkInfo(name="fake", version="0", device="cpu")

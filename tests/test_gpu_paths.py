@@ -15,7 +15,7 @@ import pytest
 
 import modelzoo
 from contract.protocol import inference_pb2 as pb
-from serving.backend import Backend
+from serving.backend import Backend, BackendOptions
 from serving.loader import warm_up
 from serving.metrics import ModelMetrics
 from serving.runtime import ModelRuntime
@@ -33,7 +33,7 @@ class Recording(Backend):
     platform = "recording"
 
     def __init__(self, device: str, instances: int) -> None:
-        super().__init__(MODEL, Path("."), device, instances=instances)
+        super().__init__(MODEL, Path("."), BackendOptions(device, instances=instances))
         self.threads: dict[str, set[int]] = {"load": set(), "predict": set(), "close": set()}
         self.sizes: list[int] = []
         self.lock = threading.Lock()
@@ -376,7 +376,7 @@ def test_tensorflow_loads_with_soft_placement_when_an_op_has_no_gpu_kernel(tmp_p
 
     FRAMEWORK.export(MODEL, tmp_path)
     before = tf.config.get_soft_device_placement()
-    backend = TFBackend(MODEL, tmp_path, "cuda:0")
+    backend = TFBackend(MODEL, tmp_path, BackendOptions("cuda:0"))
     try:
         backend.start()
         assert backend.reported["soft_placement"].startswith("on: Could not satisfy device specification")
@@ -385,7 +385,7 @@ def test_tensorflow_loads_with_soft_placement_when_an_op_has_no_gpu_kernel(tmp_p
     finally:
         backend.shutdown()
         tf.config.set_soft_device_placement(before)
-    cpu = TFBackend(MODEL, tmp_path, "cpu")
+    cpu = TFBackend(MODEL, tmp_path, BackendOptions("cpu"))
     cpu.start()
     assert "soft_placement" not in cpu.reported  # nothing to place on the CPU
     cpu.shutdown()

@@ -16,7 +16,7 @@ import pytest
 import modelzoo
 from modelzoo.base import ModelDefinition
 from modelzoo.mlp import MLP
-from serving.backend import Backend, Framework
+from serving.backend import Backend, BackendOptions, Framework
 from tf_server.framework import FRAMEWORK as TF
 from torch_server.framework import FRAMEWORK as TORCH
 
@@ -41,7 +41,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             version_dir = root / framework.name / name / "1"
             version_dir.mkdir(parents=True)
             framework.export(model, version_dir)
-            backend = framework.create_backend(model, version_dir, "cpu")
+            backend = framework.create_backend(model, version_dir, BackendOptions())
             backend.load()
             backends[framework.name] = backend
         result[name] = (model, backends)
@@ -265,7 +265,7 @@ def test_a_repository_path_with_glob_characters_loads(served: Served, framework:
     version_dir = tmp_path / "x[precision=fp32,compile=off]*?" / "mlp" / "1"
     version_dir.mkdir(parents=True)
     framework.export(model, version_dir)
-    backend = framework.create_backend(model, version_dir, "cpu")
+    backend = framework.create_backend(model, version_dir, BackendOptions())
     backend.load()
     try:
         inputs = model.example_inputs(4, np.random.default_rng(0))

@@ -25,7 +25,7 @@ import modelzoo
 from client import InferenceClient
 from modelzoo.base import ModelDefinition
 from serving import repository
-from serving.backend import TOLERANCES, Backend, Framework
+from serving.backend import TOLERANCES, Backend, BackendOptions, Framework
 from serving.cli import main
 from serving.metrics import register_gpu_collector
 from serving.settings import add_arguments, from_namespace
@@ -55,7 +55,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def loaded(framework: Framework, model: ModelDefinition, root: Path, precision: str, compile: str) -> Backend:
     version_dir = repository.ensure(framework, model, root / framework.name)
-    backend = framework.create_backend(model, version_dir, "cpu", precision, compile)
+    backend = framework.create_backend(model, version_dir, BackendOptions("cpu", precision, compile))
     backend.load()
     return backend
 
@@ -266,7 +266,7 @@ def test_cuda_data_path_matches_cpu(repo: Path, compile: str) -> None:
 
     model = modelzoo.get("encoder", **SMALL["encoder"])
     version_dir = repository.ensure(TORCH, model, repo / "torch")
-    backend = TORCH.create_backend(model, version_dir, "cuda", "fp32", compile, instances=2)
+    backend = TORCH.create_backend(model, version_dir, BackendOptions("cuda", "fp32", compile, instances=2))
     backend.load()
     inputs = list(batches(model)) * 4
     with concurrent.futures.ThreadPoolExecutor(2) as pool:

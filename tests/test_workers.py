@@ -260,3 +260,14 @@ def test_gpu_metrics_are_exported_once_by_a_server_of_several_workers(tmp_path: 
     ], stderr.decode()  # fmt: skip
     assert samples[("gpu_memory_used_bytes", (("device", "0"),))] == 2 << 30  # cuda:0 is NVML's GPU 1
     assert server.returncode == 0, stderr.decode()
+
+
+def test_settings_import_neither_workers_nor_server() -> None:
+    """Settings are the bottom of the serving core: workers and server import them, never the
+    other way round (an import cycle dodged by imports inside functions was here before)."""
+    code = (
+        "import json, sys; from serving.settings import ServerSettings; ServerSettings(workers='2').validate(); "
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('serving.'))))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert json.loads(done.stdout) == ["serving.settings"]

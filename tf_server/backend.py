@@ -51,7 +51,7 @@ from contract.datatypes import DATATYPES, TensorSpec, bf16_to_float32
 from contract.signature import ModelSignature
 from modelzoo.base import ModelDefinition
 from serving.artifacts import ArtifactError, ArtifactSignature
-from serving.backend import TOLERANCES, Backend
+from serving.backend import DEFAULT_OPTIONS, TOLERANCES, Backend, BackendOptions
 from tf_server.model import input_signature, save, sequence_limit
 
 log = logging.getLogger(__name__)
@@ -216,17 +216,14 @@ class TFBackend(Backend):
         self,
         model: ModelSignature,
         artifact_dir: Path,
-        device: str = "cpu",
-        precision: str = "fp32",
-        compile: str = "off",
-        instances: int = 1,
+        options: BackendOptions = DEFAULT_OPTIONS,
     ) -> None:
-        super().__init__(model, artifact_dir, device, precision, compile, instances)
-        self._tf_device = tf_device_name(device)
+        super().__init__(model, artifact_dir, options)
+        self._tf_device = tf_device_name(self.device)
         # BF16 travels as raw uint16 words: viewed as bfloat16 in, and back out.
         self._bf16_inputs = {spec.name for spec in model.inputs if spec.datatype == "BF16"}
         self._bf16_outputs = {spec.name for spec in model.outputs if spec.datatype == "BF16"}
-        self._on_cpu = device == "cpu"
+        self._on_cpu = self.device == "cpu"
         self._saved_model: Any = None
         self._signature: Any = None
         self._call: Call | None = None
@@ -235,7 +232,7 @@ class TFBackend(Backend):
         limit = sequence_limit(model)
         self._ragged = _sequence_axes(model.inputs)
         self._ragged_outputs = _sequence_axes(model.outputs)
-        self.buckets = sequence_buckets(limit) if compile == "on" and limit is not None and self._ragged else []
+        self.buckets = sequence_buckets(limit) if self.compile == "on" and limit is not None and self._ragged else []
         #: Input shapes XLA has compiled for (compile on), in the order first met.
         self.shapes: list[tuple[tuple[int, ...], ...]] = []
 

@@ -8,10 +8,11 @@ the same strings as torch_server uses; ``"gpu"``/``"gpu:N"`` are accepted as ali
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from serving.backend import Backend, FrameworkInfo, Reference
+from serving.backend import Backend, BackendOptions, FrameworkInfo, Reference
 from serving.devices import cpu_name, cuda_index
 
 if TYPE_CHECKING:
@@ -118,14 +119,11 @@ class TensorFlowFramework:
         self,
         model: ModelSignature,
         version_dir: Path,
-        device: str,
-        precision: str = "fp32",
-        compile: str = "off",
-        instances: int = 1,
+        options: BackendOptions,
     ) -> Backend:
         from tf_server.backend import TFBackend
 
-        return TFBackend(model, Path(version_dir), self.resolve_device(device), precision, compile, instances)
+        return TFBackend(model, Path(version_dir), replace(options, device=self.resolve_device(options.device)))
 
     def reference(self, model: ModelSignature, version_dir: Path, device: str, precision: str = "fp32") -> Reference:
         """The same SavedModel (of the same precision) and its ``serving_default`` graph through
@@ -139,7 +137,7 @@ class TensorFlowFramework:
         resolved = self.resolve_device(device)
         tf_device = tf_device_name(resolved)
         on_gpu = resolved != "cpu"
-        backend = TFBackend(model, Path(version_dir), resolved, precision)
+        backend = TFBackend(model, Path(version_dir), BackendOptions(resolved, precision))
         with tf.device(tf_device):
             signature = load_saved_model(backend.saved_model_dir()).signatures["serving_default"]
         function = signature._inference_function

@@ -56,7 +56,7 @@ from contract.datatypes import TensorSpec, bf16_to_float32
 from contract.signature import ModelSignature
 from modelzoo.base import ModelDefinition
 from serving.artifacts import ArtifactError, ArtifactSignature
-from serving.backend import TOLERANCES, Backend
+from serving.backend import DEFAULT_OPTIONS, TOLERANCES, Backend, BackendOptions
 
 log = logging.getLogger(__name__)
 
@@ -223,12 +223,9 @@ class TorchBackend(Backend):
         self,
         model: ModelSignature,
         artifact_dir: Path,
-        device: str = "cpu",
-        precision: str = "fp32",
-        compile: str = "off",
-        instances: int = 1,
+        options: BackendOptions = DEFAULT_OPTIONS,
     ) -> None:
-        super().__init__(model, artifact_dir, device, precision, compile, instances)
+        super().__init__(model, artifact_dir, options)
         self._run: Run | None = None
         self._output_names: list[str] = []
         self._output_datatypes = {spec.name: spec.datatype for spec in model.outputs}
@@ -240,7 +237,7 @@ class TorchBackend(Backend):
             torch.bfloat16 if bf16 else torch.from_numpy(np.empty(0, dtype)).dtype
             for dtype, bf16 in zip(self._input_dtypes, self._bf16_inputs, strict=True)
         )
-        self._torch_device = torch.device(device)
+        self._torch_device = torch.device(self.device)
         self._on_cpu = self._torch_device.type == "cpu"
         self._lanes: queue.SimpleQueue[_Lane] = queue.SimpleQueue()
 

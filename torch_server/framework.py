@@ -15,10 +15,11 @@ import shutil
 import sysconfig
 import zipfile
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from serving.backend import Backend, FrameworkInfo, Reference
+from serving.backend import Backend, BackendOptions, FrameworkInfo, Reference
 from serving.devices import cpu_name, cuda_index
 
 if TYPE_CHECKING:
@@ -139,14 +140,11 @@ class TorchFramework:
         self,
         model: ModelSignature,
         version_dir: Path,
-        device: str,
-        precision: str = "fp32",
-        compile: str = "off",
-        instances: int = 1,
+        options: BackendOptions,
     ) -> Backend:
         from torch_server.backend import TorchBackend
 
-        return TorchBackend(model, Path(version_dir), self.resolve_device(device), precision, compile, instances)
+        return TorchBackend(model, Path(version_dir), replace(options, device=self.resolve_device(options.device)))
 
     def reference(self, model: ModelSignature, version_dir: Path, device: str, precision: str = "fp32") -> Reference:
         """The eager ``nn.Module`` of the same layers and weights (torch_server.model.build) in

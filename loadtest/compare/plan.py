@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serving.workers import AUTO_WORKERS_MAX
+from serving.settings import AUTO_WORKERS_MAX
 
 FRAMEWORKS = ("torch", "tensorflow")
 SERVER_LABELS = {"torch": "torch_server", "tensorflow": "tf_server"}

@@ -32,7 +32,7 @@ from contract import codec
 from contract.protocol import inference_pb2 as pb
 from loadtest.servers import MODULES
 from serving import repository
-from serving.backend import Framework
+from serving.backend import BackendOptions, Framework
 from serving.batcher import DynamicBatcher, Request, merge, split
 from serving.metrics import ModelMetrics
 from serving.runtime import ModelRuntime
@@ -62,7 +62,7 @@ def framework_of(name: str) -> Framework:
 
 def stages(framework: Framework, model_name: str, model_dir: Path, seconds: float) -> list[dict[str, Any]]:
     model = modelzoo.get(model_name)
-    backend = framework.create_backend(model, repository.ensure(framework, model, model_dir), "cpu")
+    backend = framework.create_backend(model, repository.ensure(framework, model, model_dir), BackendOptions())
     backend.start()
     rng = np.random.default_rng(0)
     inputs = model.example_inputs(1, rng, seq_len=16)
