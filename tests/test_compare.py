@@ -201,6 +201,10 @@ def test_invalid_reasons() -> None:
         "generator send lag p99 30 ms > 10 ms",
     ]
     assert plan.invalid_reasons(_step(mode="open", offered_rps=1000.0, sent_rps=999.0)) == []
+    # Send lag on its own, every arrival sent on schedule and none dropped, is enough.
+    lagging = _step(mode="open", offered_rps=1000.0, sent_rps=1000.0, send_lag_ms={"p99": 30.0}, unsent=0)
+    assert plan.invalid_reasons(lagging) == ["generator send lag p99 30 ms > 10 ms"]
+    assert plan.invalid_reasons(lagging | {"send_lag_ms": {"p99": 10.0}}) == []  # at the limit: still valid
     assert plan.invalid_reasons(_step(window_s=5.0, resource_window_s=4.5)) == ["window cut to 5.0 s"]
     assert plan.invalid_reasons(_step(resource_window_s=1.0)) == ["resource samples cover only 1.0 s of the window"]
     killed = ["Locust did not stop in time and was killed before writing all its results"]
@@ -437,6 +441,11 @@ def test_comparison_refuses_servers_on_different_devices_before_measuring(
         ({"torch": [2.0, 2.1, 2.2], "tensorflow": [3.0, 3.1, 2.9]}, False, ("torch", "torch", 0.1)),
         # A bigger gap in the means, but the ranges overlap: no winner.
         ({"torch": [110.0, 130.0, 99.5], "tensorflow": [100.0, 101.0, 99.0]}, True, (None, "torch", 0.1)),
+        # Ranges that touch (one value shared) are not apart, whichever server leads and either way round.
+        ({"torch": [103.0, 101.0, 102.0], "tensorflow": [99.0, 101.0, 100.0]}, True, (None, "torch", 0.1)),
+        ({"torch": [99.0, 101.0, 100.0], "tensorflow": [103.0, 101.0, 102.0]}, True, (None, "tensorflow", 0.1)),
+        ({"torch": [1.0, 1.2, 1.1], "tensorflow": [1.3, 1.2, 1.4]}, False, (None, "torch", 0.1)),
+        ({"torch": [1.3, 1.2, 1.4], "tensorflow": [1.0, 1.2, 1.1]}, False, (None, "tensorflow", 0.1)),
         # Apart, but only 2 values each: too few to call it.
         ({"torch": [110.0, 112.0], "tensorflow": [100.0, 101.0]}, True, (None, "torch", None)),
         ({"torch": [2.0, 2.0, 2.0], "tensorflow": [2.0, 2.0, 2.0]}, False, (None, None, 0.1)),
