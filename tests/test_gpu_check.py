@@ -29,6 +29,7 @@ def run_script(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.timeout(660)
 def test_gpu_check_cpu_mode(tmp_path: Path) -> None:
     out = tmp_path / "out"
     done = run_script(
