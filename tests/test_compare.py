@@ -635,6 +635,7 @@ def test_report_from_synthetic_results(tmp_path: Path) -> None:
     not (importlib.util.find_spec("torch") and importlib.util.find_spec("tensorflow")),
     reason="needs both frameworks installed",
 )
+@pytest.mark.slow
 @pytest.mark.timeout(660)
 def test_compare_end_to_end_on_mlp_with_a_reference_server(tmp_path: Path) -> None:
     out = tmp_path / "report"
