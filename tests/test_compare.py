@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -146,6 +147,23 @@ def test_metric_deltas_give_means_between_two_scrapes() -> None:
     assert deltas["batch_size_mean"] == pytest.approx(3.0)
     assert deltas["compute_ms_mean"] is None
     assert deltas["requests_by_code"] == {"OK": 300}
+
+
+def test_sampler_keeps_its_interval_when_samples_are_slow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ticks come every SAMPLE_INTERVAL_S, not that long after each (slow) sample ended."""
+    monkeypatch.setattr(sampling, "SAMPLE_INTERVAL_S", 0.1)
+
+    class SlowEndpoint:
+        def sample(self, generator: object) -> Tick:
+            time.sleep(0.06)  # scraping a busy server
+            return Tick(time.time(), 1.0, 1.0, None, {})
+
+    with sampling.Sampler(SlowEndpoint()) as sampler:  # type: ignore[arg-type]
+        time.sleep(1.2)
+    times = [tick.t for tick in sampler.ticks[:-1]]  # the last one is taken on stopping
+    gaps = np.diff(times)
+    assert len(gaps) >= 8
+    assert gaps.mean() < 0.125, gaps  # 0.16 when each interval started after a sample
 
 
 def test_resource_stats_use_only_the_samples_inside_the_window() -> None:
@@ -675,9 +693,14 @@ def test_compare_end_to_end_on_mlp_with_a_reference_server(tmp_path: Path) -> No
         assert all(start["cold_start_s"] > 0 and start["idle_rss_bytes"] > 0 for start in server["starts"])
     # At 2 users and 150 req/s nothing should strain the generator or the servers: every step is valid
     # unless another process on this (shared) host was busy, which is the one reason a test cannot control.
+    # A step it was busy in may also have found the generator late (it shares the cores): nothing more.
     for name, step in steps:
-        neighbours = all(reason.startswith("other processes used") for reason in step["invalid_reasons"])
-        assert step["valid"] or neighbours, (name, step["invalid_reasons"])
+        reasons = step["invalid_reasons"]
+        neighbours = any(reason.startswith("other processes used") for reason in reasons) and all(
+            reason.startswith(("other processes used", "generator send lag", "generator behind schedule"))
+            for reason in reasons
+        )
+        assert step["valid"] or neighbours, (name, reasons)
         assert step["valid"] == (not step["invalid_reasons"])
     valid = [(name, step) for name, step in steps if step["valid"]]
     if not valid:
