@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint typecheck proto-check pytest compare serve-torch serve-tf wheelhouse deploy-check clean
+.PHONY: setup test test-fast lint typecheck proto-check pytest compare serve-torch serve-tf wheelhouse deploy-check clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ pytest: $(STAMP)
 	$(PY) -m pytest -q
 
 test: lint typecheck proto-check pytest
+
+# The edit loop: every test but the slow ones (@pytest.mark.slow); `make test` runs them all.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 compare: $(STAMP)
 	$(PY) -m loadtest compare $(COMPARE_ARGS)

@@ -161,9 +161,14 @@ class Sampler:
         self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
 
     def _run(self) -> None:
+        # On a fixed schedule, not an interval after each sample: the time a sample takes (longer
+        # on a busy host) would stretch every interval, and a 1.5 s window then often held two
+        # ticks 0.5 s apart instead of three. A late sample is followed at once by the next.
+        due = time.monotonic()
         while True:
             self.ticks.append(self.endpoint.sample(self.generator))
-            if self._stop.wait(SAMPLE_INTERVAL_S):
+            due = max(due + SAMPLE_INTERVAL_S, time.monotonic())
+            if self._stop.wait(due - time.monotonic()):
                 break
         self.ticks.append(self.endpoint.sample(self.generator))
 

@@ -273,6 +273,28 @@ def test_ragged_inputs_are_padded_and_outputs_cut_back(pool: concurrent.futures.
     assert seen[0] == (4, 7)
 
 
+def test_ragged_inputs_are_padded_with_each_inputs_own_pad_value(pool: concurrent.futures.ThreadPoolExecutor) -> None:
+    specs = (TensorSpec("ids", "INT64", (-1, -1)), TensorSpec("mask", "INT64", (-1, -1)))
+    outputs = (TensorSpec("pooled", "FP32", (-1, 1)),)
+    seen: list[dict[str, np.ndarray]] = []
+
+    def predict(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        seen.append({name: np.array(array) for name, array in inputs.items()})
+        return {"pooled": (inputs["ids"] * inputs["mask"]).sum(axis=1, keepdims=True).astype(np.float32)}
+
+    batcher = make(predict, specs, outputs, pad={"ids": 7, "mask": 3}, max_batch_size=8, max_queue_delay_us=200_000)
+    short, long = np.array([[1, 2]], np.int64), np.array([[4, 5, 6, 8]], np.int64)
+    futures = [pool.submit(batcher.infer, {"ids": ids, "mask": np.ones_like(ids)}, 1) for ids in (short, long)]
+    for future in futures:
+        future.result(5)
+    assert len(seen) == 1, "the two requests were not batched together"
+    batch = seen[0]
+    first = 0 if batch["ids"][0, 0] == 1 else 1
+    np.testing.assert_array_equal(batch["ids"][first], [1, 2, 7, 7])
+    np.testing.assert_array_equal(batch["mask"][first], [1, 1, 3, 3])
+    np.testing.assert_array_equal(batch["ids"][1 - first], [4, 5, 6, 8])
+
+
 def test_preferred_batch_sizes_pad_rows(pool: concurrent.futures.ThreadPoolExecutor) -> None:
     model = Model()
     batcher = make(model, max_batch_size=8, max_queue_delay_us=100_000, preferred_batch_sizes=[4, 8])

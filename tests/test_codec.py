@@ -86,6 +86,9 @@ def test_fp16_and_bf16_have_no_typed_field() -> None:
     [
         (b"\x00" * 7, "FP32", [2], "7 bytes"),
         (b"\x00" * 8, "FP32", [3], "expected 12"),
+        # Too long as well as too short: a byte more, and a whole element more (which would reshape).
+        (b"\x00" * 9, "FP32", [2], "9 bytes"),
+        (b"\x00" * 12, "FP32", [2], "12 bytes of raw contents, expected 8"),
         (b"\x00" * 4, "FP99", [1], "unknown datatype"),
         (b"\x00" * 4, "FP32", [-1], "negative"),
         (b"\x05\x00\x00\x00ab", "BYTES", [1], "runs past"),

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -150,6 +151,23 @@ def test_metric_deltas_give_means_between_two_scrapes() -> None:
     assert deltas["requests_by_code"] == {"OK": 300}
 
 
+def test_sampler_keeps_its_interval_when_samples_are_slow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ticks come every SAMPLE_INTERVAL_S, not that long after each (slow) sample ended."""
+    monkeypatch.setattr(sampling, "SAMPLE_INTERVAL_S", 0.1)
+
+    class SlowEndpoint:
+        def sample(self, generator: object) -> Tick:
+            time.sleep(0.06)  # scraping a busy server
+            return Tick(time.time(), 1.0, 1.0, None, {})
+
+    with sampling.Sampler(SlowEndpoint()) as sampler:  # type: ignore[arg-type]
+        time.sleep(1.2)
+    times = [tick.t for tick in sampler.ticks[:-1]]  # the last one is taken on stopping
+    gaps = np.diff(times)
+    assert len(gaps) >= 8
+    assert gaps.mean() < 0.125, gaps  # 0.16 when each interval started after a sample
+
+
 def test_resource_stats_use_only_the_samples_inside_the_window() -> None:
     # A warm-up before 2.0 s: the server burns 100% CPU and grows to 900 bytes, then settles at 50%.
     ticks = []
@@ -203,6 +221,10 @@ def test_invalid_reasons() -> None:
         "generator send lag p99 30 ms > 10 ms",
     ]
     assert plan.invalid_reasons(_step(mode="open", offered_rps=1000.0, sent_rps=999.0)) == []
+    # Send lag on its own, every arrival sent on schedule and none dropped, is enough.
+    lagging = _step(mode="open", offered_rps=1000.0, sent_rps=1000.0, send_lag_ms={"p99": 30.0}, unsent=0)
+    assert plan.invalid_reasons(lagging) == ["generator send lag p99 30 ms > 10 ms"]
+    assert plan.invalid_reasons(lagging | {"send_lag_ms": {"p99": 10.0}}) == []  # at the limit: still valid
     assert plan.invalid_reasons(_step(window_s=5.0, resource_window_s=4.5)) == ["window cut to 5.0 s"]
     assert plan.invalid_reasons(_step(resource_window_s=1.0)) == ["resource samples cover only 1.0 s of the window"]
     killed = ["Locust did not stop in time and was killed before writing all its results"]
@@ -439,6 +461,11 @@ def test_comparison_refuses_servers_on_different_devices_before_measuring(
         ({"torch": [2.0, 2.1, 2.2], "tensorflow": [3.0, 3.1, 2.9]}, False, ("torch", "torch", 0.1)),
         # A bigger gap in the means, but the ranges overlap: no winner.
         ({"torch": [110.0, 130.0, 99.5], "tensorflow": [100.0, 101.0, 99.0]}, True, (None, "torch", 0.1)),
+        # Ranges that touch (one value shared) are not apart, whichever server leads and either way round.
+        ({"torch": [103.0, 101.0, 102.0], "tensorflow": [99.0, 101.0, 100.0]}, True, (None, "torch", 0.1)),
+        ({"torch": [99.0, 101.0, 100.0], "tensorflow": [103.0, 101.0, 102.0]}, True, (None, "tensorflow", 0.1)),
+        ({"torch": [1.0, 1.2, 1.1], "tensorflow": [1.3, 1.2, 1.4]}, False, (None, "torch", 0.1)),
+        ({"torch": [1.3, 1.2, 1.4], "tensorflow": [1.0, 1.2, 1.1]}, False, (None, "tensorflow", 0.1)),
         # Apart, but only 2 values each: too few to call it.
         ({"torch": [110.0, 112.0], "tensorflow": [100.0, 101.0]}, True, (None, "torch", None)),
         ({"torch": [2.0, 2.0, 2.0], "tensorflow": [2.0, 2.0, 2.0]}, False, (None, None, 0.1)),
@@ -628,6 +655,7 @@ def test_report_from_synthetic_results(tmp_path: Path) -> None:
     not (importlib.util.find_spec("torch") and importlib.util.find_spec("tensorflow")),
     reason="needs both frameworks installed",
 )
+@pytest.mark.slow
 @pytest.mark.timeout(660)
 def test_compare_end_to_end_on_mlp_with_a_reference_server(tmp_path: Path) -> None:
     out = tmp_path / "report"
@@ -667,9 +695,14 @@ def test_compare_end_to_end_on_mlp_with_a_reference_server(tmp_path: Path) -> No
         assert all(start["cold_start_s"] > 0 and start["idle_rss_bytes"] > 0 for start in server["starts"])
     # At 2 users and 150 req/s nothing should strain the generator or the servers: every step is valid
     # unless another process on this (shared) host was busy, which is the one reason a test cannot control.
+    # A step it was busy in may also have found the generator late (it shares the cores): nothing more.
     for name, step in steps:
-        neighbours = all(reason.startswith("other processes used") for reason in step["invalid_reasons"])
-        assert step["valid"] or neighbours, (name, step["invalid_reasons"])
+        reasons = step["invalid_reasons"]
+        neighbours = any(reason.startswith("other processes used") for reason in reasons) and all(
+            reason.startswith(("other processes used", "generator send lag", "generator behind schedule"))
+            for reason in reasons
+        )
+        assert step["valid"] or neighbours, (name, reasons)
         assert step["valid"] == (not step["invalid_reasons"])
     valid = [(name, step) for name, step in steps if step["valid"]]
     if not valid:

@@ -226,6 +226,7 @@ def test_report_of_single_worker_servers_has_no_warnings(tmp_path: Path) -> None
 
 
 @pytest.mark.skipif(not importlib.util.find_spec("torch"), reason="needs torch")
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_comparison_step_counts_the_requests_of_each_of_two_workers(tmp_path: Path) -> None:
     args = ["--workers", "2", "--threads", "1", "--device", "cpu", "--model-dir", str(tmp_path / "models")]

@@ -54,6 +54,10 @@ def _truncate(request: pb.ModelInferRequest) -> None:
     request.raw_input_contents[0] = request.raw_input_contents[0][:-1]
 
 
+def _lengthen(request: pb.ModelInferRequest) -> None:
+    request.raw_input_contents[0] = request.raw_input_contents[0] + X[:1, :1].tobytes()  # one element too many
+
+
 def _add_unknown_input(request: pb.ModelInferRequest) -> None:
     request.inputs.add(name="bogus", datatype="FP32", shape=[2, 4])
     request.raw_input_contents.append(X.tobytes())
@@ -69,7 +73,8 @@ BAD_INPUTS = {
     "wrong rank": (_set_shape([8]), "shape"),
     "wrong datatype": (_set("datatype", "INT32"), "datatype INT32, expected FP32"),
     "unknown datatype": (_set("datatype", "FLOAT"), "unknown datatype"),
-    "byte length": (_truncate, "bytes"),
+    "byte length, short": (_truncate, "31 bytes of raw contents, expected 32"),
+    "byte length, long": (_lengthen, "36 bytes of raw contents, expected 32"),
     "missing input": (_drop_input, "missing required input"),
     "unknown input": (_add_unknown_input, "unknown input"),
     "unknown output": (lambda r: r.outputs.add(name="nope"), "unknown output"),

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from loadtest.tools import fuzz
 from tests.conftest import FRAMEWORKS, BackgroundServer
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
 MiB = 1 << 20

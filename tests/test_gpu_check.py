@@ -29,6 +29,8 @@ def run_script(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(660)
 def test_gpu_check_cpu_mode(tmp_path: Path) -> None:
     out = tmp_path / "out"
     done = run_script(
@@ -72,6 +74,7 @@ def test_gpu_check_cpu_mode(tmp_path: Path) -> None:
     assert table.count("| encoder | bf16 | off | ok (") == len(report["runs"])
 
 
+@pytest.mark.slow
 def test_time_budget_bounds_the_whole_check(tmp_path: Path) -> None:
     """Six runs and a worker sweep cannot fit 20 s: the command still ends at its budget, every
     run is listed, and what did not fit is reported skipped for the time budget, not failed."""

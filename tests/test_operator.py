@@ -105,6 +105,7 @@ def test_other_frameworks_repository_is_refused_not_overwritten(tmp_path: Path) 
     assert json.loads(identity.read_text())["framework"] == "tensorflow"
 
 
+@pytest.mark.slow
 def test_damaged_cached_artifact_is_exported_again(tmp_path: Path) -> None:
     args = ["--threads", "1", "--device", "cpu", "--model-dir", str(tmp_path)]
     x = np.ones((1, 64), np.float32)

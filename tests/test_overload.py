@@ -12,7 +12,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import pytest
+
 from loadtest.tools.overload import measure
+
+pytestmark = pytest.mark.slow
 
 
 def test_twice_the_peak_is_refused_quickly_and_served_near_the_peak(tmp_path: Path) -> None:

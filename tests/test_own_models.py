@@ -443,6 +443,7 @@ def _compare(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[st
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(660)
 def test_compare_runs_end_to_end_on_an_own_model(repositories: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "report"
@@ -466,6 +467,7 @@ def test_compare_runs_end_to_end_on_an_own_model(repositories: dict[str, Path], 
     assert "## Parity" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_compare_refuses_servers_that_disagree(tmp_path: Path) -> None:
     torch_root, tf_root = tmp_path / "torch", tmp_path / "tf"
     own_models.save_torch_multi(torch_root / "multi" / "1", seed=1)

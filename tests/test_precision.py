@@ -123,6 +123,7 @@ def test_low_precision_parity(repo: Path, framework: Framework, name: str, preci
     assert error > LOW_PRECISION_FLOOR, f"{precision} outputs equal fp32's to {error:.2g}: was it fp32?"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SMALL))
 @pytest.mark.parametrize("framework", FRAMEWORKS, ids=lambda f: f.name)
 def test_compiled_bf16_parity(repo: Path, framework: Framework, name: str) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loadtest.sampling import scrape
@@ -46,6 +47,7 @@ def health_latencies_under_load(model_dir: Path, server_args: list[str]) -> tupl
     return latencies, json.loads(output), metric_deltas(before, after)
 
 
+@pytest.mark.slow
 def test_health_answers_within_50ms_while_64_callers_saturate_the_model(tmp_path: Path) -> None:
     latencies, load, server = health_latencies_under_load(tmp_path, [])
     assert load["requests"] > 0

@@ -68,6 +68,17 @@ def test_drain_finishes_in_flight_and_refuses_new(tmp_path: Path) -> None:
         with pytest.raises(grpc.RpcError) as info:
             stub.ModelInfer(codec.build_request("double", {"x": X}), timeout=5)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        # All the while the request is still in flight, health keeps answering, and says NOT_SERVING:
+        # a transport already shutting down would answer UNAVAILABLE instead.
+        asked_until = time.monotonic() + 1.0
+        while time.monotonic() < asked_until:
+            for service in ("", SERVICE):
+                assert health_status(channel, service) == health_pb2.HealthCheckResponse.NOT_SERVING
+            time.sleep(0.05)
+        with grpc.insecure_channel(server.target) as fresh:  # a prober's new connection too
+            assert health_status(fresh) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert not in_flight.done()
+        assert not stop.done()
         controls.gate.set()
         reply = in_flight.result()
         np.testing.assert_array_equal(codec.response_outputs(reply)["y"], X * 2)

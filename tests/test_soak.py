@@ -13,7 +13,7 @@ import pytest
 from loadtest.servers import ServerProcess
 from loadtest.tools.soak import build_parser, run
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "15"))
 
