@@ -483,3 +483,25 @@ def test_channel_security_checks_the_server_name(secured: tuple[BackgroundServer
                 with pytest.raises(grpc.RpcError) as info:
                     stub.ModelMetadata(request, timeout=10, metadata=security.metadata)
                 assert info.value.code() == code, name
+
+
+# ---- (h) Locust always exits ----
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("connections", ["1", "4"])
+def test_locust_exits_while_spin_threads_hold_the_channel_lock(
+    fast_target: str, tmp_path: Path, connections: str
+) -> None:
+    # tests/spin_lock_holder.py: once the test stops, gRPC's spin threads hold the channel lock 50 ms
+    # per event, so the stopped users' cancellations find it held by another thread. With grpc's own
+    # (gevent) channel lock, a greenlet woken by a spin thread's release was never resumed: Locust hung
+    # after "Shape test stopping" (a race, about 1 run in 30 under CPU load; certain here).
+    locustfile = f"{LOCUSTFILE},{Path(__file__).parent / 'spin_lock_holder.py'}"
+    started = time.monotonic()
+    run_locust(fast_target, tmp_path / "stop", "--model", "slow", "-u", "16", "-r", "16", "-t", "2s",
+               "--connections", connections, locustfile=locustfile, timeout=40)  # fmt: skip
+    assert time.monotonic() - started < 30
+    totals = csv_totals(tmp_path / "stop")
+    assert int(totals["Request Count"]) > 0
+    assert int(totals["Failure Count"]) == 0

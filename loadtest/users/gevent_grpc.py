@@ -20,9 +20,18 @@ exercise every path, so a grpcio that moves them fails there):
   ``Completions.post``: one libev async watcher wakes the hub, which runs everything
   posted since in one go.
 
-Blocking calls (``stub.Method(request)``) and ``future()`` calls keep working as usual.
-Threads touch gevent's (monkey-patched) lock of grpc's channel state from the spin
-thread; gevent supports locks shared between native threads.
+The hub and the spin threads share a channel's call state under two locks: grpc's channel
+lock (cygrpc's ``_ChannelState.condition``) and its call count's (``_ChannelCallState.lock``).
+Made after monkey-patching, both would be gevent locks, and those lose wakeups across
+threads: a spin thread that releases one schedules the wakeup of the greenlet waiting for it
+on its own thread's hub (grpc's ``_latent_event`` gives each spin thread one), and that hub
+never runs, so the greenlet waits forever for a free lock. Locust hung so as it stopped its
+users (their greenlets in ``cancel``). ``open_channel`` makes both locks native
+(``NativeCondition``): no holder switches greenlets while holding one, so a greenlet that
+finds one held waits natively, for microseconds, until a spin thread lets go. Such a channel
+serves ``RawUnary`` and blocking calls (``stub.Method(request)``), not ``future()`` or
+streaming calls, whose per-call state a spin thread updates under gevent locks. ``close`` the
+channels before the process exits, so that no spin thread is inside gRPC as it shuts down.
 """
 
 from __future__ import annotations
@@ -30,10 +39,12 @@ from __future__ import annotations
 import collections
 import logging
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+import gevent
 import gevent.monkey
 import grpc
 from gevent.hub import Hub, get_hub
@@ -47,6 +58,11 @@ log = logging.getLogger(__name__)
 _SimpleQueue = gevent.monkey.get_original("queue", "SimpleQueue")
 _start_new_thread = gevent.monkey.get_original("_thread", "start_new_thread")
 _allocate_lock = gevent.monkey.get_original("_thread", "allocate_lock")
+_NativeLock = type(_allocate_lock())
+#: How often a waiter on a ``NativeCondition`` (only ever a closing channel) looks again.
+WAIT_POLL_S = 0.001
+#: How long ``close`` waits for the spin threads to finish the closed channel's last calls.
+SPIN_END_TIMEOUT_S = 5.0
 
 
 class SpinThreads:
@@ -85,6 +101,11 @@ class SpinThreads:
             with self._lock:
                 self._idle += 1
 
+    def busy(self) -> int:
+        """Threads running a spin (or about to: one handed over and not yet taken counts too)."""
+        with self._lock:
+            return self.threads - self._idle
+
 
 _spin_threads = SpinThreads()
 _installed = False
@@ -110,6 +131,83 @@ def _native_channel_spin(state: Any) -> None:
                         return
 
     _spin_threads.run(spin)
+
+
+class NativeCondition:
+    """What cygrpc uses of a ``threading.Condition``, on a native lock (see the module docstring).
+
+    ``notify``/``notify_all`` do nothing and ``wait`` lets go of the lock for ``WAIT_POLL_S``:
+    cygrpc's only waiter, ``Channel.close``, waits in loops on its predicates (calls and
+    connectivity watches drained), so it needs no wakeup, and in the hub it sleeps
+    cooperatively, letting the greenlets it waits for run.
+    """
+
+    def __init__(self) -> None:
+        self._lock = _allocate_lock()
+
+    def __enter__(self) -> bool:
+        return self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        return self._lock.acquire(blocking, timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self._lock.release()
+        try:
+            gevent.sleep(WAIT_POLL_S if timeout is None else min(timeout, WAIT_POLL_S))
+        finally:
+            self._lock.acquire()
+        return True
+
+    def notify(self, n: int = 1) -> None:
+        return None
+
+    def notify_all(self) -> None:
+        return None
+
+
+def open_channel(opener: Callable[[], grpc.Channel]) -> grpc.Channel:
+    """The channel ``opener()`` makes (e.g. ``lambda: grpc.insecure_channel(target)``), on native locks.
+
+    cygrpc makes its channel lock with ``threading.Condition()`` while the channel is made (in
+    this thread, without a greenlet switch): that one call gets a ``NativeCondition``.
+    ``RuntimeError`` when this grpcio made none or several (loadtest.users.gevent_grpc needs updating).
+    """
+    install()
+    made: list[NativeCondition] = []
+
+    def condition() -> NativeCondition:
+        made.append(NativeCondition())
+        return made[-1]
+
+    gevent_condition = threading.Condition
+    threading.Condition = condition  # type: ignore[assignment,misc]
+    try:
+        channel = opener()
+    finally:
+        threading.Condition = gevent_condition  # type: ignore[misc]
+    if len(made) != 1:
+        channel.close()
+        raise RuntimeError(f"this grpcio made {len(made)} channel locks with threading.Condition, not 1: "
+                           "loadtest.users.gevent_grpc needs updating")  # fmt: skip
+    channel._call_state.lock = _allocate_lock()  # type: ignore[attr-defined]
+    return channel
+
+
+def close(channels: Iterable[grpc.Channel], timeout: float = SPIN_END_TIMEOUT_S) -> None:
+    """Close these channels (every one the process opened; their calls are cancelled) and wait, at
+    most ``timeout`` s, until no spin thread runs: none is left inside gRPC."""
+    for channel in channels:
+        channel.close()
+    deadline = time.monotonic() + timeout
+    while _spin_threads.busy() and time.monotonic() < deadline:
+        gevent.sleep(WAIT_POLL_S)
 
 
 class _CurrentPlugin:
@@ -224,6 +322,8 @@ class RawUnary:
     def __init__(self, channel: grpc.Channel, method: str, metadata: tuple[tuple[str, str], ...] = ()) -> None:
         install()
         state = channel._call_state  # type: ignore[attr-defined]
+        if not isinstance(state.lock, _NativeLock):
+            raise ValueError("RawUnary needs a channel of loadtest.users.gevent_grpc.open_channel (native locks)")
         self._create = grpc_channel._channel_managed_call_management(state)
         self._method = method.encode()
         self._handle = channel._get_registered_call_handle(method)  # type: ignore[attr-defined]

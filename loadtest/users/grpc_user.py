@@ -286,7 +286,7 @@ def shared_channel(
     with _shared_lock:
         channel = _channels.get(key)
         if channel is None:
-            channel = security.open_channel(target)
+            channel = gevent_grpc.open_channel(lambda: security.open_channel(target))
             try:
                 grpc.channel_ready_future(channel).result(timeout=connect_timeout_s)
             except BaseException:
@@ -297,12 +297,15 @@ def shared_channel(
 
 
 def close_channels() -> None:
-    """Close every shared channel (at the end of a process's load tests)."""
+    """Close every shared channel (at the end of a process's load tests, before it exits).
+
+    Calls still in flight are cancelled; this returns once gRPC's spin threads are idle, so that
+    none is inside gRPC while the interpreter shuts down.
+    """
     with _shared_lock:
         channels = list(_channels.values())
         _channels.clear()
-    for channel in channels:
-        channel.close()
+    gevent_grpc.close(channels)
 
 
 def shared_pool(
