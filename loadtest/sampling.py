@@ -4,7 +4,7 @@
   target found at an address (its own ``process_*`` metrics, or the local process that
   listens on its port); ``sample`` takes one ``Tick``, ``describe`` reads its ModelConfig.
 - ``Sampler``: ticks an endpoint (and the load generator) every ``SAMPLE_INTERVAL_S`` on a
-  background thread.
+  background thread (``interval_for`` a shorter window: more often).
 - ``environment``: the measuring host (Python, packages, CPU, memory, GPUs).
 """
 
@@ -32,6 +32,13 @@ from serving.devices import cpu_model
 
 SAMPLE_INTERVAL_S = 0.5
 PACKAGES = ("grpcio", "protobuf", "locust", "gevent", "numpy", "psutil", "prometheus-client", "matplotlib")
+
+
+def interval_for(window_s: float) -> float:
+    """Seconds between ticks for a measuring window of ``window_s``: ``SAMPLE_INTERVAL_S``, or a
+    sixth of a shorter window, so that a tick or two lost to a busy host still leaves the samples
+    covering more than half of it (a step's validity check)."""
+    return min(SAMPLE_INTERVAL_S, window_s / 6)
 
 
 def parse_metrics(text: str, model: str) -> dict[str, float]:
@@ -151,10 +158,11 @@ class Endpoint:
 
 
 class Sampler:
-    """Samples an endpoint (and the generator) every ``SAMPLE_INTERVAL_S`` on a background thread."""
+    """Samples an endpoint (and the generator) every ``interval`` seconds on a background thread."""
 
-    def __init__(self, endpoint: Endpoint) -> None:
+    def __init__(self, endpoint: Endpoint, interval: float = SAMPLE_INTERVAL_S) -> None:
         self.endpoint = endpoint
+        self.interval = interval
         self.ticks: list[Tick] = []
         self.generator: psutil.Process | None = None
         self._stop = threading.Event()
@@ -162,12 +170,12 @@ class Sampler:
 
     def _run(self) -> None:
         # On a fixed schedule, not an interval after each sample: the time a sample takes (longer
-        # on a busy host) would stretch every interval, and a 1.5 s window then often held two
-        # ticks 0.5 s apart instead of three. A late sample is followed at once by the next.
+        # on a busy host) would stretch every interval, and a window would hold a tick fewer.
+        # A late sample is followed at once by the next.
         due = time.monotonic()
         while True:
             self.ticks.append(self.endpoint.sample(self.generator))
-            due = max(due + SAMPLE_INTERVAL_S, time.monotonic())
+            due = max(due + self.interval, time.monotonic())
             if self._stop.wait(due - time.monotonic()):
                 break
         self.ticks.append(self.endpoint.sample(self.generator))

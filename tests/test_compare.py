@@ -151,21 +151,28 @@ def test_metric_deltas_give_means_between_two_scrapes() -> None:
     assert deltas["requests_by_code"] == {"OK": 300}
 
 
-def test_sampler_keeps_its_interval_when_samples_are_slow(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ticks come every SAMPLE_INTERVAL_S, not that long after each (slow) sample ended."""
-    monkeypatch.setattr(sampling, "SAMPLE_INTERVAL_S", 0.1)
+def test_sampler_keeps_its_interval_when_samples_are_slow() -> None:
+    """Ticks come every interval, not that long after each (slow) sample ended."""
 
     class SlowEndpoint:
         def sample(self, generator: object) -> Tick:
             time.sleep(0.06)  # scraping a busy server
             return Tick(time.time(), 1.0, 1.0, None, {})
 
-    with sampling.Sampler(SlowEndpoint()) as sampler:  # type: ignore[arg-type]
+    with sampling.Sampler(SlowEndpoint(), interval=0.1) as sampler:  # type: ignore[arg-type]
         time.sleep(1.2)
     times = [tick.t for tick in sampler.ticks[:-1]]  # the last one is taken on stopping
     gaps = np.diff(times)
     assert len(gaps) >= 8
     assert gaps.mean() < 0.125, gaps  # 0.16 when each interval started after a sample
+
+
+def test_short_windows_are_sampled_often_enough_to_lose_a_tick_or_two() -> None:
+    assert sampling.interval_for(4.0) == sampling.SAMPLE_INTERVAL_S  # the default window: unchanged
+    for window in (1.0, 1.5, 2.0, 3.0):
+        interval = sampling.interval_for(window)
+        # A window holds at least floor(window / interval) intervals; two fewer still cover half of it.
+        assert (window // interval - 2) * interval >= 0.5 * window, window
 
 
 def test_resource_stats_use_only_the_samples_inside_the_window() -> None:

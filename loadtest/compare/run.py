@@ -27,7 +27,8 @@ start stamps, the resource sampler and the metric scrapes share:
 * throughput: successes completed in the window, per second;
 * server CPU/RSS (psutil on the server's process tree, or its own ``process_*``
   metrics when remote), GPU (the server's NVML metrics) and generator CPU are sampled
-  every ``SAMPLE_INTERVAL_S`` and only the samples inside the window count; queue/compute
+  every ``SAMPLE_INTERVAL_S`` (a sixth of a shorter window: ``sampling.interval_for``) and
+  only the samples inside the window count; queue/compute
   time and mean batch size are differences of the server's counters between the first
   and last scrape inside the window.
 
@@ -95,7 +96,7 @@ from loadtest.compare.plan import (
     rate_grid,
     server_workers,
 )
-from loadtest.sampling import SAMPLE_INTERVAL_S, Endpoint, Sampler, environment, listener_pid
+from loadtest.sampling import Endpoint, Sampler, environment, interval_for, listener_pid
 from loadtest.servers import ROOT, ServerProcess, ServerStartError, pin_to
 from loadtest.stats import DECISION_RULE, resource_stats, window_stats
 from loadtest.users.latency_file import Samples, read_latencies
@@ -184,7 +185,7 @@ def run_locust(
     run_s = math.ceil(opts.warmup_seconds + opts.step_seconds + TAIL_S)
     log_path = Path(f"{artifacts}.locust.log")
     command = locust_command(endpoint, scenario, opts, run_s, processes, latencies, artifacts, connections)
-    with Sampler(endpoint) as sampler, log_path.open("wb") as log:
+    with Sampler(endpoint, interval_for(opts.step_seconds)) as sampler, log_path.open("wb") as log:
         process = subprocess.Popen(
             command,
             stdout=log,
@@ -569,7 +570,7 @@ def run_comparison(opts: Options, command: Sequence[str] = ()) -> dict[str, Any]
                 "slo_error_rate": SLO_ERROR_RATE,
                 "min_window_fraction": MIN_WINDOW_FRACTION,
             },
-            "sample_interval_s": SAMPLE_INTERVAL_S,
+            "sample_interval_s": interval_for(opts.step_seconds),
             "tail_s": TAIL_S,
             "latency_note": LATENCY_NOTE,
             "decision_rule": DECISION_RULE,
