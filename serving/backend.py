@@ -94,11 +94,6 @@ class Backend(ABC):
         self.model = model
         self.artifact_dir = artifact_dir
         self.options = options
-        self.device = options.device
-        self.precision = options.precision
-        self.compile = options.compile
-        #: Forward passes that may run at once (per-instance resources: streams, compiled runners).
-        self.instances = options.instances
         #: Seconds ``load`` spent, by phase: "export_s" (derived artifacts written, e.g. a bf16
         #: export) and "compile_s" (ahead-of-time compilation, or loading its cached result).
         self.timings: dict[str, float] = {}
@@ -133,6 +128,23 @@ class Backend(ABC):
         finally:
             if self.device_threads is not None:
                 self.device_threads.close()
+
+    @property
+    def device(self) -> str:
+        return self.options.device
+
+    @property
+    def precision(self) -> str:
+        return self.options.precision
+
+    @property
+    def compile(self) -> str:
+        return self.options.compile
+
+    @property
+    def instances(self) -> int:
+        """Forward passes that may run at once (per-instance resources: streams, compiled runners)."""
+        return self.options.instances
 
     @property
     def name(self) -> str:
