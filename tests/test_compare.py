@@ -20,7 +20,7 @@ import pytest
 
 from contract.protocol import inference_pb2 as pb
 from loadtest import sampling, stats
-from loadtest.compare import plan, report
+from loadtest.compare import plan, plots, report, verdict
 from loadtest.compare import run as compare
 from loadtest.servers import ServerProcess
 from loadtest.stats import Tick
@@ -506,7 +506,7 @@ def test_throughput_characteristics_pick_the_best_valid_scenario() -> None:
                         step(6, 200, 3, errors=0.02)]}  # fmt: skip
     for slo_ms, expected in ((50.0, ([100, 110], "4 users")), (5.0, ([0.0], "none meets it"))):
         settings = {"reference_concurrency": 4, "slo_ms": slo_ms, "limits": {"slo_error_rate": 0.01}}
-        read = {item.name.split(" (")[0]: item.read for item in report.characteristics(settings)}
+        read = {item.name.split(" (")[0]: item.read for item in verdict.characteristics(settings)}
         # 6 users meets the latency objective but fails 2% of its requests: it does not count.
         assert read[f"max throughput with p99 ≤ {slo_ms:g} ms, errors ≤ 1%"](server, settings) == expected
         assert read["peak throughput"](server, settings) == ([300], "16 users")
@@ -612,10 +612,10 @@ def _synthetic_results(repeats: int = 3) -> dict[str, Any]:
 
 
 def _check_report_folder(out: Path) -> dict[str, Any]:
-    for name in ["report.html", "report.md", *report.PLOT_NAMES]:
+    for name in ["report.html", "report.md", *plots.PLOT_NAMES]:
         assert (out / name).stat().st_size > 0, name
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == len(report.PLOT_NAMES)
+    assert page.count("data:image/png;base64,") == len(plots.PLOT_NAMES)
     assert page.index("Verdict") < page.index("<img")
     markdown = (out / "report.md").read_text()
     assert "## Verdict" in markdown

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from loadtest import sampling, stats
-from loadtest.compare import plan, report
+from loadtest.compare import plan, report, tables
 from loadtest.compare import run as compare
 from loadtest.servers import ServerProcess
 from loadtest.stats import Tick
@@ -209,14 +209,14 @@ def test_report_shows_the_spread_over_workers_and_flags_unbalanced_steps(tmp_pat
     assert saved["worker_balance"]["unbalanced"] is True
     # A results document from before the balance was recorded: worked out from the counts.
     del results["servers"]["torch"]["steps"][1]["worker_balance"]
-    assert any("UNBALANCED" in row[-1] for row in report.worker_table(results)[1])
+    assert any("UNBALANCED" in row[-1] for row in tables.worker_table(results)[1])
 
 
 def test_report_of_single_worker_servers_has_no_warnings(tmp_path: Path) -> None:
     results = _synthetic_results(repeats=1)
     _with_workers(results, "torch", [{"0": 500.0}] * 4)
-    assert report.run_warnings(results) == []
-    rows = report.worker_table(results)[1]
+    assert tables.run_warnings(results) == []
+    rows = tables.worker_table(results)[1]
     assert [(row[0], row[-1]) for row in rows] == [("torch_server", "1 worker"),
                                                    ("tf_server", "not reported by the server"),
                                                    ("bare (reference)", "not reported by the server")]  # fmt: skip
