@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from loadtest import sampling, stats
-from loadtest.compare import plan, report, tables
+from loadtest.compare import command, plan, report, steps, tables
 from loadtest.compare import run as compare
 from loadtest.servers import ServerProcess
 from loadtest.stats import Tick
@@ -169,7 +169,7 @@ def test_comparison_records_the_pinning_and_its_warning(
     from loadtest.__main__ import build_parser
 
     with pytest.raises(ValueError, match="--workers"):
-        compare.options_from(build_parser().parse_args(["compare", "--server-arg=--workers=none"]))
+        command.options_from(build_parser().parse_args(["compare", "--server-arg=--workers=none"]))
 
 
 # ---------------------------------------------------------------- the report
@@ -233,11 +233,11 @@ def test_a_comparison_step_counts_the_requests_of_each_of_two_workers(tmp_path: 
     opts = plan.Options(step_seconds=2.0, warmup_seconds=0.5, locust_processes="1")
     with ServerProcess("torch", "mlp", args) as server:
         endpoint = sampling.Endpoint("torch", server.target, server.metrics_url, "mlp", pid=server.pid)
-        run = compare.Run(opts, tmp_path, tmp_path, None, None)
+        run = steps.Run(opts, tmp_path, tmp_path, None, None)
         # One connection (one worker answers): with several, our Locust user can hang when the
         # test stops (about 1 run in 20 with 4 connections, 6 in 20 with 16; an open bug).
         arm = plan.Arm("torch", "torch_server", "torch", {})
-        step = compare.measure_step(run, arm, endpoint, plan.Scenario("closed", 4), "closed", 0, local=True)
+        step = steps.measure_step(run, arm, endpoint, plan.Scenario("closed", 4), "closed", 0, local=True)
     per_worker = step["server_metrics"]["requests_per_worker"]
     balance = step["worker_balance"]
     assert set(per_worker) == {"0", "1"}, per_worker
@@ -261,5 +261,5 @@ def test_connections_spread_over_workers_by_default() -> None:
         plan.connections("0", 2)
     scenario = plan.Scenario("closed", 8)
     endpoint = sampling.Endpoint("torch", "127.0.0.1:1", None, "mlp")
-    command = compare.locust_command(endpoint, scenario, plan.Options(), 5, 1, Path("lat"), Path("st"), 8)
+    command = steps.locust_command(endpoint, scenario, plan.Options(), 5, 1, Path("lat"), Path("st"), 8)
     assert command[command.index("--connections") + 1] == "8"

@@ -11,17 +11,7 @@ import json
 import statistics
 from typing import Any
 
-from loadtest.compare.verdict import (
-    MIB,
-    Point,
-    Step,
-    characteristics,
-    number,
-    series,
-    server_label,
-    variants,
-    x_of,
-)
+from loadtest.compare.verdict import MIB, Point, Step, characteristics, number, series, server_label, variants, x_of
 from loadtest.stats import UNBALANCED_SHARE, worker_balance
 
 Table = tuple[list[str], list[list[str]]]
