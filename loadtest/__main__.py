@@ -24,7 +24,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "overload": ("loadtest.tools.overload", "open-loop load past capacity and back: refusals, not collapse"),
     "scaling": ("loadtest.tools.scaling", "throughput of 1..N server worker processes behind one port"),
     "soak": ("loadtest.tools.soak", "a steady share of capacity for minutes: what drifts"),
-    "fuzz": ("loadtest.tools.fuzz", "malformed ModelInfer requests, each owed a precise status"),
+    "fuzz": ("loadtest.tools.fuzz.runner", "malformed ModelInfer requests, each owed a precise status"),
 }
 
 
