@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from loadtest.cli import add_cpu_split_option, progress
 from loadtest.compare.plan import (
     CONNECTIONS_PER_WORKER,
     MATRIX_KEYS,
@@ -25,7 +26,6 @@ from loadtest.compare.plan import (
 )
 from loadtest.compare.prepare import ComparisonRefused
 from loadtest.compare.run import report_folder, run_comparison
-from loadtest.compare.steps import progress
 from loadtest.servers import ServerStartError
 
 
@@ -90,9 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"--workers N, {CONNECTIONS_PER_WORKER} per worker, so the kernel spreads them) (%(default)s)")  # fmt: skip
     arg("--out", type=Path, help="report folder (default: <--out-root>/<timestamp>)")
     arg("--out-root", type=Path, help="folder for timestamped report folders (default: reports)")
-    arg("--cpu-split", choices=["auto", "none"], default=defaults.cpu_split,
-        help="auto: pin the server to the first half of the cores (with --workers N: N cores, one at least "
-        "left) and Locust to the rest (%(default)s)")  # fmt: skip
+    add_cpu_split_option(parser, "auto: pin the server to the first half of the cores (with --workers N: N cores, "
+                         "one at least left) and Locust to the rest (%(default)s)")  # fmt: skip
 
 
 def options_from(args: argparse.Namespace) -> Options:

@@ -17,9 +17,10 @@ from typing import Any
 import grpc
 
 from client import InferenceServerError
+from loadtest.cli import progress
 from loadtest.compare import parity
 from loadtest.compare.plan import Arm, Options, check_settings, expected_settings
-from loadtest.compare.steps import Run, path_name, progress, serving
+from loadtest.compare.steps import Run, path_name, serving
 from serving.backend import TOLERANCES, Tolerance
 
 

@@ -63,6 +63,7 @@ from typing import Any
 
 import grpc
 
+from loadtest.cli import progress
 from loadtest.compare.plan import (
     GENERATOR_CPU_LIMIT,
     MIN_WINDOW_FRACTION,
@@ -79,7 +80,7 @@ from loadtest.compare.plan import (
     rate_grid,
 )
 from loadtest.compare.prepare import check_fairness, check_parity, prepare, repository_for
-from loadtest.compare.steps import TAIL_S, Run, measure_step, progress, report_step, serving
+from loadtest.compare.steps import TAIL_S, Run, measure_step, report_step, serving
 from loadtest.sampling import environment, interval_for
 from loadtest.servers import ServerStartError
 from loadtest.stats import DECISION_RULE

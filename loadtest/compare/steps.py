@@ -12,7 +12,6 @@ docstring tells the window and the validity rules).
 from __future__ import annotations
 
 import contextlib
-import datetime
 import math
 import os
 import re
@@ -26,6 +25,7 @@ from typing import Any
 
 import psutil
 
+from loadtest.cli import progress
 from loadtest.compare.plan import Arm, Options, Scenario, invalid_reasons, locust_processes
 from loadtest.sampling import Endpoint, Sampler, interval_for, listener_pid
 from loadtest.servers import ROOT, ServerProcess, pin_to
@@ -43,11 +43,6 @@ def path_name(name: str) -> str:
     """``name`` (e.g. ``torch[precision=bf16,compile=on]-closed-r0``) as a plain file name: no
     separators, no characters that glob patterns (ours, TensorFlow's) would take as syntax."""
     return re.sub(r"[^A-Za-z0-9._=,-]+", "_", name)
-
-
-def progress(message: str) -> None:
-    """One progress line on stderr."""
-    print(f"[{datetime.datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
 
 
 def _fmt(value: float | None, spec: str, unit: str = "") -> str:

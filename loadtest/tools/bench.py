@@ -15,16 +15,15 @@ closed loop, batch-1 requests by default) to another:
 Printed per server: served / bare throughput (the faster bare server at that
 concurrency), added latency at c=1 (served p50 - bare p50 - in-process forward p50 at
 batch 1), server CPU µs per request, forward vs its reference, batching on/off, and
-serving efficiency (served rows/s over in-process rows/s at the observed mean batch).
-JSON too. ``--repeats N`` runs everything N times in alternating order (ABBA) and
-reports medians. A step whose driver used > 90 % of its core is marked: the generator,
-not the server, may have set its pace. Figures, not assertions: compare within one run.
+serving efficiency (served rows/s over in-process rows/s at the observed mean batch), on
+stderr; the JSON result to ``--out`` (or stdout). ``--repeats N`` runs everything N times in
+alternating order (ABBA) and reports medians. A step whose driver used > 90 % of its core is
+marked: the generator, not the server, may have set its pace. Figures, not assertions: compare within one run.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -38,6 +37,15 @@ from typing import Any
 import numpy as np
 import psutil
 
+from loadtest.cli import (
+    add_cpu_split_option,
+    add_out_option,
+    add_server_option,
+    progress,
+    show,
+    split_cpus,
+    write_result,
+)
 from loadtest.sampling import scrape
 from loadtest.servers import MODULES, ROOT, ServerProcess, pin_to
 from loadtest.stats import metric_deltas
@@ -46,7 +54,8 @@ GENERATOR_LIMIT = 0.9
 BARE_MODES = ("aio", "sync")
 
 
-def _run_json(command: list[str], cpus: list[int] | None, timeout: float) -> dict[str, Any]:
+def _run(command: list[str], cpus: list[int] | None, timeout: float) -> str:
+    """Run ``command`` (pinned to ``cpus``); its stdout, or RuntimeError with its stderr's tail."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
         command,
@@ -60,7 +69,7 @@ def _run_json(command: list[str], cpus: list[int] | None, timeout: float) -> dic
     )
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command[:4])} failed ({done.returncode}):\n{done.stderr[-2000:]}")
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+    return done.stdout
 
 
 def in_process(
@@ -70,7 +79,7 @@ def in_process(
     command = [sys.executable, "-m", MODULES[framework], "forward", "--model", model, "--threads", str(threads),
                "--batch-sizes", ",".join(map(str, sizes)), "--seconds", "1", "--device", "cpu",
                "--model-dir", str(model_dir)]  # fmt: skip
-    return _run_json(command, cpus, timeout=600)
+    return dict(json.loads(_run(command, cpus, timeout=600).strip().splitlines()[-1]))  # its last line
 
 
 def rows_per_s_at(forward: dict[str, Any], batch_size: float) -> float:
@@ -86,10 +95,14 @@ def drive(server: ServerProcess, concurrency: int, opts: argparse.Namespace, cpu
     before = scrape(server.metrics_url, opts.model)
     process = psutil.Process(server.pid)
     cpu_before = sum(process.cpu_times()[:2])
-    command = [sys.executable, "-m", "loadtest.driver", "--target", server.target, "--model", opts.model,
-               "--concurrency", str(concurrency), "--seconds", str(opts.seconds), "--warmup", str(opts.warmup),
-               "--batch-size", str(opts.batch_size), "--channels", str(getattr(opts, "channels", 1))]  # fmt: skip
-    result = _run_json(command, cpus, timeout=opts.seconds + opts.warmup + 120)
+    with tempfile.TemporaryDirectory(prefix="drive-") as tmp:
+        out = Path(tmp) / "result.json"
+        command = [sys.executable, "-m", "loadtest.driver", "--target", server.target, "--model", opts.model,
+                   "--concurrency", str(concurrency), "--seconds", str(opts.seconds), "--warmup", str(opts.warmup),
+                   "--batch-size", str(opts.batch_size), "--channels", str(getattr(opts, "channels", 1)),
+                   "--out", str(out)]  # fmt: skip
+        _run(command, cpus, timeout=opts.seconds + opts.warmup + 120)
+        result: dict[str, Any] = json.loads(out.read_text())
     cpu = sum(process.cpu_times()[:2]) - cpu_before
     answered = result["requests_all"]  # warm-up included, as the server's CPU time is
     result["server_cpu_us_per_request"] = 1e6 * cpu / answered if answered else None
@@ -100,15 +113,13 @@ def drive(server: ServerProcess, concurrency: int, opts: argparse.Namespace, cpu
 
 def _log(label: str, step: dict[str, Any]) -> None:
     batch = (step.get("server") or {}).get("batch_size_mean")
-    print(
+    progress(
         f"  {label:26s} c={step['concurrency']:<3d} {step['requests_per_s']:8.0f} req/s  "
         f"p50 {step['latency_us'].get('p50') or 0:7.0f} µs  p99 {step['latency_us'].get('p99') or 0:7.0f} µs  "
         f"CPU {step['server_cpu_us_per_request'] or 0:5.0f} µs/req"
         + (f"  batch {batch:5.2f}" if batch else "")
         + f"  gen {step['generator_cpu']:.2f}"
-        + ("  GENERATOR-BOUND" if step["generator_bound"] else ""),
-        file=sys.stderr,
-        flush=True,
+        + ("  GENERATOR-BOUND" if step["generator_bound"] else "")
     )
 
 
@@ -266,7 +277,7 @@ def table(results: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--server", choices=["torch", "tensorflow", "both"], default="both")
+    add_server_option(parser)
     parser.add_argument("--model", default="mlp")
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated closed-loop concurrencies")
     parser.add_argument("--batching", default="on,off", help="on, off or on,off")
@@ -276,14 +287,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per step")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each step")
     parser.add_argument("--repeats", type=int, default=1, help="runs of everything, in alternating order")
-    parser.add_argument("--cpu-split", choices=["auto", "none"], default="auto")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default reports/bench-<time>.json)")
+    add_cpu_split_option(parser)
+    add_out_option(parser)
     opts = parser.parse_args(argv)
     opts.concurrencies = [int(c) for c in opts.concurrency.split(",") if c.strip()]
     modes = [part.strip() == "on" for part in opts.batching.split(",") if part.strip()]
-    cpus = sorted(os.sched_getaffinity(0))
-    server_cpus, driver_cpus = ([cpus[0]], cpus[1:]) if opts.cpu_split == "auto" and len(cpus) >= 2 else (None, None)
-    frameworks = ["torch", "tensorflow"] if opts.server == "both" else [opts.server]
+    split = split_cpus(opts.cpu_split)
+    server_cpus, driver_cpus = split.server, split.generator
+    frameworks = list(opts.servers)
     targets = [f"bare-{mode}" for mode in BARE_MODES] + frameworks
     order: list[str] = []
     raw: dict[str, list[Any]] = {target: [] for target in targets}
@@ -292,9 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for repeat in range(opts.repeats):
             for target in targets if repeat % 2 == 0 else targets[::-1]:
                 order.append(target)
-                print(
-                    f"[{datetime.datetime.now():%H:%M:%S}] repeat {repeat + 1}: {target}", file=sys.stderr, flush=True
-                )
+                progress(f"repeat {repeat + 1}: {target}")
                 if target.startswith("bare-"):
                     raw[target].append(bare(target.removeprefix("bare-"), opts, server_cpus, driver_cpus))
                     continue
@@ -333,11 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs.append({**run, "steps": steps})
         results["servers"][framework] = {"in_process": forward, "served": runs, "raw": repeats}
     summarize(results)
-    print(table(results))
-    out = opts.out or ROOT / "reports" / f"bench-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, default=str))
-    print(f"\nwrote {out}")
+    show(table(results))
+    write_result(results, opts.out)
     return 0
 
 

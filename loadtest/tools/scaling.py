@@ -7,20 +7,20 @@ core, one framework thread each) and a closed-loop driver (loadtest.driver, spre
 over ``--channels`` connections so that the kernel hands every worker some) loads it.
 Prints throughput per worker count, the ratio to one worker, the driver's CPU (it
 shares the cores: a compute-bound model keeps it small), and how the requests spread
-over the workers (the server's ``inference_worker_requests_total``). JSON too.
+over the workers (the server's ``inference_worker_requests_total``), on stderr; the JSON
+result to ``--out`` (or stdout).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from loadtest.cli import add_out_option, add_server_option, available_cpus, progress, write_result
 from loadtest.sampling import scrape
 from loadtest.servers import ServerProcess
 from loadtest.stats import requests_per_worker
@@ -28,7 +28,7 @@ from loadtest.tools.bench import drive
 
 
 def measure(framework: str, workers: int, args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
-    cpus = sorted(os.sched_getaffinity(0))[:workers]
+    cpus = available_cpus()[:workers]
     server_args = ["--workers", str(workers), "--device", args.device, "--model-dir", str(model_dir)]
     if args.threads:
         server_args += ["--threads", str(args.threads)]
@@ -45,7 +45,7 @@ def measure(framework: str, workers: int, args: argparse.Namespace, model_dir: P
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--server", choices=["torch", "tensorflow"], default="torch")
+    add_server_option(parser, default="torch", one=True)
     parser.add_argument("--model", default="resnet")
     parser.add_argument(
         "--model-arg",
@@ -59,27 +59,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--channels", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--warmup", type=float, default=2.0)
-    parser.add_argument("--out", type=Path, default=None)
+    add_out_option(parser)
     args = parser.parse_args(argv)
+    (server,) = args.servers
     counts = [int(part) for part in args.workers.split(",") if part.strip()]
-    results: dict[str, Any] = {"server": args.server, "model": args.model, "model_arg": args.model_arg, "runs": []}
+    results: dict[str, Any] = {"server": server, "model": args.model, "model_arg": args.model_arg, "runs": []}
     with tempfile.TemporaryDirectory(prefix="scaling-") as tmp:
         for workers in counts:
-            run = measure(args.server, workers, args, Path(tmp))
+            run = measure(server, workers, args, Path(tmp))
             results["runs"].append(run)
             step = run["step"]
             base = results["runs"][0]["step"]["requests_per_s"]
-            print(
-                f"{args.server} {args.model} ({args.model_arg}), {workers} worker(s) on cores {run['server_cpus']}: "
+            progress(
+                f"{server} {args.model} ({args.model_arg}), {workers} worker(s) on cores {run['server_cpus']}: "
                 f"{step['requests_per_s']:.1f} req/s ({step['requests_per_s'] / base:.2f}x one worker), "
                 f"p50 {step['latency_us']['p50'] / 1e3:.1f} ms, driver CPU {step['generator_cpu']:.0%}, "
-                f"errors {step['errors'] or 0}, per worker {sorted(run['requests_per_worker'].values())}",
-                flush=True,
+                f"errors {step['errors'] or 0}, per worker {sorted(run['requests_per_worker'].values())}"
             )
-    text = json.dumps(results, indent=2)
-    if args.out:
-        args.out.write_text(text)
-    print(text, file=sys.stderr)
+    write_result(results, args.out)
     return 0
 
 

@@ -3,8 +3,9 @@
     python -m loadtest soak --server torch --model mlp --minutes 10      # start it, 70 % of capacity
     python -m loadtest soak --target 127.0.0.1:8001 --pid 4321 --rate 800 --minutes 10
 
-With ``--server`` the server is started here (``python -m <server> serve``, pinned to
-core 0 and this generator to core 1 when there are two cores). Its capacity is measured
+With ``--server`` the server is started here (``python -m <server> serve``, pinned to the
+first core and this generator to the rest when there are two or more; ``--cpu-split none``:
+no pinning). Its capacity is measured
 first with a short closed-loop step (``--capacity-concurrency`` callers sending back to
 back for ``--capacity-s`` seconds), unless ``--rate`` gives the rate; the soak then
 offers ``--fraction`` (0.7) of it, open loop: batch-1 requests at fixed intervals, each
@@ -12,7 +13,7 @@ sent at its scheduled time whatever earlier ones are doing, its latency counted 
 time (no coordinated omission), with a deadline of ``--deadline-s``. A warm-up at the
 same rate (``--warmup-s``) is not counted.
 
-Reported (one JSON object): offered and achieved rate; requests, errors by status code
+Reported (one JSON object, to ``--out`` or stdout): offered and achieved rate; requests, errors by status code
 (a deadline that passes counts; so does an arrival the generator could not send because
 ``--max-in-flight`` were outstanding) and per window; the server's RSS (sampled every second) at the
 start and end of the soak, its peak, growth in % (also from the end of the first
@@ -28,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
-import os
 import sys
 import time
 from collections import Counter
@@ -44,6 +43,7 @@ import numpy as np
 import psutil
 
 from contract.protocol import inference_pb2_grpc as pb_grpc
+from loadtest.cli import add_cpu_split_option, add_out_option, add_server_option, progress, split_cpus, write_result
 from loadtest.driver import BACKLOG, CHANNEL_OPTIONS, RequestPool, closed_loop, open_loop
 from loadtest.stats import percentiles
 
@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--target", help="HOST:PORT of a running server (loopback)")
-    where.add_argument("--server", choices=["torch", "tf"], help="start this server here first")
+    add_server_option(where, default=None, one=True)
     parser.add_argument("--pid", type=int, help="the --target server's process id (for its RSS)")
     parser.add_argument("--model", default="mlp")
     parser.add_argument("--minutes", type=float, default=10.0, help="length of the soak (default 10)")
@@ -260,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-rss-growth", type=float, default=5.0, help="RSS growth limit, percent")
     parser.add_argument("--seq-len", type=int, default=16, help="size of variable dimensions (encoder)")
     parser.add_argument("--server-arg", action="append", default=[], help="extra argument for --server")
-    parser.add_argument("--no-pin", action="store_true", help="do not pin server and generator to cores")
+    add_cpu_split_option(parser, "with --server: auto pins it to the first core and this generator to the rest; "
+                         "none: no pinning (%(default)s)")  # fmt: skip
+    add_out_option(parser)
     return parser
 
 
@@ -269,22 +271,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.minutes <= 0 or not 0 < args.fraction <= 2:
         parser.error("--minutes must be positive and --fraction in (0, 2]")
-    if args.server:
+    if args.servers:
         from loadtest.servers import ServerProcess
 
-        pin = not args.no_pin and len(os.sched_getaffinity(0)) >= 2
+        split = split_cpus(args.cpu_split)
         server_args = ["--threads", "1", *args.server_arg]
-        with ServerProcess(args.server, args.model, server_args, cpus=[0] if pin else None) as server:
-            if pin:
-                os.sched_setaffinity(0, {1})
-            print(f"soaking {server.module} ({args.model}) at {server.target} ...", file=sys.stderr, flush=True)
+        with ServerProcess(args.servers[0], args.model, server_args, cpus=split.server) as server:
+            split.pin_generator()
+            progress(f"soaking {server.module} ({args.model}) at {server.target} ...")
             report = run(args, server.target, server.pid)
             report["server"] = server.module
-            report["pinned"] = pin
+            report["cpu_split"] = {"server": split.server, "generator": split.generator}
     else:
         report = run(args, args.target, args.pid)
-    json.dump(report, sys.stdout, indent=2)
-    print()
+    write_result(report, args.out)
     return 1 if report["failures"] else 0
 
 

@@ -1,6 +1,6 @@
 """Fuzz ModelInfer: malformed requests against running servers, each owed a precise status.
 
-    python -m loadtest fuzz --server torch,tf --requests 10000       # start both locally, fuzz, stop
+    python -m loadtest fuzz --server both --requests 10000           # start both locally, fuzz, stop
     python -m loadtest fuzz --target 127.0.0.1:8001 --requests 10000  # a server that already runs
 
 Every request starts as a valid one for a served zoo model (random batch size, sequence
@@ -29,8 +29,9 @@ or ``--pid`` names it); a message over the server's limit must be RESOURCE_EXHAU
 Each answer is checked: exactly the owed status code (so never UNKNOWN or INTERNAL, no
 hang: every call has a deadline), a non-empty one-line message with no traceback in it.
 After the run, health must say SERVING and the same valid requests sent before the run
-must get the same answers. Prints one JSON summary (requests and status codes per target,
-mutations drawn, mismatches with their requests) and exits 1 on any mismatch.
+must get the same answers. Writes one JSON summary to ``--out`` (or stdout): requests and
+status codes per target, mutations drawn, mismatches with their requests; exits 1 on any
+mismatch.
 
 The models are the zoo's with their default parameters (as ``serve`` runs them); the
 command checks that the server's metadata agrees. Loopback only; ``tests/test_fuzz.py``

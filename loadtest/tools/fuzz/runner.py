@@ -6,7 +6,6 @@ then the server's health and answers after the run; and the ``python -m loadtest
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import threading
@@ -29,6 +28,7 @@ from contract.codec import array_to_raw
 from contract.datatypes import NUMPY_DTYPES
 from contract.protocol import inference_pb2 as pb
 from contract.protocol import inference_pb2_grpc as pb_grpc
+from loadtest.cli import add_out_option, add_server_option, progress, write_result
 from loadtest.tools.fuzz.catalogue import (
     MAX_MESSAGE_BYTES,
     OK,
@@ -298,11 +298,11 @@ def failed(result: Mapping[str, Any], rss_limit_mb: float) -> list[str]:
     return reasons
 
 
-def _servers(names: str) -> Iterator[Any]:
+def _servers(frameworks: Sequence[str]) -> Iterator[Any]:
     from loadtest.servers import ServerProcess
 
-    for name in names.split(","):
-        yield ServerProcess(name.strip(), "mlp,resnet,encoder", ["--threads", "1", "--max-batch-size", "8"])
+    for framework in frameworks:
+        yield ServerProcess(framework, "mlp,resnet,encoder", ["--threads", "1", "--max-batch-size", "8"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -311,30 +311,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--target", action="append", help="HOST:PORT of a running server (loopback); repeatable")
-    where.add_argument("--server", help="start these servers locally first: torch, tf or torch,tf")
+    add_server_option(where, default=None)
     parser.add_argument("--requests", type=int, default=1000, help="drawn requests per server (default 1000)")
     parser.add_argument("--model", action="append", help="fuzz only this served model (repeatable)")
     parser.add_argument("--seed", type=int, help="hypothesis seed, to repeat a run")
     parser.add_argument("--pid", type=int, help="the --target server's process id, to watch its RSS")
     parser.add_argument("--oversized", type=int, default=3, help="messages over the 64 MiB limit per server")
     parser.add_argument("--rss-limit-mb", type=float, default=64.0, help="allowed RSS growth on huge shapes")
+    add_out_option(parser)
     args = parser.parse_args(argv)
     if args.requests < 1:
         parser.error("--requests must be at least 1")
     results = []
-    if args.server:
-        for server in _servers(args.server):
+    if args.servers:
+        for server in _servers(args.servers):
             with server:
-                print(f"fuzzing {server.module} at {server.target} ...", file=sys.stderr, flush=True)
+                progress(f"fuzzing {server.module} at {server.target} ...")
                 results.append(run_target(server.target, args.requests, args.seed, server.pid, args.oversized,
                                           args.model))  # fmt: skip
     else:
         for target in args.target:
-            print(f"fuzzing {target} ...", file=sys.stderr, flush=True)
+            progress(f"fuzzing {target} ...")
             results.append(run_target(target, args.requests, args.seed, args.pid, args.oversized, args.model))
     verdicts = {result["target"]: failed(result, args.rss_limit_mb) for result in results}
-    json.dump({"results": results, "failures": verdicts}, sys.stdout, indent=2)
-    print()
+    write_result({"results": results, "failures": verdicts}, args.out)
     return 1 if any(verdicts.values()) else 0
 
 
