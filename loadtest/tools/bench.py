@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ import numpy as np
 import psutil
 
 from loadtest.cli import (
+    FRAMEWORKS,
     add_cpu_split_option,
     add_out_option,
     add_server_option,
@@ -52,6 +54,46 @@ from loadtest.stats import metric_deltas
 
 GENERATOR_LIMIT = 0.9
 BARE_MODES = ("aio", "sync")
+
+
+@dataclass(frozen=True)
+class DriveOptions:
+    """One closed-loop step of ``loadtest.driver`` against a running server: what it sends, for how long."""
+
+    model: str
+    #: Measured seconds, after ``warmup`` unmeasured ones.
+    seconds: float = 4.0
+    warmup: float = 1.0
+    #: Rows per request.
+    batch_size: int = 1
+    #: Connections the callers share (a server of several workers needs several).
+    channels: int = 1
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """One bench run (the module docstring tells what it measures)."""
+
+    servers: tuple[str, ...] = FRAMEWORKS
+    model: str = "mlp"
+    #: Closed-loop concurrencies of every step sweep.
+    concurrencies: tuple[int, ...] = (1, 8, 32)
+    #: Dynamic batching of the served runs: on, off, or both (in this order).
+    batching: tuple[bool, ...] = (True, False)
+    batch_size: int = 1
+    max_batch_size: int = 32
+    #: Framework intra-op threads of both servers and of the in-process forward pass.
+    threads: int = 1
+    seconds: float = 4.0
+    warmup: float = 1.0
+    #: Runs of everything, in alternating (ABBA) order; figures are their medians.
+    repeats: int = 1
+    cpu_split: str = "auto"
+
+    @property
+    def step(self) -> DriveOptions:
+        """The driver's options of each step."""
+        return DriveOptions(self.model, self.seconds, self.warmup, self.batch_size)
 
 
 def _run(command: list[str], cpus: list[int] | None, timeout: float) -> str:
@@ -89,7 +131,7 @@ def rows_per_s_at(forward: dict[str, Any], batch_size: float) -> float:
     return float(np.interp(batch_size, sizes, rates))
 
 
-def drive(server: ServerProcess, concurrency: int, opts: argparse.Namespace, cpus: list[int] | None) -> dict[str, Any]:
+def drive(server: ServerProcess, concurrency: int, opts: DriveOptions, cpus: list[int] | None) -> dict[str, Any]:
     """One closed-loop step against a running server: the driver's figures plus the server's
     CPU µs per request and, when it has metrics, its own breakdown of the step."""
     before = scrape(server.metrics_url, opts.model)
@@ -99,7 +141,7 @@ def drive(server: ServerProcess, concurrency: int, opts: argparse.Namespace, cpu
         out = Path(tmp) / "result.json"
         command = [sys.executable, "-m", "loadtest.driver", "--target", server.target, "--model", opts.model,
                    "--concurrency", str(concurrency), "--seconds", str(opts.seconds), "--warmup", str(opts.warmup),
-                   "--batch-size", str(opts.batch_size), "--channels", str(getattr(opts, "channels", 1)),
+                   "--batch-size", str(opts.batch_size), "--channels", str(opts.channels),
                    "--out", str(out)]  # fmt: skip
         _run(command, cpus, timeout=opts.seconds + opts.warmup + 120)
         result: dict[str, Any] = json.loads(out.read_text())
@@ -123,12 +165,13 @@ def _log(label: str, step: dict[str, Any]) -> None:
     )
 
 
-def bare(mode: str, opts: argparse.Namespace, server_cpus: list[int] | None, driver_cpus: list[int] | None) -> dict:
+def bare(mode: str, opts: BenchOptions, server_cpus: list[int] | None, driver_cpus: list[int] | None) -> dict:
+    """The bare identity server in ``mode`` (aio or sync), swept over the concurrencies."""
     args = ["--mode", mode]
     with ServerProcess("bare", opts.model, args, cpus=server_cpus) as server:
         steps = []
         for concurrency in opts.concurrencies:
-            step = drive(server, concurrency, opts, driver_cpus)
+            step = drive(server, concurrency, opts.step, driver_cpus)
             _log(f"bare {mode}", step)
             steps.append(step)
     return {"mode": mode, "steps": steps}
@@ -137,7 +180,7 @@ def bare(mode: str, opts: argparse.Namespace, server_cpus: list[int] | None, dri
 def served(
     framework: str,
     batching: bool,
-    opts: argparse.Namespace,
+    opts: BenchOptions,
     server_cpus: list[int] | None,
     driver_cpus: list[int] | None,
     model_dir: Path,
@@ -147,7 +190,7 @@ def served(
     steps = []
     with ServerProcess(framework, opts.model, args, cpus=server_cpus) as server:
         for concurrency in opts.concurrencies:
-            step = drive(server, concurrency, opts, driver_cpus)
+            step = drive(server, concurrency, opts.step, driver_cpus)
             _log(f"{framework} batching {'on' if batching else 'off'}", step)
             steps.append(step)
         cold_start = server.cold_start_s
@@ -275,27 +318,11 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_server_option(parser)
-    parser.add_argument("--model", default="mlp")
-    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated closed-loop concurrencies")
-    parser.add_argument("--batching", default="on,off", help="on, off or on,off")
-    parser.add_argument("--batch-size", type=int, default=1, help="rows per request")
-    parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=1, help="framework intra-op threads (both servers)")
-    parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per step")
-    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each step")
-    parser.add_argument("--repeats", type=int, default=1, help="runs of everything, in alternating order")
-    add_cpu_split_option(parser)
-    add_out_option(parser)
-    opts = parser.parse_args(argv)
-    opts.concurrencies = [int(c) for c in opts.concurrency.split(",") if c.strip()]
-    modes = [part.strip() == "on" for part in opts.batching.split(",") if part.strip()]
+def run(opts: BenchOptions) -> dict[str, Any]:
+    """Everything, ``opts.repeats`` times in ABBA order; the results (medians of the repeats, ratios added)."""
     split = split_cpus(opts.cpu_split)
     server_cpus, driver_cpus = split.server, split.generator
-    frameworks = list(opts.servers)
-    targets = [f"bare-{mode}" for mode in BARE_MODES] + frameworks
+    targets = [f"bare-{mode}" for mode in BARE_MODES] + list(opts.servers)
     order: list[str] = []
     raw: dict[str, list[Any]] = {target: [] for target in targets}
     with tempfile.TemporaryDirectory(prefix="bench-models-") as tmp:
@@ -309,14 +336,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     continue
                 models = model_dir / target  # one repository per framework
                 forward = in_process(target, opts.model, opts.max_batch_size, opts.threads, server_cpus, models)
-                runs = [served(target, on, opts, server_cpus, driver_cpus, models) for on in modes]
+                runs = [served(target, on, opts, server_cpus, driver_cpus, models) for on in opts.batching]
                 raw[target].append({"in_process": forward, "served": runs})
     results: dict[str, Any] = {
         "model": opts.model,
         "threads": opts.threads,
         "max_batch_size": opts.max_batch_size,
         "rows_per_request": opts.batch_size,
-        "concurrency": opts.concurrencies,
+        "concurrency": list(opts.concurrencies),
         "repeats": opts.repeats,
         "order": order,
         "cpu_split": {"server": server_cpus, "generator": driver_cpus},
@@ -330,20 +357,56 @@ def main(argv: Sequence[str] | None = None) -> int:
         ],
         "servers": {},
     }
-    for framework in frameworks:
+    for framework in opts.servers:
         repeats = raw[framework]
         forward = repeats[0]["in_process"]
         for index, entry in enumerate(forward["results"]):
             for key in ("median_us", "reference_us", "vs_reference", "rows_per_s"):
                 entry[key] = statistics.median(r["in_process"]["results"][index][key] for r in repeats)
         runs = []
-        for index, run in enumerate(repeats[0]["served"]):
+        for index, served_run in enumerate(repeats[0]["served"]):
             steps = [_median_step(s) for s in zip(*(r["served"][index]["steps"] for r in repeats), strict=True)]
-            runs.append({**run, "steps": steps})
+            runs.append({**served_run, "steps": steps})
         results["servers"][framework] = {"in_process": forward, "served": runs, "raw": repeats}
     summarize(results)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    defaults = BenchOptions()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_server_option(parser)
+    parser.add_argument("--model", default=defaults.model)
+    parser.add_argument("--concurrency", default=",".join(map(str, defaults.concurrencies)),
+                        help="comma-separated closed-loop concurrencies (%(default)s)")  # fmt: skip
+    parser.add_argument("--batching", default="on,off", help="on, off or on,off (%(default)s)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="rows per request")
+    parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
+    parser.add_argument("--threads", type=int, default=defaults.threads,
+                        help="framework intra-op threads (both servers)")  # fmt: skip
+    parser.add_argument("--seconds", type=float, default=defaults.seconds, help="measured seconds per step")
+    parser.add_argument("--warmup", type=float, default=defaults.warmup, help="unmeasured seconds before each step")
+    parser.add_argument("--repeats", type=int, default=defaults.repeats,
+                        help="runs of everything, in alternating order")  # fmt: skip
+    add_cpu_split_option(parser)
+    add_out_option(parser)
+    args = parser.parse_args(argv)
+    opts = BenchOptions(
+        servers=args.servers,
+        model=args.model,
+        concurrencies=tuple(int(c) for c in args.concurrency.split(",") if c.strip()),
+        batching=tuple(part.strip() == "on" for part in args.batching.split(",") if part.strip()),
+        batch_size=args.batch_size,
+        max_batch_size=args.max_batch_size,
+        threads=args.threads,
+        seconds=args.seconds,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        cpu_split=args.cpu_split,
+    )
+    results = run(opts)
     show(table(results))
-    write_result(results, opts.out)
+    write_result(results, args.out)
     return 0
 
 

@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,24 @@ from loadtest.cli import add_cpu_split_option, add_out_option, add_server_option
 from loadtest.driver import CHANNEL_OPTIONS, RequestPool, open_loop
 from loadtest.servers import ServerProcess
 from loadtest.stats import percentiles
-from loadtest.tools.bench import drive
+from loadtest.tools.bench import DriveOptions, drive
 
 PHASES = (("80%", 0.8), ("200%", 2.0), ("after", 0.5))
+#: The closed-loop step that measures the peak: 64 callers, 3 s after 1 s of warm-up.
+PEAK_CALLERS = 64
+
+
+@dataclass(frozen=True)
+class OverloadOptions:
+    """One overload run of a server (the module docstring tells the phases)."""
+
+    model: str = "resnet"
+    #: Every request's deadline, from its scheduled send time.
+    deadline_ms: float = 250.0
+    #: Seconds of each phase.
+    seconds: float = 4.0
+    #: Extra server flags.
+    server_args: tuple[str, ...] = ()
 
 
 async def poisson_phases(
@@ -102,15 +118,15 @@ def summarize(records: list[tuple[str, float, float, float, str]], peak: float, 
     }
 
 
-def measure(framework: str, args: argparse.Namespace, server_cpus: list[int] | None, model_dir: Path) -> dict:
-    server_args = ["--threads", "1", "--device", "cpu", "--model-dir", str(model_dir / framework), *args.server_arg]
-    with ServerProcess(framework, args.model, server_args, cpus=server_cpus) as server:
-        opts = argparse.Namespace(model=args.model, seconds=3.0, warmup=1.0, batch_size=1)
-        peak = drive(server, 64, opts, None)["requests_per_s"]
-        seconds = {name: args.seconds for name, _ in PHASES}
+def measure(framework: str, opts: OverloadOptions, server_cpus: list[int] | None, model_dir: Path) -> dict:
+    """The peak of one fresh server, then its phases of open-loop load (``summarize``'s figures)."""
+    server_args = ["--threads", "1", "--device", "cpu", "--model-dir", str(model_dir / framework), *opts.server_args]
+    with ServerProcess(framework, opts.model, server_args, cpus=server_cpus) as server:
+        peak = drive(server, PEAK_CALLERS, DriveOptions(opts.model, seconds=3.0, warmup=1.0), None)["requests_per_s"]
+        seconds = {name: opts.seconds for name, _ in PHASES}
         phases = [(name, fraction * peak, seconds[name]) for name, fraction in PHASES]
         cpu_before = time.process_time()
-        records = asyncio.run(poisson_phases(server.target, args.model, phases, args.deadline_ms / 1e3))
+        records = asyncio.run(poisson_phases(server.target, opts.model, phases, opts.deadline_ms / 1e3))
         generator_cpu = (time.process_time() - cpu_before) / sum(seconds.values())
     result = summarize(records, peak, seconds)
     result["generator_cpu"] = generator_cpu
@@ -118,22 +134,26 @@ def measure(framework: str, args: argparse.Namespace, server_cpus: list[int] | N
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    defaults = OverloadOptions()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_server_option(parser)
-    parser.add_argument("--model", default="resnet")
-    parser.add_argument("--deadline-ms", type=float, default=250.0, help="every request's deadline")
-    parser.add_argument("--seconds", type=float, default=4.0, help="seconds per phase")
+    parser.add_argument("--model", default=defaults.model)
+    parser.add_argument("--deadline-ms", type=float, default=defaults.deadline_ms, help="every request's deadline")
+    parser.add_argument("--seconds", type=float, default=defaults.seconds, help="seconds per phase")
     parser.add_argument("--server-arg", action="append", default=[], help="extra server flag, repeatable")
     add_cpu_split_option(parser)
     add_out_option(parser)
     args = parser.parse_args(argv)
+    opts = OverloadOptions(
+        model=args.model, deadline_ms=args.deadline_ms, seconds=args.seconds, server_args=tuple(args.server_arg)
+    )
     split = split_cpus(args.cpu_split)
     split.pin_generator()
     results: dict[str, Any] = {"model": args.model, "deadline_ms": args.deadline_ms, "servers": {},
                                "cpu_split": {"server": split.server, "generator": split.generator}}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="overload-") as tmp:
         for framework in args.servers:
-            result = measure(framework, args, split.server, Path(tmp))
+            result = measure(framework, opts, split.server, Path(tmp))
             results["servers"][framework] = result
             over = result["phases"]["200%"]
             progress(
