@@ -178,11 +178,15 @@ class Backend(ABC):
 
 @dataclass(frozen=True)
 class FrameworkInfo:
-    """What the framework reports about itself (versions, device)."""
+    """What the framework reports about itself (versions, device, threads)."""
 
     name: str
     version: str
     device: str
+    #: Intra-op threads the framework runs with: the configured count, or its own default as the
+    #: framework resolves it, never a placeholder; servers report it, and a comparison requires
+    #: both servers to report the same, so a server left to its default compares like with like.
+    threads: int
     extra: dict[str, str] = field(default_factory=dict)
 
 

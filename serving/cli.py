@@ -135,7 +135,7 @@ def forward_benchmark(framework: Framework, args: argparse.Namespace) -> dict[st
     info = framework.info(device)
     described = " ".join((reference.__doc__ or "").split())
     return {"framework": framework.name, "version": info.version, "device": info.device, "model": args.model,
-            "threads": args.threads, "precision": args.precision, "compile": args.compile, "load_s": load_s,
+            "threads": info.threads, "precision": args.precision, "compile": args.compile, "load_s": load_s,
             "timings": backend.timings, "reference": described, "results": results}  # fmt: skip
 
 

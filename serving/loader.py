@@ -234,7 +234,7 @@ class ModelLoader:
         parameters = {
             "framework_version": info.version,
             "device_name": info.device,
-            "threads": str(settings.threads or "default"),
+            "threads": str(info.threads),
             "workers": str(self.workers),
             **info.extra,
             "precision": settings.precision,

@@ -43,6 +43,8 @@ class Double(ModelDefinition):
         return {"x": rng.standard_normal((batch_size, self.params["width"])).astype(np.float32)}
 
 
+#: The intra-op threads a FakeFramework reports when none were configured (its "own default").
+FAKE_DEFAULT_THREADS = 3
 #: The models a FakeFramework serves (``InferenceServer(..., zoo=ZOO)``).
 ZOO: dict[str, type[ModelDefinition]] = {"double": Double}
 
@@ -104,9 +106,10 @@ class FakeFramework:
 
     def __init__(self) -> None:
         self.controls = Controls()
+        self.threads: int | None = None
 
     def configure(self, threads: int | None, device: str) -> None:
-        pass
+        self.threads = threads
 
     def check_options(self, device: str, precision: str, compile: str) -> None:
         if precision == "tf32" and not device.startswith("cuda"):
@@ -127,7 +130,8 @@ class FakeFramework:
         return FakeBackend(model, version_dir, options, self.controls)
 
     def info(self, device: str) -> FrameworkInfo:
-        return FrameworkInfo(name="fake", version="0", device="cpu")
+        # Like a real framework, it resolves its own default when no count was configured.
+        return FrameworkInfo(name="fake", version="0", device="cpu", threads=self.threads or FAKE_DEFAULT_THREADS)
 
     def gpu_memory(self, device: str) -> int | None:
         return None

@@ -20,11 +20,14 @@ import pytest
 
 from contract.protocol import inference_pb2 as pb
 from loadtest import sampling, stats
+from loadtest.cli import available_cpus
 from loadtest.compare import command, plan, plots, prepare, report, steps, verdict
 from loadtest.compare import run as compare
 from loadtest.servers import ServerProcess
 from loadtest.stats import Tick
 from loadtest.users.latency_file import Samples, read_latencies
+from tests.conftest import BackgroundServer
+from tests.fakes import FAKE_DEFAULT_THREADS, FakeFramework
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -457,6 +460,27 @@ def test_comparison_refuses_servers_on_different_devices_before_measuring(
     assert not list((tmp_path / "out" / "logs").iterdir())  # no Locust run, no server log
 
 
+def test_a_server_left_to_its_thread_default_reports_the_count_it_runs_with(tmp_path: Path) -> None:
+    """Without --threads a server reports its framework's resolved thread count, never a placeholder
+    ("default" once stood beside the other server's number and the comparison refused them), so the
+    like-for-like check compares numbers; and it stays strict where the numbers differ."""
+    framework = FakeFramework()
+    framework.configure(2, "cpu")
+    servers = {
+        "defaulted": BackgroundServer(FakeFramework(), model=["double"], model_dir=tmp_path / "a"),
+        "configured": BackgroundServer(framework, model=["double"], model_dir=tmp_path / "b", threads=2),
+    }
+    try:
+        configs = {name: sampling.Endpoint(name, s.target, None, "double").describe() for name, s in servers.items()}
+    finally:
+        for server in servers.values():
+            server.stop()
+    assert configs["defaulted"]["parameters"]["threads"] == str(FAKE_DEFAULT_THREADS)
+    assert configs["configured"]["parameters"]["threads"] == "2"
+    assert plan.check_settings({"a": configs["defaulted"], "b": configs["defaulted"]}) == []
+    assert plan.check_settings(configs) == [f"threads: defaulted {FAKE_DEFAULT_THREADS}, configured 2"]
+
+
 # ---------------------------------------------------------------- the decision and the report
 
 
@@ -656,6 +680,26 @@ def test_report_from_synthetic_results(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- end to end
+
+
+@pytest.mark.skipif(
+    not (importlib.util.find_spec("torch") and importlib.util.find_spec("tensorflow")),
+    reason="needs both frameworks installed",
+)
+@pytest.mark.slow
+def test_servers_started_without_thread_flags_report_the_same_effective_threads(tmp_path: Path) -> None:
+    """The new user's case: both servers started by hand without --threads, on the same core, then compared
+    as running targets. Each reports the thread count its framework resolved (torch: its own count,
+    TensorFlow: its pool size for 0 = unset), so the settings check passes; it refused with
+    "threads: torch_server 1, tf_server default" when tf_server reported its unset value."""
+    core = available_cpus()[:1]
+    configs = {}
+    for framework, label in (("torch", "torch_server"), ("tensorflow", "tf_server")):
+        args = ["--device", "cpu", "--model-dir", str(tmp_path / framework)]
+        with ServerProcess(framework, "mlp", args, cpus=core) as server:
+            configs[label] = sampling.Endpoint(label, server.target, server.metrics_url, "mlp").describe()
+    assert [config["parameters"]["threads"] for config in configs.values()] == ["1", "1"]
+    assert plan.check_settings(configs) == []
 
 
 @pytest.mark.skipif(

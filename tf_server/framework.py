@@ -7,6 +7,7 @@ the same strings as torch_server uses; ``"gpu"``/``"gpu:N"`` are accepted as ali
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +22,20 @@ if TYPE_CHECKING:
     from contract.signature import ModelSignature
     from modelzoo.base import ModelDefinition
     from serving.artifacts import ArtifactSignature
+
+
+def pool_size(configured: int, env_var: str) -> int:
+    """A TensorFlow thread pool's size as TensorFlow resolves it when it creates the pool: the
+    configured count (``tf.config.threading``; 0 is unset), else the count in ``env_var``
+    (``TF_NUM_INTRAOP_THREADS``, ``TF_NUM_INTEROP_THREADS``), else one thread per core this
+    process may run on (its CPU affinity: TensorFlow's ``port::MaxParallelism``)."""
+    if configured > 0:
+        return configured
+    try:
+        from_env = int(os.environ.get(env_var, ""))
+    except ValueError:
+        from_env = 0
+    return from_env if from_env > 0 else len(os.sched_getaffinity(0))
 
 
 class TensorFlowFramework:
@@ -162,14 +177,15 @@ class TensorFlowFramework:
         return prepare
 
     def info(self, device: str) -> FrameworkInfo:
-        """TensorFlow version; device name (the GPU's for CUDA) and thread pool sizes in ``extra``."""
+        """TensorFlow version; device name (the GPU's for CUDA); the intra-op pool's size, and the
+        inter-op pool's in ``extra``, as TensorFlow resolves them (``pool_size``), not its 0 for "unset"."""
         import tensorflow as tf
 
         resolved = self.resolve_device(device)
+        threading = tf.config.threading
         extra = {
             "device": resolved,
-            "intra_op_threads": str(tf.config.threading.get_intra_op_parallelism_threads()),
-            "inter_op_threads": str(tf.config.threading.get_inter_op_parallelism_threads()),
+            "inter_op_threads": str(pool_size(threading.get_inter_op_parallelism_threads(), "TF_NUM_INTEROP_THREADS")),
         }
         if resolved.startswith("cuda"):
             index = int(resolved.partition(":")[2])
@@ -180,7 +196,8 @@ class TensorFlowFramework:
             extra["cudnn"] = str(build.get("cudnn_version", ""))
         else:
             name = cpu_name()
-        return FrameworkInfo(name=self.name, version=tf.__version__, device=name, extra=extra)
+        threads = pool_size(threading.get_intra_op_parallelism_threads(), "TF_NUM_INTRAOP_THREADS")
+        return FrameworkInfo(name=self.name, version=tf.__version__, device=name, threads=threads, extra=extra)
 
     def gpu_memory(self, device: str) -> int | None:
         """What TensorFlow's allocator holds on ``device`` (``get_memory_info``'s ``current``)."""

@@ -183,22 +183,21 @@ class TorchFramework:
         return prepare
 
     def info(self, device: str) -> FrameworkInfo:
-        """torch version; device name (the GPU's for CUDA) and thread counts in ``extra``."""
+        """torch version; device name (the GPU's for CUDA); its intra-op threads (torch's own count: the
+        configured one, or torch's default, one per physical core it may use); inter-op threads in ``extra``."""
         import torch
 
         resolved = self.resolve_device(device)
-        extra = {
-            "device": resolved,
-            "threads": str(torch.get_num_threads()),
-            "interop_threads": str(torch.get_num_interop_threads()),
-        }
+        extra = {"device": resolved, "interop_threads": str(torch.get_num_interop_threads())}
         if resolved.startswith("cuda"):
             name = torch.cuda.get_device_name(torch.device(resolved))
             extra["cuda"] = str(torch.version.cuda)
             extra["cudnn"] = str(torch.backends.cudnn.version())
         else:
             name = cpu_name()
-        return FrameworkInfo(name=self.name, version=torch.__version__, device=name, extra=extra)
+        return FrameworkInfo(
+            name=self.name, version=torch.__version__, device=name, threads=torch.get_num_threads(), extra=extra
+        )
 
     def gpu_memory(self, device: str) -> int | None:
         """What torch's caching allocator holds on ``device`` (``torch.cuda.memory_reserved``)."""
