@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-#: command -> (module with ``main(argv) -> int``, what it does). compare and report are below.
+#: command -> (module with ``main(argv) -> int``, what it does). compare, report and locust are below.
 TOOLS: dict[str, tuple[str, str]] = {
     "bench": ("loadtest.tools.bench", "what the served path costs beyond the model and gRPC (ratios, one run)"),
     "stages": ("loadtest.tools.stages", "what each stage of one request costs on the served path, in-process"),
@@ -28,13 +28,18 @@ TOOLS: dict[str, tuple[str, str]] = {
 }
 
 
+#: The command that runs Locust itself (``loadtest.users.launcher``): its help is Locust's, not ours.
+LOCUST = "locust"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from loadtest.compare import command, run
 
     parser = argparse.ArgumentParser(
         prog="python -m loadtest",
         description="torch_server vs tf_server: the comparison, its report, and the load-testing tools.",
-        epilog="Locust itself: locust -f loadtest/locustfile.py --host HOST (see its docstring).",
+        epilog="Locust itself: locust -f loadtest/locustfile.py --host HOST (see its docstring); its options with "
+        "ours listed: python -m loadtest locust --help.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
     command.add_arguments(
@@ -48,11 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("results", type=Path, help="a results.json written by compare")
     for name, (_, summary) in TOOLS.items():
         commands.add_parser(name, help=summary, add_help=False)
+    commands.add_parser(LOCUST, help="Locust on loadtest/locustfile.py, its --help listing our options", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == LOCUST:
+        from loadtest.users import launcher  # loads Locust (gevent): only for this command
+
+        return launcher.main(argv[1:])
     if argv and argv[0] in TOOLS:
         module = importlib.import_module(TOOLS[argv[0]][0])
         called, sys.argv[0] = sys.argv[0], f"python -m loadtest {argv[0]}"  # its usage line names the command

@@ -2,6 +2,8 @@
 
 Everything lives in ``loadtest.users.locustfile`` (its docstring has the options and the
 shapes); this file only brings its users, shape and event listeners into Locust's view.
+Locust answers ``--help`` before it reads any locustfile, so ``locust -f loadtest/locustfile.py
+--help`` lists only Locust's own options; ``python -m loadtest locust --help`` lists ours too.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import pkgutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 import loadtest.tools
 from loadtest import cli
-from loadtest.__main__ import TOOLS
+from loadtest.__main__ import LOCUST, TOOLS
 from loadtest.cli import CpuSplit, add_server_option, parse_servers, split_cpus, write_result
 
 pytestmark = pytest.mark.timeout(120)
@@ -31,7 +32,7 @@ def test_help_lists_every_command() -> None:
         [sys.executable, "-m", "loadtest", "--help"], capture_output=True, text=True, timeout=60, check=False
     )
     assert done.returncode == 0, done.stderr
-    for command in ("compare", "report", *TOOLS):
+    for command in ("compare", "report", LOCUST, *TOOLS):
         assert f"\n    {command}" in done.stdout
 
 
@@ -44,6 +45,18 @@ def test_each_command_runs_its_tool(command: str) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"usage: python -m loadtest {command}")
+
+
+def test_locust_command_lists_our_options_in_locusts_help() -> None:
+    """Locust answers --help before it reads any locustfile, so ``locust -f loadtest/locustfile.py --help``
+    lists none of our options; ``python -m loadtest locust --help`` registers them first. In a child
+    process: it loads Locust, whose gevent monkey-patching must not reach pytest's."""
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtest", LOCUST, "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    for option in ("--headless", "--model", "--load-shape", "--arrival-rate", "--latency-file", "--tls-ca"):
+        assert re.search(rf"^ +{option}\b", done.stdout, re.MULTILINE), f"{option} not in:\n{done.stdout}"
 
 
 @pytest.mark.parametrize("command", sorted(set(TOOLS) - {"bare"}))
