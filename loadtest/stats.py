@@ -12,7 +12,7 @@
 - ``decide``: whether one server beats another on values over repeats, by a stated rule
   (``DECISION_RULE``), else "no difference beyond noise".
 
-No I/O here: ``loadtest.sampling`` takes the samples, ``loadtest.compare.run`` runs the steps.
+No I/O here: ``loadtest.sampling`` takes the samples, ``loadtest.compare.steps`` runs the steps.
 """
 
 from __future__ import annotations
