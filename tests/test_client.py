@@ -230,8 +230,10 @@ def _start(
     health_servicer.set("inference.GRPCInferenceService", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("down", health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    secure = credentials is not None
-    port = server.add_secure_port(address, credentials) if secure else server.add_insecure_port(address)
+    if credentials is not None:
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
     server.start()
     return server, port
 

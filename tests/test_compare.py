@@ -273,7 +273,8 @@ def test_command_line_help_and_options() -> None:
 
     parser = build_parser()
     commands = next(action for action in parser._actions if action.dest == "command")
-    assert "--matrix" in commands.choices["compare"].format_help()  # type: ignore[attr-defined]
+    assert isinstance(commands.choices, dict)
+    assert "--matrix" in commands.choices["compare"].format_help()
     args = parser.parse_args(["compare", "--precision", "bf16", "--matrix", "compile=off,on", "--repeats", "3",
                               "--target", "bare=127.0.0.1:9000", "--locust-processes", "2"])  # fmt: skip
     opts = compare.options_from(args)
@@ -333,7 +334,7 @@ def test_each_phase_runs_the_servers_in_abba_order(monkeypatch: pytest.MonkeyPat
     opts = plan.Options(repeats=4, targets=["ref=127.0.0.1:1"])
     arms, _ = plan.plan_arms(opts)
     run = compare.Run(opts, tmp_path, tmp_path, None, None)
-    records = {arm.name: {"steps": [], "starts": []} for arm in arms}
+    records: dict[str, dict[str, list[Any]]] = {arm.name: {"steps": [], "starts": []} for arm in arms}
     order: list[dict[str, Any]] = []
     compare.phase(run, arms, records, "closed", [plan.Scenario("closed", 1)], {}, order, [])
     forward, backward = ["torch", "tensorflow", "ref"], ["ref", "tensorflow", "torch"]
