@@ -267,9 +267,10 @@ def problems_of(entry: Entry, helps: Helps) -> list[str]:
         return make_problems(entry, helps)
     if entry.kind == "locust":
         return locust_problems(entry, helps)
+    name = shown(entry.argv)
     code, text = helps.get(entry.argv)
     if code != 0:
-        return [f"`{' '.join(entry.argv[1:])} --help` exits {code}: {text.strip()[-300:]}"]
+        return [f"`{name} --help` exits {code}: {text.strip()[-300:]}"]
     rest = entry.rest
     if entry.kind == "gpu_check":
         text += (ROOT / "scripts" / "gpu_check.sh").read_text()  # its own --prepare and --cpu
@@ -277,14 +278,18 @@ def problems_of(entry: Entry, helps: Helps) -> list[str]:
         known = subcommands_in(text)
         chosen = next((word for word in rest if word in known), None)
         if chosen is None:
-            return [f"python -m {entry.module}: no subcommand of {sorted(known)} in {list(rest)}"]
+            return [f"{name}: no subcommand of {sorted(known)} in {list(rest)}"]
+        name = f"{name} {chosen}"
         code, sub_text = helps.get((*entry.argv, chosen))
         if code != 0:
-            return [f"`python -m {entry.module} {chosen} --help` exits {code}: {sub_text.strip()[-300:]}"]
+            return [f"`{name} --help` exits {code}: {sub_text.strip()[-300:]}"]
         text += sub_text
-    return [
-        f"{flag}: not in the help of {' '.join(entry.argv[1:])}" for flag in flags(rest) if not mentions(text, flag)
-    ]
+    return [f"{flag}: not in the help of {name}" for flag in flags(rest) if not mentions(text, flag)]
+
+
+def shown(argv: Sequence[str]) -> str:
+    """A command as the pages write it: ``python -m loadtest``, not this interpreter's path."""
+    return " ".join(["python", *argv[1:]] if argv[0] == sys.executable else argv)
 
 
 def locust_problems(entry: Entry, helps: Helps) -> list[str]:
