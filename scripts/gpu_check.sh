@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check in two steps (README, "The GPU check"; the code is gpucheck/):
+# The GPU check in two steps (docs/gpu.md, "The GPU check"; the code is gpucheck/):
 #
 #   scripts/gpu_check.sh --prepare        # once, where pip has network: the wheels the check carries
 #                                         # (gpucheck/wheels.py, about 7 MiB) into .whl/ (git-ignored)
