@@ -27,6 +27,7 @@ from client.errors import (
     UnavailableError,
     from_stream_error,
 )
+from client.security import auth_metadata, channel_credentials
 from contract.codec import build_request, response_outputs
 from contract.datatypes import TensorSpec
 from contract.errors import ServingError
@@ -139,23 +140,6 @@ def never_ran(error: InferenceServerError) -> bool:
     """An UNAVAILABLE that proves the server did not run the call: it was never sent
     (no connection), or our server refused it before accepting it."""
     return error.message.startswith(_NOT_CONNECTED) or any(phrase in error.message for phrase in _REFUSED)
-
-
-def channel_credentials(
-    root_certificates: bytes | None = None, certificate_chain: bytes | None = None, private_key: bytes | None = None
-) -> grpc.ChannelCredentials:
-    """TLS credentials: trust ``root_certificates`` (PEM; the system roots when None) and, for
-    mutual TLS, present ``certificate_chain`` with its ``private_key`` (PEM, both or neither)."""
-    if (certificate_chain is None) != (private_key is None):
-        raise ValueError("a client certificate and its private key go together")
-    return grpc.ssl_channel_credentials(
-        root_certificates=root_certificates, private_key=private_key, certificate_chain=certificate_chain
-    )
-
-
-def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
-    """The call metadata that carries ``token`` (``authorization: Bearer <token>``); none without one."""
-    return (("authorization", f"Bearer {token}"),) if token else ()
 
 
 @dataclass(frozen=True)
