@@ -14,7 +14,8 @@ elsewhere the clients' TLS credentials and bearer-token metadata.
 ``python -m client --help`` is the command-line interface.
 """
 
-from client._common import ModelMetadata, RetryPolicy, ServerMetadata
+from client._calls import ModelMetadata, ServerMetadata
+from client._retry import RetryPolicy
 from client.aio import AsyncInferenceClient
 from client.errors import (
     CancelledError,
