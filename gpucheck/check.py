@@ -57,7 +57,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -66,10 +65,10 @@ import numpy as np
 
 import modelzoo
 from client import InferenceClient, InferenceServerError
+from client.metrics import scrape
 from gpucheck import budget as timing
 from gpucheck.budget import Budget, OutOfTime
 from loadtest.driver import drive
-from loadtest.sampling import scrape as scrape_metrics
 from loadtest.servers import MODULES, ROOT, ServerProcess
 from loadtest.stats import requests_per_worker
 from modelzoo.base import ModelDefinition
@@ -215,25 +214,6 @@ def model_config(target: str, model: str, timeout: float) -> dict[str, str]:
     with InferenceClient(target, timeout=timeout) as client:
         config = client.model_config(model)
     return {key: value.string_value for key, value in config.parameters.items()}
-
-
-def scrape(url: str | None, model: str, timeout: float) -> dict[str, float]:
-    """The server's rows and executions counters of ``model``, and the GPU memory its framework holds."""
-    if url is None:
-        return {}
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(url, timeout=timeout) as reply:
-        text = reply.read().decode()
-    found: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if (
-                sample.name in ("inference_rows_total", "inference_executions_total")
-                and (sample.labels.get("model") == model)
-            ) or sample.name == "process_gpu_memory_framework_bytes":
-                found[sample.name] = float(sample.value)
-    return found
 
 
 class GpuMemory:
@@ -595,7 +575,7 @@ def sweep_step(opts: Options, count: int, repo: Path, budget: Budget) -> dict[st
     try:
         server.start(timeout=budget.timeout(START_CAP_S))
         step = load(server.target, "mlp", SWEEP_CALLERS, opts.seconds, opts.warmup, 1, SWEEP_CALLERS, budget)
-        counts = scrape_metrics(server.metrics_url, "mlp")
+        counts = scrape(server.metrics_url, "mlp", budget.timeout(CALL_CAP_S))
     finally:
         stop(server, budget)
     return {
