@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RUNS = ["gpucheck", "serving", "torch_server", "client", "contract", "modelzoo"]
 RUNS_FILES = ["loadtest/driver.py", "loadtest/servers.py", "loadtest/stats.py"]
 ENTRY_MODULES = [
-    "gpucheck.__main__", "gpucheck.check", "torch_server.__main__", "torch_server.framework", "serving.server",
+    "gpucheck.__main__", "gpucheck.cli", "torch_server.__main__", "torch_server.framework", "serving.server",
     "serving.cli", "client", "client.metrics", "loadtest.driver", "loadtest.servers", "loadtest.stats",
 ]  # fmt: skip
 #: Imports the modules named in argv[1] (JSON) and prints every loaded module's file.
