@@ -11,6 +11,7 @@ that cannot run a call twice (``RetryPolicy``). Every failure raises an
 a server that cannot be reached raises ``UnavailableError`` naming the target.
 ``channel_credentials`` and ``auth_metadata`` (``client.security``) give channels opened
 elsewhere the clients' TLS credentials and bearer-token metadata.
+``client.metrics`` reads a server's Prometheus metrics endpoint (one model's series).
 ``python -m client --help`` is the command-line interface.
 """
 
