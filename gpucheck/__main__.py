@@ -19,7 +19,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return prepare()
     if command == "run":
-        from gpucheck.check import main as run
+        from gpucheck.cli import main as run
 
         return run(rest)
     print(__doc__, file=sys.stderr)

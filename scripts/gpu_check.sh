@@ -53,7 +53,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     fi
 fi
 
-if ! "$python" -c "import gpucheck.check, serving.server, torch_server.framework"; then
+if ! "$python" -c "import gpucheck.cli, serving.server, torch_server.framework"; then
     cat >&2 <<'EOF'
 gpu_check: the check does not import here (above). On a machine where pip has network, in this
 repository, run   scripts/gpu_check.sh --prepare   and bring the .whl/ folder it fills to this one.

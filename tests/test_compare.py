@@ -18,6 +18,7 @@ import grpc
 import numpy as np
 import pytest
 
+from client import metrics
 from contract.protocol import inference_pb2 as pb
 from loadtest import sampling, stats
 from loadtest.compare import plan, report
@@ -127,7 +128,7 @@ def test_read_latencies_merges_processes_and_marks_unsent_requests_failed(tmp_pa
 
 
 def test_parse_metrics_keeps_one_model_and_unlabelled_series() -> None:
-    flat = sampling.parse_metrics(METRICS_TEXT, "mlp")
+    flat = metrics.parse_metrics(METRICS_TEXT, "mlp")
     assert flat['inference_requests_total{code="OK"}'] == 120.0
     assert flat['inference_requests_total{code="RESOURCE_EXHAUSTED"}'] == 3.0
     assert flat["inference_queue_duration_seconds_count"] == 123.0
@@ -137,7 +138,7 @@ def test_parse_metrics_keeps_one_model_and_unlabelled_series() -> None:
 
 
 def test_metric_deltas_give_means_between_two_scrapes() -> None:
-    before = sampling.parse_metrics(METRICS_TEXT, "mlp")
+    before = metrics.parse_metrics(METRICS_TEXT, "mlp")
     after = dict(before)
     after["inference_queue_duration_seconds_sum"] += 0.5
     after["inference_queue_duration_seconds_count"] += 100

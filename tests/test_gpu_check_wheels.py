@@ -28,10 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 #: What the check runs: its package, the servers it starts (``python -m torch_server serve``
 #: and ``forward``), the client, and the load-suite modules it imports.
 RUNS = ["gpucheck", "serving", "torch_server", "client", "contract", "modelzoo"]
-RUNS_FILES = ["loadtest/driver.py", "loadtest/servers.py", "loadtest/sampling.py", "loadtest/stats.py"]
+RUNS_FILES = ["loadtest/driver.py", "loadtest/servers.py", "loadtest/stats.py"]
 ENTRY_MODULES = [
-    "gpucheck.__main__", "gpucheck.check", "torch_server.__main__", "torch_server.framework", "serving.server",
-    "serving.cli", "client", "loadtest.driver", "loadtest.servers", "loadtest.sampling", "loadtest.stats",
+    "gpucheck.__main__", "gpucheck.cli", "torch_server.__main__", "torch_server.framework", "serving.server",
+    "serving.cli", "client", "client.metrics", "loadtest.driver", "loadtest.servers", "loadtest.stats",
 ]  # fmt: skip
 #: Imports the modules named in argv[1] (JSON) and prints every loaded module's file.
 IMPORT = """
