@@ -198,3 +198,20 @@ def test_script_names_the_prepare_step_when_the_check_does_not_import(tmp_path: 
     assert "no grpcio-reflection on this host" in done.stderr
     assert "scripts/gpu_check.sh --prepare" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_commands_answer_help_and_refuse_what_they_do_not_know() -> None:
+    def gpucheck(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "gpucheck", *args]
+        return subprocess.run(command, check=False, capture_output=True, text=True, timeout=60)
+
+    prepare = gpucheck("prepare", "--help")
+    assert prepare.returncode == 0, prepare.stderr
+    assert ".whl/" in prepare.stdout
+    run = gpucheck("run", "--help")
+    assert run.returncode == 0, run.stderr
+    assert "--frameworks" in run.stdout
+    for unknown in (("bogus",), ("prepare", "--bogus"), ()):
+        refused = gpucheck(*unknown)
+        assert refused.returncode == 2, unknown
+        assert "usage: python -m gpucheck" in refused.stderr
