@@ -713,10 +713,8 @@ def test_compare_end_to_end_on_mlp_with_a_reference_server(tmp_path: Path) -> No
         )
         assert step["valid"] or neighbours, (name, reasons)
         assert step["valid"] == (not step["invalid_reasons"])
-    valid = [(name, step) for name, step in steps if step["valid"]]
-    if not valid:
-        pytest.skip("every step was disturbed by other processes on this host")
-    for name, step in valid:
+    # A disturbed step is flagged, not discarded: its figures are measured all the same.
+    for name, step in steps:
         assert step["throughput_rps"] > 0, name
         assert step["error_rate"] == 0.0, name
         assert 0 < step["latency_ms"]["p50"] <= step["latency_ms"]["p99"], name
@@ -726,7 +724,8 @@ def test_compare_end_to_end_on_mlp_with_a_reference_server(tmp_path: Path) -> No
             assert step["server_metrics"]["batch_size_mean"] >= 1, name
         if step["mode"] == "open":
             assert step["offered_rps"] == 150.0
-            assert step["sent_rps"] == pytest.approx(150.0, rel=0.35), name
+            if not any(reason.startswith("generator behind schedule") for reason in step["invalid_reasons"]):
+                assert step["sent_rps"] == pytest.approx(150.0, rel=0.35), name
     rows = results["verdict"]
     assert {row["variant"] for row in rows} == {"as set"}
     assert all(set(row["values"]) == {"torch", "tensorflow"} for row in rows)
