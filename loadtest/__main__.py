@@ -24,12 +24,12 @@ TOOLS: dict[str, tuple[str, str]] = {
     "overload": ("loadtest.tools.overload", "open-loop load past capacity and back: refusals, not collapse"),
     "scaling": ("loadtest.tools.scaling", "throughput of 1..N server worker processes behind one port"),
     "soak": ("loadtest.tools.soak", "a steady share of capacity for minutes: what drifts"),
-    "fuzz": ("loadtest.tools.fuzz", "malformed ModelInfer requests, each owed a precise status"),
+    "fuzz": ("loadtest.tools.fuzz.runner", "malformed ModelInfer requests, each owed a precise status"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from loadtest.compare import run as compare
+    from loadtest.compare import command, run
 
     parser = argparse.ArgumentParser(
         prog="python -m loadtest",
@@ -37,11 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Locust itself: locust -f loadtest/locustfile.py --host HOST (see its docstring).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
-    compare.add_arguments(
+    command.add_arguments(
         commands.add_parser(
             "compare",
             help="measure both servers with identical Locust scenarios and write a report",
-            description=compare.__doc__.split("\n\n")[1] if compare.__doc__ else None,
+            description=run.__doc__.split("\n\n")[1] if run.__doc__ else None,
         )
     )
     report = commands.add_parser("report", help="re-render a report folder from its results.json")
@@ -62,9 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.argv[0] = called
     args = build_parser().parse_args(argv)
     if args.command == "compare":
-        from loadtest.compare import run as compare
+        from loadtest.compare import command
 
-        return compare.main(args, argv)
+        return command.main(args, argv)
     from loadtest.compare.report import write_report
 
     write_report(json.loads(args.results.read_text()), args.results.parent)

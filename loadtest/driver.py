@@ -13,16 +13,15 @@ servers through it; Locust is the load driver for scenarios (``loadtest.users``)
   its deadline and latency counted from that time (no coordinated omission), optionally
   bounded in flight (an arrival beyond the bound is recorded as GENERATOR_BACKLOG, unsent).
 
-``drive`` (the command) prints one JSON object: requests, errors, rows/s, requests/s, latency
-percentiles (µs) and this process's CPU share (near 1.0: the generator, not the server, set
-the pace).
+``drive`` (the command) writes one JSON object to ``--out`` (or stdout): requests, errors, rows/s,
+requests/s, latency percentiles (µs) and this process's CPU share (near 1.0: the generator, not
+the server, set the pace).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -38,6 +37,7 @@ from contract import codec
 from contract.protocol import inference_pb2 as pb
 from contract.protocol import inference_pb2_grpc as pb_grpc
 from contract.random_tensors import random_array
+from loadtest.cli import add_out_option, write_result
 from loadtest.stats import percentiles
 
 #: Channel options of every connection the engine opens (a connection per channel).
@@ -233,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=16, help="size of -1 dimensions beyond the batch")
     parser.add_argument("--channels", type=int, default=1, help="connections the callers share (spread workers)")
+    add_out_option(parser)
     args = parser.parse_args(argv)
     result = asyncio.run(
         drive(
@@ -246,8 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.channels,
         )
     )
-    json.dump(result, sys.stdout)
-    print()
+    write_result(result, args.out)
     return 0
 
 

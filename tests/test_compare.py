@@ -21,7 +21,7 @@ import pytest
 from client import metrics
 from contract.protocol import inference_pb2 as pb
 from loadtest import sampling, stats
-from loadtest.compare import plan, report
+from loadtest.compare import command, plan, plots, prepare, report, steps, verdict
 from loadtest.compare import run as compare
 from loadtest.servers import ServerProcess
 from loadtest.stats import Tick
@@ -278,12 +278,12 @@ def test_command_line_help_and_options() -> None:
     assert "--matrix" in commands.choices["compare"].format_help()
     args = parser.parse_args(["compare", "--precision", "bf16", "--matrix", "compile=off,on", "--repeats", "3",
                               "--target", "bare=127.0.0.1:9000", "--locust-processes", "2"])  # fmt: skip
-    opts = compare.options_from(args)
+    opts = command.options_from(args)
     assert (opts.precision, opts.matrix, opts.repeats, opts.targets) == ("bf16", ["compile=off,on"], 3,
                                                                          ["bare=127.0.0.1:9000"])  # fmt: skip
     for bad in (["--locust-processes", "many"], ["--torch-target", "h:1"], ["--matrix", "colour=red"]):
         with pytest.raises(ValueError):  # noqa: PT011 - each names its own problem
-            compare.options_from(parser.parse_args(["compare", *bad]))
+            command.options_from(parser.parse_args(["compare", *bad]))
 
 
 def test_every_server_flag_is_explicit_and_identical() -> None:
@@ -334,7 +334,7 @@ def test_each_phase_runs_the_servers_in_abba_order(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(compare, "measure_step", fake_step)
     opts = plan.Options(repeats=4, targets=["ref=127.0.0.1:1"])
     arms, _ = plan.plan_arms(opts)
-    run = compare.Run(opts, tmp_path, tmp_path, None, None)
+    run = steps.Run(opts, tmp_path, tmp_path, None, None)
     records: dict[str, dict[str, list[Any]]] = {arm.name: {"steps": [], "starts": []} for arm in arms}
     order: list[dict[str, Any]] = []
     compare.phase(run, arms, records, "closed", [plan.Scenario("closed", 1)], {}, order, [])
@@ -454,7 +454,7 @@ def test_comparison_refuses_servers_on_different_devices_before_measuring(
     fake_pair: tuple[str, str], tmp_path: Path
 ) -> None:
     opts = plan.Options(torch_target=fake_pair[0], tf_target=fake_pair[1], out=tmp_path / "out")
-    with pytest.raises(compare.ComparisonRefused, match=r"device: torch_server cpu, tf_server cuda:0"):
+    with pytest.raises(prepare.ComparisonRefused, match=r"device: torch_server cpu, tf_server cuda:0"):
         compare.run_comparison(opts)
     assert not list((tmp_path / "out" / "logs").iterdir())  # no Locust run, no server log
 
@@ -508,7 +508,7 @@ def test_throughput_characteristics_pick_the_best_valid_scenario() -> None:
                         step(6, 200, 3, errors=0.02)]}  # fmt: skip
     for slo_ms, expected in ((50.0, ([100, 110], "4 users")), (5.0, ([0.0], "none meets it"))):
         settings = {"reference_concurrency": 4, "slo_ms": slo_ms, "limits": {"slo_error_rate": 0.01}}
-        read = {item.name.split(" (")[0]: item.read for item in report.characteristics(settings)}
+        read = {item.name.split(" (")[0]: item.read for item in verdict.characteristics(settings)}
         # 6 users meets the latency objective but fails 2% of its requests: it does not count.
         assert read[f"max throughput with p99 ≤ {slo_ms:g} ms, errors ≤ 1%"](server, settings) == expected
         assert read["peak throughput"](server, settings) == ([300], "16 users")
@@ -546,7 +546,7 @@ def _synthetic_step(repeat: int, mode: str, x: float, speed: float) -> dict[str,
 
 
 def _synthetic_results(repeats: int = 3) -> dict[str, Any]:
-    """A results document shaped like ``compare.run_comparison``'s: torch, tf and a reference."""
+    """A results document shaped like ``run_comparison``'s: torch, tf and a reference."""
     servers: dict[str, Any] = {}
     for name, framework, speed in (("torch", "torch", 1.0), ("tensorflow", "tensorflow", 0.8), ("bare", None, 2.0)):
         steps = [
@@ -614,10 +614,10 @@ def _synthetic_results(repeats: int = 3) -> dict[str, Any]:
 
 
 def _check_report_folder(out: Path) -> dict[str, Any]:
-    for name in ["report.html", "report.md", *report.PLOT_NAMES]:
+    for name in ["report.html", "report.md", *plots.PLOT_NAMES]:
         assert (out / name).stat().st_size > 0, name
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == len(report.PLOT_NAMES)
+    assert page.count("data:image/png;base64,") == len(plots.PLOT_NAMES)
     assert page.index("Verdict") < page.index("<img")
     markdown = (out / "report.md").read_text()
     assert "## Verdict" in markdown
@@ -769,6 +769,6 @@ def test_matrix_report_has_a_verdict_per_combination_and_a_row_per_server(tmp_pa
 
 
 def test_file_names_of_matrix_arms_are_plain() -> None:
-    name = compare.path_name("tensorflow[precision=bf16,compile=on]-closed-r0-closed-16/x")
+    name = steps.path_name("tensorflow[precision=bf16,compile=on]-closed-r0-closed-16/x")
     assert name == "tensorflow_precision=bf16,compile=on_-closed-r0-closed-16_x"
-    assert compare.path_name("torch-open-r2-open-1050.4") == "torch-open-r2-open-1050.4"
+    assert steps.path_name("torch-open-r2-open-1050.4") == "torch-open-r2-open-1050.4"

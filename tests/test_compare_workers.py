@@ -13,7 +13,7 @@ import pytest
 
 from client import metrics
 from loadtest import sampling, stats
-from loadtest.compare import plan, report
+from loadtest.compare import command, plan, report, steps, tables
 from loadtest.compare import run as compare
 from loadtest.servers import ServerProcess
 from loadtest.stats import Tick
@@ -170,7 +170,7 @@ def test_comparison_records_the_pinning_and_its_warning(
     from loadtest.__main__ import build_parser
 
     with pytest.raises(ValueError, match="--workers"):
-        compare.options_from(build_parser().parse_args(["compare", "--server-arg=--workers=none"]))
+        command.options_from(build_parser().parse_args(["compare", "--server-arg=--workers=none"]))
 
 
 # ---------------------------------------------------------------- the report
@@ -210,14 +210,14 @@ def test_report_shows_the_spread_over_workers_and_flags_unbalanced_steps(tmp_pat
     assert saved["worker_balance"]["unbalanced"] is True
     # A results document from before the balance was recorded: worked out from the counts.
     del results["servers"]["torch"]["steps"][1]["worker_balance"]
-    assert any("UNBALANCED" in row[-1] for row in report.worker_table(results)[1])
+    assert any("UNBALANCED" in row[-1] for row in tables.worker_table(results)[1])
 
 
 def test_report_of_single_worker_servers_has_no_warnings(tmp_path: Path) -> None:
     results = _synthetic_results(repeats=1)
     _with_workers(results, "torch", [{"0": 500.0}] * 4)
-    assert report.run_warnings(results) == []
-    rows = report.worker_table(results)[1]
+    assert tables.run_warnings(results) == []
+    rows = tables.worker_table(results)[1]
     assert [(row[0], row[-1]) for row in rows] == [("torch_server", "1 worker"),
                                                    ("tf_server", "not reported by the server"),
                                                    ("bare (reference)", "not reported by the server")]  # fmt: skip
@@ -234,11 +234,11 @@ def test_a_comparison_step_counts_the_requests_of_each_of_two_workers(tmp_path: 
     opts = plan.Options(step_seconds=2.0, warmup_seconds=0.5, locust_processes="1")
     with ServerProcess("torch", "mlp", args) as server:
         endpoint = sampling.Endpoint("torch", server.target, server.metrics_url, "mlp", pid=server.pid)
-        run = compare.Run(opts, tmp_path, tmp_path, None, None)
+        run = steps.Run(opts, tmp_path, tmp_path, None, None)
         # One connection (one worker answers): with several, our Locust user can hang when the
         # test stops (about 1 run in 20 with 4 connections, 6 in 20 with 16; an open bug).
         arm = plan.Arm("torch", "torch_server", "torch", {})
-        step = compare.measure_step(run, arm, endpoint, plan.Scenario("closed", 4), "closed", 0, local=True)
+        step = steps.measure_step(run, arm, endpoint, plan.Scenario("closed", 4), "closed", 0, local=True)
     per_worker = step["server_metrics"]["requests_per_worker"]
     balance = step["worker_balance"]
     assert set(per_worker) == {"0", "1"}, per_worker
@@ -262,5 +262,5 @@ def test_connections_spread_over_workers_by_default() -> None:
         plan.connections("0", 2)
     scenario = plan.Scenario("closed", 8)
     endpoint = sampling.Endpoint("torch", "127.0.0.1:1", None, "mlp")
-    command = compare.locust_command(endpoint, scenario, plan.Options(), 5, 1, Path("lat"), Path("st"), 8)
+    command = steps.locust_command(endpoint, scenario, plan.Options(), 5, 1, Path("lat"), Path("st"), 8)
     assert command[command.index("--connections") + 1] == "8"

@@ -23,7 +23,7 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
 from client import InferenceClient
-from loadtest.compare.run import check_writable
+from loadtest.compare.command import check_writable
 from scripts.dashboard import dashboard_queries, metric_names
 from serving import probe
 from serving.cli import build_parser

@@ -17,7 +17,7 @@ from collections import Counter
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from loadtest.tools import fuzz
+from loadtest.tools.fuzz import catalogue, runner
 from tests.conftest import FRAMEWORKS, BackgroundServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -29,7 +29,7 @@ MiB = 1 << 20
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_malformed_requests_get_their_precise_status(real_servers: dict[str, BackgroundServer], framework: str) -> None:
     seen: Counter[str] = Counter()
-    with fuzz.Connection(real_servers[framework].target) as connection:
+    with runner.Connection(real_servers[framework].target) as connection:
         models = connection.models()
         before = connection.answers(models)
 
@@ -39,8 +39,8 @@ def test_malformed_requests_get_their_precise_status(real_servers: dict[str, Bac
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
         )
-        @given(case=fuzz.cases(models))
-        def answered_as_owed(case: fuzz.Case) -> None:
+        @given(case=catalogue.cases(models))
+        def answered_as_owed(case: catalogue.Case) -> None:
             outcome = connection.send(case)
             seen[outcome.code.name] += 1
             assert outcome.ok, f"{outcome.problems}; message {outcome.message!r}; {case.describe()}"
@@ -58,13 +58,13 @@ def test_huge_declared_shapes_are_refused_before_allocating(
     """Shapes of 2**26 to 2**62 elements with 16 bytes of contents: INVALID_ARGUMENT, and
     neither the traced (numpy included) nor the resident memory of the process serving
     them moves by more than a few MB (512 MB would be the smallest allocation)."""
-    with fuzz.Connection(real_servers[framework].target) as connection:
-        cases = fuzz.huge_shape_cases(connection.models())
+    with runner.Connection(real_servers[framework].target) as connection:
+        cases = catalogue.huge_shape_cases(connection.models())
         tracemalloc.start()
         try:
             baseline, _ = tracemalloc.get_traced_memory()
             tracemalloc.reset_peak()
-            with fuzz.RssSampler(os.getpid()) as rss:
+            with runner.RssSampler(os.getpid()) as rss:
                 outcomes = [(case, connection.send(case)) for case in cases]
             _, peak = tracemalloc.get_traced_memory()
         finally:
@@ -80,9 +80,9 @@ def test_huge_declared_shapes_are_refused_before_allocating(
 def test_message_over_the_limit_is_resource_exhausted(
     real_servers: dict[str, BackgroundServer], framework: str
 ) -> None:
-    with fuzz.Connection(real_servers[framework].target) as connection:
+    with runner.Connection(real_servers[framework].target) as connection:
         models = connection.models()
-        case = fuzz.oversized_case(models[0], real_servers[framework].settings.max_message_bytes)
+        case = catalogue.oversized_case(models[0], real_servers[framework].settings.max_message_bytes)
         outcome = connection.send(case)
         assert outcome.ok, f"{outcome.problems}; message {outcome.message!r}"
         assert connection.answers(models)  # and it still answers

@@ -360,12 +360,17 @@ def test_overhead_tool_runs_against_the_bare_server() -> None:
                "--rates", "100"]  # fmt: skip
     result = subprocess.run(command, check=False, cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=90)
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()
+    lines = result.stderr.splitlines()  # for people, on stderr
     assert lines[0].startswith("target 127.0.0.1:")
     assert "bare identity server" in lines[0]
     assert [line.split(":")[0].strip() for line in lines[1:4]] == ["GrpcUser", "minimal", "open loop 100/s"]
     assert "us CPU/request" in lines[1]
     assert lines[-1].startswith("median: GrpcUser")
+    summary = json.loads(result.stdout)  # the result, alone on stdout
+    assert summary["target"].startswith("127.0.0.1:")
+    assert [len(summary["closed_loop"][name]) for name in ("GrpcUser", "minimal")] == [1, 1]
+    assert summary["open_loop"][0]["name"] == "open 100/s"
+    assert summary["median_cpu_us_per_request"]["GrpcUser"] > 0
 
 
 # ---- (g) a server behind TLS, mutual TLS and a bearer token ----

@@ -9,19 +9,17 @@ CI machines are noisy; ``python -m loadtest overload`` prints the figures.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pytest
 
-from loadtest.tools.overload import measure
+from loadtest.tools.overload import OverloadOptions, measure
 
 pytestmark = pytest.mark.slow
 
 
 def test_twice_the_peak_is_refused_quickly_and_served_near_the_peak(tmp_path: Path) -> None:
-    args = argparse.Namespace(model="resnet", seconds=2.0, deadline_ms=250.0, server_arg=[])
-    result = measure("torch", args, None, tmp_path)
+    result = measure("torch", OverloadOptions(model="resnet", seconds=2.0, deadline_ms=250.0), None, tmp_path)
     overload = result["phases"]["200%"]
     refusals = sum(count for status, count in overload["statuses"].items() if status.startswith("RESOURCE_EXHAUSTED"))
     assert refusals > 0, overload["statuses"]  # the excess was refused...

@@ -11,7 +11,7 @@ import os
 import pytest
 
 from loadtest.servers import ServerProcess
-from loadtest.tools.soak import build_parser, run
+from loadtest.tools.soak import SoakOptions, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -19,11 +19,10 @@ SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "15"))
 
 
 def test_short_soak_has_no_errors_and_bounded_rss() -> None:
-    argv = ["--server", "torch", "--minutes", str(SOAK_SECONDS / 60), "--fraction", "0.5", "--capacity-s", "2"]
-    argv += ["--warmup-s", "5", "--window-s", "5", "--deadline-s", "5", "--max-rss-growth", "10"]
-    args = build_parser().parse_args(argv)
+    opts = SoakOptions(minutes=SOAK_SECONDS / 60, fraction=0.5, capacity_s=2, warmup_s=5, window_s=5, deadline_s=5,
+                       max_rss_growth=10)  # fmt: skip
     with ServerProcess("torch", "mlp", ["--threads", "1"]) as server:
-        report = run(args, server.target, server.pid)
+        report = run(opts, server.target, server.pid)
     assert report["failures"] == [], report
     assert report["errors"] == 0
     assert report["completed"] == report["requests"] > 0.9 * report["offered_rate"] * SOAK_SECONDS

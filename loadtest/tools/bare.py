@@ -114,7 +114,7 @@ OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_messag
 
 
 def _write_port_file(path: Path | None, port: int) -> None:
-    print(f"{SERVER_NAME} listening on port {port}", flush=True)
+    print(f"{SERVER_NAME} listening on port {port}", file=sys.stderr, flush=True)
     if path is not None:
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(json.dumps({"port": port, "metrics_port": None, "ready_after_s": 0.0}))

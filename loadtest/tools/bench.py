@@ -15,16 +15,15 @@ closed loop, batch-1 requests by default) to another:
 Printed per server: served / bare throughput (the faster bare server at that
 concurrency), added latency at c=1 (served p50 - bare p50 - in-process forward p50 at
 batch 1), server CPU µs per request, forward vs its reference, batching on/off, and
-serving efficiency (served rows/s over in-process rows/s at the observed mean batch).
-JSON too. ``--repeats N`` runs everything N times in alternating order (ABBA) and
-reports medians. A step whose driver used > 90 % of its core is marked: the generator,
-not the server, may have set its pace. Figures, not assertions: compare within one run.
+serving efficiency (served rows/s over in-process rows/s at the observed mean batch), on
+stderr; the JSON result to ``--out`` (or stdout). ``--repeats N`` runs everything N times in
+alternating order (ABBA) and reports medians. A step whose driver used > 90 % of its core is
+marked: the generator, not the server, may have set its pace. Figures, not assertions: compare within one run.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -32,12 +31,23 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psutil
 
+from loadtest.cli import (
+    FRAMEWORKS,
+    add_cpu_split_option,
+    add_out_option,
+    add_server_option,
+    progress,
+    show,
+    split_cpus,
+    write_result,
+)
 from loadtest.sampling import scrape
 from loadtest.servers import MODULES, ROOT, ServerProcess, pin_to
 from loadtest.stats import metric_deltas
@@ -46,7 +56,48 @@ GENERATOR_LIMIT = 0.9
 BARE_MODES = ("aio", "sync")
 
 
-def _run_json(command: list[str], cpus: list[int] | None, timeout: float) -> dict[str, Any]:
+@dataclass(frozen=True)
+class DriveOptions:
+    """One closed-loop step of ``loadtest.driver`` against a running server: what it sends, for how long."""
+
+    model: str
+    #: Measured seconds, after ``warmup`` unmeasured ones.
+    seconds: float = 4.0
+    warmup: float = 1.0
+    #: Rows per request.
+    batch_size: int = 1
+    #: Connections the callers share (a server of several workers needs several).
+    channels: int = 1
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """One bench run (the module docstring tells what it measures)."""
+
+    servers: tuple[str, ...] = FRAMEWORKS
+    model: str = "mlp"
+    #: Closed-loop concurrencies of every step sweep.
+    concurrencies: tuple[int, ...] = (1, 8, 32)
+    #: Dynamic batching of the served runs: on, off, or both (in this order).
+    batching: tuple[bool, ...] = (True, False)
+    batch_size: int = 1
+    max_batch_size: int = 32
+    #: Framework intra-op threads of both servers and of the in-process forward pass.
+    threads: int = 1
+    seconds: float = 4.0
+    warmup: float = 1.0
+    #: Runs of everything, in alternating (ABBA) order; figures are their medians.
+    repeats: int = 1
+    cpu_split: str = "auto"
+
+    @property
+    def step(self) -> DriveOptions:
+        """The driver's options of each step."""
+        return DriveOptions(self.model, self.seconds, self.warmup, self.batch_size)
+
+
+def _run(command: list[str], cpus: list[int] | None, timeout: float) -> str:
+    """Run ``command`` (pinned to ``cpus``); its stdout, or RuntimeError with its stderr's tail."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
         command,
@@ -60,7 +111,7 @@ def _run_json(command: list[str], cpus: list[int] | None, timeout: float) -> dic
     )
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command[:4])} failed ({done.returncode}):\n{done.stderr[-2000:]}")
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+    return done.stdout
 
 
 def in_process(
@@ -70,7 +121,7 @@ def in_process(
     command = [sys.executable, "-m", MODULES[framework], "forward", "--model", model, "--threads", str(threads),
                "--batch-sizes", ",".join(map(str, sizes)), "--seconds", "1", "--device", "cpu",
                "--model-dir", str(model_dir)]  # fmt: skip
-    return _run_json(command, cpus, timeout=600)
+    return dict(json.loads(_run(command, cpus, timeout=600).strip().splitlines()[-1]))  # its last line
 
 
 def rows_per_s_at(forward: dict[str, Any], batch_size: float) -> float:
@@ -80,16 +131,20 @@ def rows_per_s_at(forward: dict[str, Any], batch_size: float) -> float:
     return float(np.interp(batch_size, sizes, rates))
 
 
-def drive(server: ServerProcess, concurrency: int, opts: argparse.Namespace, cpus: list[int] | None) -> dict[str, Any]:
+def drive(server: ServerProcess, concurrency: int, opts: DriveOptions, cpus: list[int] | None) -> dict[str, Any]:
     """One closed-loop step against a running server: the driver's figures plus the server's
     CPU µs per request and, when it has metrics, its own breakdown of the step."""
     before = scrape(server.metrics_url, opts.model)
     process = psutil.Process(server.pid)
     cpu_before = sum(process.cpu_times()[:2])
-    command = [sys.executable, "-m", "loadtest.driver", "--target", server.target, "--model", opts.model,
-               "--concurrency", str(concurrency), "--seconds", str(opts.seconds), "--warmup", str(opts.warmup),
-               "--batch-size", str(opts.batch_size), "--channels", str(getattr(opts, "channels", 1))]  # fmt: skip
-    result = _run_json(command, cpus, timeout=opts.seconds + opts.warmup + 120)
+    with tempfile.TemporaryDirectory(prefix="drive-") as tmp:
+        out = Path(tmp) / "result.json"
+        command = [sys.executable, "-m", "loadtest.driver", "--target", server.target, "--model", opts.model,
+                   "--concurrency", str(concurrency), "--seconds", str(opts.seconds), "--warmup", str(opts.warmup),
+                   "--batch-size", str(opts.batch_size), "--channels", str(opts.channels),
+                   "--out", str(out)]  # fmt: skip
+        _run(command, cpus, timeout=opts.seconds + opts.warmup + 120)
+        result: dict[str, Any] = json.loads(out.read_text())
     cpu = sum(process.cpu_times()[:2]) - cpu_before
     answered = result["requests_all"]  # warm-up included, as the server's CPU time is
     result["server_cpu_us_per_request"] = 1e6 * cpu / answered if answered else None
@@ -100,24 +155,23 @@ def drive(server: ServerProcess, concurrency: int, opts: argparse.Namespace, cpu
 
 def _log(label: str, step: dict[str, Any]) -> None:
     batch = (step.get("server") or {}).get("batch_size_mean")
-    print(
+    progress(
         f"  {label:26s} c={step['concurrency']:<3d} {step['requests_per_s']:8.0f} req/s  "
         f"p50 {step['latency_us'].get('p50') or 0:7.0f} µs  p99 {step['latency_us'].get('p99') or 0:7.0f} µs  "
         f"CPU {step['server_cpu_us_per_request'] or 0:5.0f} µs/req"
         + (f"  batch {batch:5.2f}" if batch else "")
         + f"  gen {step['generator_cpu']:.2f}"
-        + ("  GENERATOR-BOUND" if step["generator_bound"] else ""),
-        file=sys.stderr,
-        flush=True,
+        + ("  GENERATOR-BOUND" if step["generator_bound"] else "")
     )
 
 
-def bare(mode: str, opts: argparse.Namespace, server_cpus: list[int] | None, driver_cpus: list[int] | None) -> dict:
+def bare(mode: str, opts: BenchOptions, server_cpus: list[int] | None, driver_cpus: list[int] | None) -> dict:
+    """The bare identity server in ``mode`` (aio or sync), swept over the concurrencies."""
     args = ["--mode", mode]
     with ServerProcess("bare", opts.model, args, cpus=server_cpus) as server:
         steps = []
         for concurrency in opts.concurrencies:
-            step = drive(server, concurrency, opts, driver_cpus)
+            step = drive(server, concurrency, opts.step, driver_cpus)
             _log(f"bare {mode}", step)
             steps.append(step)
     return {"mode": mode, "steps": steps}
@@ -126,7 +180,7 @@ def bare(mode: str, opts: argparse.Namespace, server_cpus: list[int] | None, dri
 def served(
     framework: str,
     batching: bool,
-    opts: argparse.Namespace,
+    opts: BenchOptions,
     server_cpus: list[int] | None,
     driver_cpus: list[int] | None,
     model_dir: Path,
@@ -136,7 +190,7 @@ def served(
     steps = []
     with ServerProcess(framework, opts.model, args, cpus=server_cpus) as server:
         for concurrency in opts.concurrencies:
-            step = drive(server, concurrency, opts, driver_cpus)
+            step = drive(server, concurrency, opts.step, driver_cpus)
             _log(f"{framework} batching {'on' if batching else 'off'}", step)
             steps.append(step)
         cold_start = server.cold_start_s
@@ -264,27 +318,11 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--server", choices=["torch", "tensorflow", "both"], default="both")
-    parser.add_argument("--model", default="mlp")
-    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated closed-loop concurrencies")
-    parser.add_argument("--batching", default="on,off", help="on, off or on,off")
-    parser.add_argument("--batch-size", type=int, default=1, help="rows per request")
-    parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=1, help="framework intra-op threads (both servers)")
-    parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per step")
-    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each step")
-    parser.add_argument("--repeats", type=int, default=1, help="runs of everything, in alternating order")
-    parser.add_argument("--cpu-split", choices=["auto", "none"], default="auto")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default reports/bench-<time>.json)")
-    opts = parser.parse_args(argv)
-    opts.concurrencies = [int(c) for c in opts.concurrency.split(",") if c.strip()]
-    modes = [part.strip() == "on" for part in opts.batching.split(",") if part.strip()]
-    cpus = sorted(os.sched_getaffinity(0))
-    server_cpus, driver_cpus = ([cpus[0]], cpus[1:]) if opts.cpu_split == "auto" and len(cpus) >= 2 else (None, None)
-    frameworks = ["torch", "tensorflow"] if opts.server == "both" else [opts.server]
-    targets = [f"bare-{mode}" for mode in BARE_MODES] + frameworks
+def run(opts: BenchOptions) -> dict[str, Any]:
+    """Everything, ``opts.repeats`` times in ABBA order; the results (medians of the repeats, ratios added)."""
+    split = split_cpus(opts.cpu_split)
+    server_cpus, driver_cpus = split.server, split.generator
+    targets = [f"bare-{mode}" for mode in BARE_MODES] + list(opts.servers)
     order: list[str] = []
     raw: dict[str, list[Any]] = {target: [] for target in targets}
     with tempfile.TemporaryDirectory(prefix="bench-models-") as tmp:
@@ -292,22 +330,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         for repeat in range(opts.repeats):
             for target in targets if repeat % 2 == 0 else targets[::-1]:
                 order.append(target)
-                print(
-                    f"[{datetime.datetime.now():%H:%M:%S}] repeat {repeat + 1}: {target}", file=sys.stderr, flush=True
-                )
+                progress(f"repeat {repeat + 1}: {target}")
                 if target.startswith("bare-"):
                     raw[target].append(bare(target.removeprefix("bare-"), opts, server_cpus, driver_cpus))
                     continue
                 models = model_dir / target  # one repository per framework
                 forward = in_process(target, opts.model, opts.max_batch_size, opts.threads, server_cpus, models)
-                runs = [served(target, on, opts, server_cpus, driver_cpus, models) for on in modes]
+                runs = [served(target, on, opts, server_cpus, driver_cpus, models) for on in opts.batching]
                 raw[target].append({"in_process": forward, "served": runs})
     results: dict[str, Any] = {
         "model": opts.model,
         "threads": opts.threads,
         "max_batch_size": opts.max_batch_size,
         "rows_per_request": opts.batch_size,
-        "concurrency": opts.concurrencies,
+        "concurrency": list(opts.concurrencies),
         "repeats": opts.repeats,
         "order": order,
         "cpu_split": {"server": server_cpus, "generator": driver_cpus},
@@ -321,23 +357,56 @@ def main(argv: Sequence[str] | None = None) -> int:
         ],
         "servers": {},
     }
-    for framework in frameworks:
+    for framework in opts.servers:
         repeats = raw[framework]
         forward = repeats[0]["in_process"]
         for index, entry in enumerate(forward["results"]):
             for key in ("median_us", "reference_us", "vs_reference", "rows_per_s"):
                 entry[key] = statistics.median(r["in_process"]["results"][index][key] for r in repeats)
         runs = []
-        for index, run in enumerate(repeats[0]["served"]):
+        for index, served_run in enumerate(repeats[0]["served"]):
             steps = [_median_step(s) for s in zip(*(r["served"][index]["steps"] for r in repeats), strict=True)]
-            runs.append({**run, "steps": steps})
+            runs.append({**served_run, "steps": steps})
         results["servers"][framework] = {"in_process": forward, "served": runs, "raw": repeats}
     summarize(results)
-    print(table(results))
-    out = opts.out or ROOT / "reports" / f"bench-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, default=str))
-    print(f"\nwrote {out}")
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    defaults = BenchOptions()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_server_option(parser)
+    parser.add_argument("--model", default=defaults.model)
+    parser.add_argument("--concurrency", default=",".join(map(str, defaults.concurrencies)),
+                        help="comma-separated closed-loop concurrencies (%(default)s)")  # fmt: skip
+    parser.add_argument("--batching", default="on,off", help="on, off or on,off (%(default)s)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="rows per request")
+    parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
+    parser.add_argument("--threads", type=int, default=defaults.threads,
+                        help="framework intra-op threads (both servers)")  # fmt: skip
+    parser.add_argument("--seconds", type=float, default=defaults.seconds, help="measured seconds per step")
+    parser.add_argument("--warmup", type=float, default=defaults.warmup, help="unmeasured seconds before each step")
+    parser.add_argument("--repeats", type=int, default=defaults.repeats,
+                        help="runs of everything, in alternating order")  # fmt: skip
+    add_cpu_split_option(parser)
+    add_out_option(parser)
+    args = parser.parse_args(argv)
+    opts = BenchOptions(
+        servers=args.servers,
+        model=args.model,
+        concurrencies=tuple(int(c) for c in args.concurrency.split(",") if c.strip()),
+        batching=tuple(part.strip() == "on" for part in args.batching.split(",") if part.strip()),
+        batch_size=args.batch_size,
+        max_batch_size=args.max_batch_size,
+        threads=args.threads,
+        seconds=args.seconds,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        cpu_split=args.cpu_split,
+    )
+    results = run(opts)
+    show(table(results))
+    write_result(results, args.out)
     return 0
 
 

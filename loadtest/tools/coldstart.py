@@ -7,13 +7,13 @@ repository. The first start of each (server, model) exports the artifact into th
 repository and is reported apart (``first_start_s``); the timed starts that follow find
 it there, and run in ABBA order over the servers (forward on even repeats, reversed on
 odd ones; ``order`` lists them). Cold start is spawn to the port file the server writes
-once SERVING: imports, load, warm-up. Prints a table and one JSON line.
+once SERVING: imports, load, warm-up. A line per (server, model) on stderr; the JSON result
+to ``--out`` (or stdout).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -23,6 +23,7 @@ from typing import Any
 
 import psutil
 
+from loadtest.cli import add_out_option, add_server_option, progress, write_result
 from loadtest.compare.plan import abba
 from loadtest.servers import ServerProcess
 
@@ -64,24 +65,22 @@ def measure(frameworks: Sequence[str], model: str, repeats: int, threads: int, r
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="mlp,resnet,encoder")
-    parser.add_argument("--server", choices=["torch", "tensorflow", "both"], default="both")
+    add_server_option(parser)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    add_out_option(parser)
     opts = parser.parse_args(argv)
-    frameworks = ["torch", "tensorflow"] if opts.server == "both" else [opts.server]
     results = []
     with tempfile.TemporaryDirectory(prefix="coldstart-") as tmp:
         for model in filter(None, opts.model.split(",")):
-            for result in measure(frameworks, model, opts.repeats, opts.threads, Path(tmp)):
+            for result in measure(opts.servers, model, opts.repeats, opts.threads, Path(tmp)):
                 results.append(result)
-                print(
+                progress(
                     f"{result['framework']:10s} {model:8s} cold start {result['cold_start_s']:6.2f} s "
                     f"(first, with export: {result['first_start_s']:6.2f} s)  "
-                    f"idle RSS {result['idle_rss_mib']:6.0f} MiB",
-                    file=sys.stderr,
-                    flush=True,
+                    f"idle RSS {result['idle_rss_mib']:6.0f} MiB"
                 )
-    print(json.dumps(results))
+    write_result(results, opts.out)
     return 0
 
 

@@ -11,7 +11,9 @@ hub, exact latency records) and of a minimal user (one pre-built request through
 blocking stub, timed by hand, the request event with the fewest fields), in ABBA order
 (ours, minimal, minimal, ours, ...). With ``--rates``, our open-loop user too, at those
 arrival rates. Prints requests/s, generator CPU % and CPU µs per request of each run and
-the medians, and whether GrpcUser meets ``TARGET_US`` per request (closed loop).
+the medians, and whether GrpcUser meets ``TARGET_US`` per request (closed loop), on stderr;
+the JSON result (every run, the medians, the verdict) to ``--out`` (or stdout). Exits 1 when
+any request failed.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from locust import User, constant, task  # first: gevent monkey-patching (see gr
 
 # isort: split
 import argparse
+import dataclasses
 import gc
-import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -34,6 +36,7 @@ from locust.env import Environment
 from locust.event import Events
 
 from contract.protocol import inference_pb2_grpc as pb_grpc
+from loadtest.cli import add_cpu_split_option, add_out_option, available_cpus, show, split_cpus, write_result
 from loadtest.openloop import OpenLoopUser
 from loadtest.servers import ServerProcess
 from loadtest.users.grpc_user import GrpcUser, attach_recorder, close_channels, shared_pool
@@ -45,6 +48,8 @@ TARGET_US = 200.0
 
 @dataclass(frozen=True)
 class RunResult:
+    """One run of one user class: what it sent and what it cost this process."""
+
     name: str
     requests: int
     failures: int
@@ -62,6 +67,18 @@ class RunResult:
     @property
     def cpu_us_per_request(self) -> float:
         return 1e6 * self.cpu_s / max(self.requests, 1)
+
+    def summary(self) -> dict[str, float | int | str]:
+        """The run's counts and rates, for the JSON result."""
+        return {**dataclasses.asdict(self), "rps": self.rps, "cpu_percent": self.cpu_percent,
+                "cpu_us_per_request": self.cpu_us_per_request}  # fmt: skip
+
+    def line(self, label: str) -> str:
+        """The run in one line, for people."""
+        return (
+            f"{label}: {self.rps:8.1f} req/s  {self.failures} failures  generator CPU {self.cpu_percent:5.1f}%  "
+            f"{self.cpu_us_per_request:6.1f} us CPU/request"
+        )
 
 
 def user_classes(settings: LoadSettings) -> tuple[type[User], type[User]]:
@@ -152,23 +169,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=8, help="closed-loop users (%(default)s)")
     parser.add_argument("--rounds", type=int, default=2, help="(ours, minimal) pairs, in ABBA order (%(default)s)")
     parser.add_argument("--rates", default="", help="open-loop rates (req/s) to run our open-loop user at too")
-    parser.add_argument("--cpu-split", choices=["auto", "none"], default="auto",
-                        help="auto: bare server on the first half of the cores, this process on the rest")  # fmt: skip
+    add_cpu_split_option(parser, "auto: the bare server on the first half of the cores, this process on the rest; "
+                         "none: no pinning (%(default)s)")  # fmt: skip
+    add_out_option(parser)
     args = parser.parse_args(argv)
-    cpus = sorted(os.sched_getaffinity(0))
-    split = args.cpu_split == "auto" and len(cpus) >= 2
-    server_cpus, own_cpus = (cpus[: len(cpus) // 2], cpus[len(cpus) // 2 :]) if split else (None, None)
+    split = split_cpus(args.cpu_split, server_cores=max(1, len(available_cpus()) // 2))
+    server_cpus, own_cpus = split.server, split.generator
     settings = LoadSettings(model=args.model, batch_size=args.batch_size)
     ours, minimal = user_classes(settings)
     rates = [float(rate) for rate in args.rates.split(",") if rate.strip()]
     server = None
     if args.target is None:
         server = ServerProcess("bare", args.model, ["--mode", args.mode], cpus=server_cpus).start()
-    if own_cpus:
-        os.sched_setaffinity(0, own_cpus)
+    split.pin_generator()
     target = args.target or (server.target if server else "")
-    print(f"target {target} ({'bare identity server, ' + args.mode if server else 'given'}), server cpus "
-          f"{server_cpus}, generator cpus {own_cpus}", flush=True)  # fmt: skip
+    show(f"target {target} ({'bare identity server, ' + args.mode if server else 'given'}), server cpus "
+         f"{server_cpus}, generator cpus {own_cpus}")  # fmt: skip
     results: dict[str, list[RunResult]] = {"GrpcUser": [], "minimal": []}
     try:
         for round_index in range(args.rounds):
@@ -176,32 +192,39 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name, user_class in pair if round_index % 2 == 0 else reversed(pair):
                 result = run(name, user_class, target, args.users, args.seconds)
                 results[name].append(result)
-                print(
-                    f"{name:>8}: {result.rps:8.1f} req/s  {result.failures} failures  "
-                    f"generator CPU {result.cpu_percent:5.1f}%  {result.cpu_us_per_request:6.1f} us CPU/request",
-                    flush=True,
-                )
+                show(result.line(f"{name:>8}"))
         open_results = []
         for rate in rates:
             result = run(f"open {rate:g}/s", open_loop_class(settings), target, 4, args.seconds,
                          arrival_rate=rate, arrival_users=4)  # fmt: skip
             open_results.append(result)
-            print(
-                f"open loop {rate:g}/s: {result.rps:8.1f} req/s  {result.failures} failures  "
-                f"generator CPU {result.cpu_percent:5.1f}%  {result.cpu_us_per_request:6.1f} us CPU/request",
-                flush=True,
-            )
+            show(result.line(f"open loop {rate:g}/s"))
     finally:
         close_channels()
         if server is not None:
             server.close()
     median = {name: statistics.median(r.rps for r in runs) for name, runs in results.items()}
     cpu = {name: statistics.median(r.cpu_us_per_request for r in runs) for name, runs in results.items()}
-    verdict = "meets" if cpu["GrpcUser"] <= TARGET_US else "MISSES"
-    print(
+    meets = cpu["GrpcUser"] <= TARGET_US
+    show(
         f"median: GrpcUser {median['GrpcUser']:.1f} req/s, minimal {median['minimal']:.1f} req/s; "
         f"CPU/request GrpcUser {cpu['GrpcUser']:.1f} us, minimal {cpu['minimal']:.1f} us; "
-        f"GrpcUser {verdict} the target of <= {TARGET_US:g} us per request"
+        f"GrpcUser {'meets' if meets else 'MISSES'} the target of <= {TARGET_US:g} us per request"
+    )
+    write_result(
+        {
+            "target": target,
+            "bare_server_mode": args.mode if server else None,
+            "cpu_split": {"server": server_cpus, "generator": own_cpus},
+            "users": args.users,
+            "closed_loop": {name: [r.summary() for r in runs] for name, runs in results.items()},
+            "open_loop": [r.summary() for r in open_results],
+            "median_rps": median,
+            "median_cpu_us_per_request": cpu,
+            "target_us": TARGET_US,
+            "meets_target": meets,
+        },
+        args.out,
     )
     failed = any(r.failures for runs in results.values() for r in runs) or any(r.failures for r in open_results)
     return 1 if failed else 0

@@ -2,12 +2,14 @@
 
     python -m loadtest overload --server both --model resnet --deadline-ms 250
 
-Per server (pinned to core 0; this generator to core 1): the closed-loop peak with 64
+Per server (pinned to the first core; this generator to the rest, unless ``--cpu-split none``):
+the closed-loop peak with 64
 callers (loadtest.driver), then one continuous open-loop run (Poisson arrivals; latency
 and deadline counted from each request's scheduled send time) at 0.8x the peak, 2x the
 peak, then 0.5x. Printed per server: goodput during the overload vs the peak, how fast
 refusals (RESOURCE_EXHAUSTED) were answered (from the actual send), the admitted requests' p99 vs the p99 at
-0.8x, the error mix, and the p99 once the overload has been over for a second. JSON too.
+0.8x, the error mix, and the p99 once the overload has been over for a second: a line per
+server on stderr, the JSON result to ``--out`` (or stdout).
 The generator's own send lag is reported: a lagging generator offered less than asked.
 
 The server's admission control is what is measured: a request that would wait past its
@@ -19,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import random
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +34,28 @@ import grpc
 import numpy as np
 
 from contract.protocol import inference_pb2_grpc as pb_grpc
+from loadtest.cli import add_cpu_split_option, add_out_option, add_server_option, progress, split_cpus, write_result
 from loadtest.driver import CHANNEL_OPTIONS, RequestPool, open_loop
 from loadtest.servers import ServerProcess
 from loadtest.stats import percentiles
-from loadtest.tools.bench import drive
+from loadtest.tools.bench import DriveOptions, drive
 
 PHASES = (("80%", 0.8), ("200%", 2.0), ("after", 0.5))
+#: The closed-loop step that measures the peak: 64 callers, 3 s after 1 s of warm-up.
+PEAK_CALLERS = 64
+
+
+@dataclass(frozen=True)
+class OverloadOptions:
+    """One overload run of a server (the module docstring tells the phases)."""
+
+    model: str = "resnet"
+    #: Every request's deadline, from its scheduled send time.
+    deadline_ms: float = 250.0
+    #: Seconds of each phase.
+    seconds: float = 4.0
+    #: Extra server flags.
+    server_args: tuple[str, ...] = ()
 
 
 async def poisson_phases(
@@ -101,15 +118,15 @@ def summarize(records: list[tuple[str, float, float, float, str]], peak: float, 
     }
 
 
-def measure(framework: str, args: argparse.Namespace, server_cpus: list[int] | None, model_dir: Path) -> dict:
-    server_args = ["--threads", "1", "--device", "cpu", "--model-dir", str(model_dir / framework), *args.server_arg]
-    with ServerProcess(framework, args.model, server_args, cpus=server_cpus) as server:
-        opts = argparse.Namespace(model=args.model, seconds=3.0, warmup=1.0, batch_size=1)
-        peak = drive(server, 64, opts, None)["requests_per_s"]
-        seconds = {name: args.seconds for name, _ in PHASES}
+def measure(framework: str, opts: OverloadOptions, server_cpus: list[int] | None, model_dir: Path) -> dict:
+    """The peak of one fresh server, then its phases of open-loop load (``summarize``'s figures)."""
+    server_args = ["--threads", "1", "--device", "cpu", "--model-dir", str(model_dir / framework), *opts.server_args]
+    with ServerProcess(framework, opts.model, server_args, cpus=server_cpus) as server:
+        peak = drive(server, PEAK_CALLERS, DriveOptions(opts.model, seconds=3.0, warmup=1.0), None)["requests_per_s"]
+        seconds = {name: opts.seconds for name, _ in PHASES}
         phases = [(name, fraction * peak, seconds[name]) for name, fraction in PHASES]
         cpu_before = time.process_time()
-        records = asyncio.run(poisson_phases(server.target, args.model, phases, args.deadline_ms / 1e3))
+        records = asyncio.run(poisson_phases(server.target, opts.model, phases, opts.deadline_ms / 1e3))
         generator_cpu = (time.process_time() - cpu_before) / sum(seconds.values())
     result = summarize(records, peak, seconds)
     result["generator_cpu"] = generator_cpu
@@ -117,40 +134,38 @@ def measure(framework: str, args: argparse.Namespace, server_cpus: list[int] | N
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    defaults = OverloadOptions()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--server", choices=["torch", "tensorflow", "both"], default="both")
-    parser.add_argument("--model", default="resnet")
-    parser.add_argument("--deadline-ms", type=float, default=250.0, help="every request's deadline")
-    parser.add_argument("--seconds", type=float, default=4.0, help="seconds per phase")
+    add_server_option(parser)
+    parser.add_argument("--model", default=defaults.model)
+    parser.add_argument("--deadline-ms", type=float, default=defaults.deadline_ms, help="every request's deadline")
+    parser.add_argument("--seconds", type=float, default=defaults.seconds, help="seconds per phase")
     parser.add_argument("--server-arg", action="append", default=[], help="extra server flag, repeatable")
-    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    add_cpu_split_option(parser)
+    add_out_option(parser)
     args = parser.parse_args(argv)
-    cpus = sorted(os.sched_getaffinity(0))
-    server_cpus = None
-    if len(cpus) >= 2:
-        server_cpus = cpus[:1]
-        os.sched_setaffinity(0, cpus[1:])
-    frameworks = ["torch", "tensorflow"] if args.server == "both" else [args.server]
-    results = {"model": args.model, "deadline_ms": args.deadline_ms, "servers": {}}
+    opts = OverloadOptions(
+        model=args.model, deadline_ms=args.deadline_ms, seconds=args.seconds, server_args=tuple(args.server_arg)
+    )
+    split = split_cpus(args.cpu_split)
+    split.pin_generator()
+    results: dict[str, Any] = {"model": args.model, "deadline_ms": args.deadline_ms, "servers": {},
+                               "cpu_split": {"server": split.server, "generator": split.generator}}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="overload-") as tmp:
-        for framework in frameworks:
-            result = measure(framework, args, server_cpus, Path(tmp))
+        for framework in args.servers:
+            result = measure(framework, opts, split.server, Path(tmp))
             results["servers"][framework] = result
             over = result["phases"]["200%"]
-            print(
+            progress(
                 f"{framework}: peak {result['peak_rps']:.0f} req/s; at 2x ({over['offered_rps']:.0f} req/s offered): "
                 f"goodput {over['goodput_rps']:.0f} req/s = {result['goodput_vs_peak']:.2f}x peak, "
                 f"refusals answered p99 {result['refusal_p99_ms'] or 0:.2f} ms, admitted p99 "
                 f"{over['admitted_latency_ms']['p99'] or 0:.1f} ms = {result['admitted_p99_vs_80pct_p99'] or 0:.2f}x "
                 f"the p99 at 0.8x ({result['p99_at_80pct_ms'] or 0:.1f} ms), statuses {over['statuses']}; "
                 f"1 s after: p99 {result['p99_1s_after_overload_ms'] or 0:.1f} ms; generator CPU "
-                f"{result['generator_cpu']:.2f}, send lag p99 {over['send_lag_p99_ms'] or 0:.1f} ms",
-                flush=True,
+                f"{result['generator_cpu']:.2f}, send lag p99 {over['send_lag_p99_ms'] or 0:.1f} ms"
             )
-    text = json.dumps(results, indent=2)
-    if args.out:
-        args.out.write_text(text)
-    print(text, file=sys.stderr)
+    write_result(results, args.out)
     return 0
 
 

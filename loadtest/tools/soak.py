@@ -3,8 +3,9 @@
     python -m loadtest soak --server torch --model mlp --minutes 10      # start it, 70 % of capacity
     python -m loadtest soak --target 127.0.0.1:8001 --pid 4321 --rate 800 --minutes 10
 
-With ``--server`` the server is started here (``python -m <server> serve``, pinned to
-core 0 and this generator to core 1 when there are two cores). Its capacity is measured
+With ``--server`` the server is started here (``python -m <server> serve``, pinned to the
+first core and this generator to the rest when there are two or more; ``--cpu-split none``:
+no pinning). Its capacity is measured
 first with a short closed-loop step (``--capacity-concurrency`` callers sending back to
 back for ``--capacity-s`` seconds), unless ``--rate`` gives the rate; the soak then
 offers ``--fraction`` (0.7) of it, open loop: batch-1 requests at fixed intervals, each
@@ -12,7 +13,7 @@ sent at its scheduled time whatever earlier ones are doing, its latency counted 
 time (no coordinated omission), with a deadline of ``--deadline-s``. A warm-up at the
 same rate (``--warmup-s``) is not counted.
 
-Reported (one JSON object): offered and achieved rate; requests, errors by status code
+Reported (one JSON object, to ``--out`` or stdout): offered and achieved rate; requests, errors by status code
 (a deadline that passes counts; so does an arrival the generator could not send because
 ``--max-in-flight`` were outstanding) and per window; the server's RSS (sampled every second) at the
 start and end of the soak, its peak, growth in % (also from the end of the first
@@ -28,14 +29,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
-import os
 import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import grpc
@@ -44,6 +43,7 @@ import numpy as np
 import psutil
 
 from contract.protocol import inference_pb2_grpc as pb_grpc
+from loadtest.cli import add_cpu_split_option, add_out_option, add_server_option, progress, split_cpus, write_result
 from loadtest.driver import BACKLOG, CHANNEL_OPTIONS, RequestPool, closed_loop, open_loop
 from loadtest.stats import percentiles
 
@@ -217,74 +217,115 @@ async def capacity(target: str, model: str, concurrency: int, seconds: float, se
     return loop.requests_per_s
 
 
-def run(args: argparse.Namespace, target: str, pid: int | None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class SoakOptions:
+    """What a soak is asked for (the module docstring tells each); ``run`` resolves the rate from the
+    capacity it measures, unless ``rate`` gives it, into a ``SoakSettings``."""
+
+    model: str = "mlp"
+    minutes: float = 10.0
+    #: Offered requests/s; None: ``fraction`` of the capacity measured first.
+    rate: float | None = None
+    fraction: float = 0.7
+    capacity_concurrency: int = 8
+    capacity_s: float = 5.0
+    warmup_s: float = 5.0
+    deadline_s: float = 1.0
+    window_s: float = 60.0
+    max_in_flight: int = 2000
+    #: RSS growth limit, percent: a soak that grows more fails.
+    max_rss_growth: float = 5.0
+    seq_len: int = 16
+
+    def __post_init__(self) -> None:
+        if self.minutes <= 0 or not 0 < self.fraction <= 2:
+            raise ValueError("--minutes must be positive and --fraction in (0, 2]")
+
+
+def run(opts: SoakOptions, target: str, pid: int | None) -> dict[str, Any]:
+    """Measure the capacity (unless ``opts.rate``), soak ``target`` and judge it; ``pid``: the server's, for its RSS."""
     measured = None
-    rate = args.rate
+    rate = opts.rate
     if rate is None:
-        measured = asyncio.run(capacity(target, args.model, args.capacity_concurrency, args.capacity_s, args.seq_len))
-        rate = args.fraction * measured
+        measured = asyncio.run(capacity(target, opts.model, opts.capacity_concurrency, opts.capacity_s, opts.seq_len))
+        rate = opts.fraction * measured
     settings = SoakSettings(
         target=target,
-        model=args.model,
+        model=opts.model,
         rate=rate,
-        seconds=args.minutes * 60.0,
-        warmup_s=args.warmup_s,
-        deadline_s=args.deadline_s,
-        window_s=args.window_s,
-        max_in_flight=args.max_in_flight,
-        seq_len=args.seq_len,
+        seconds=opts.minutes * 60.0,
+        warmup_s=opts.warmup_s,
+        deadline_s=opts.deadline_s,
+        window_s=opts.window_s,
+        max_in_flight=opts.max_in_flight,
+        seq_len=opts.seq_len,
     )
     report = asyncio.run(soak(settings, pid))
     report["capacity_rps"] = None if measured is None else round(measured, 1)
-    report["fraction"] = None if measured is None else args.fraction
-    report["failures"] = verdict(report, args.max_rss_growth)
+    report["fraction"] = None if measured is None else opts.fraction
+    report["failures"] = verdict(report, opts.max_rss_growth)
     return report
 
 
 def build_parser() -> argparse.ArgumentParser:
+    defaults = SoakOptions()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--target", help="HOST:PORT of a running server (loopback)")
-    where.add_argument("--server", choices=["torch", "tf"], help="start this server here first")
+    add_server_option(where, default=None, one=True)
     parser.add_argument("--pid", type=int, help="the --target server's process id (for its RSS)")
-    parser.add_argument("--model", default="mlp")
-    parser.add_argument("--minutes", type=float, default=10.0, help="length of the soak (default 10)")
+    parser.add_argument("--model", default=defaults.model)
+    parser.add_argument("--minutes", type=float, default=defaults.minutes, help="length of the soak (%(default)s)")
     parser.add_argument("--rate", type=float, help="offered requests/s (default: --fraction of measured capacity)")
-    parser.add_argument("--fraction", type=float, default=0.7, help="share of capacity to offer (default 0.7)")
-    parser.add_argument("--capacity-concurrency", type=int, default=8, help="callers of the capacity step")
-    parser.add_argument("--capacity-s", type=float, default=5.0, help="length of the capacity step")
-    parser.add_argument("--warmup-s", type=float, default=5.0, help="uncounted warm-up at the soak rate")
-    parser.add_argument("--deadline-s", type=float, default=1.0, help="deadline of each request")
-    parser.add_argument("--window-s", type=float, default=60.0, help="first/last window compared for drift")
-    parser.add_argument("--max-in-flight", type=int, default=2000, help="outstanding requests before dropping")
-    parser.add_argument("--max-rss-growth", type=float, default=5.0, help="RSS growth limit, percent")
-    parser.add_argument("--seq-len", type=int, default=16, help="size of variable dimensions (encoder)")
+    parser.add_argument("--fraction", type=float, default=defaults.fraction,
+                        help="share of capacity to offer (%(default)s)")  # fmt: skip
+    parser.add_argument("--capacity-concurrency", type=int, default=defaults.capacity_concurrency,
+                        help="callers of the capacity step")  # fmt: skip
+    parser.add_argument("--capacity-s", type=float, default=defaults.capacity_s, help="length of the capacity step")
+    parser.add_argument("--warmup-s", type=float, default=defaults.warmup_s,
+                        help="uncounted warm-up at the soak rate")  # fmt: skip
+    parser.add_argument("--deadline-s", type=float, default=defaults.deadline_s, help="deadline of each request")
+    parser.add_argument("--window-s", type=float, default=defaults.window_s,
+                        help="first/last window compared for drift")  # fmt: skip
+    parser.add_argument("--max-in-flight", type=int, default=defaults.max_in_flight,
+                        help="outstanding requests before dropping")  # fmt: skip
+    parser.add_argument("--max-rss-growth", type=float, default=defaults.max_rss_growth,
+                        help="RSS growth limit, percent")  # fmt: skip
+    parser.add_argument("--seq-len", type=int, default=defaults.seq_len, help="size of variable dimensions (encoder)")
     parser.add_argument("--server-arg", action="append", default=[], help="extra argument for --server")
-    parser.add_argument("--no-pin", action="store_true", help="do not pin server and generator to cores")
+    add_cpu_split_option(parser, "with --server: auto pins it to the first core and this generator to the rest; "
+                         "none: no pinning (%(default)s)")  # fmt: skip
+    add_out_option(parser)
     return parser
+
+
+def options_from(args: argparse.Namespace) -> SoakOptions:
+    """The soak's options from parsed flags (``ValueError`` on bad values)."""
+    names = {option.name for option in fields(SoakOptions)}
+    return SoakOptions(**{name: value for name, value in vars(args).items() if name in names})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.minutes <= 0 or not 0 < args.fraction <= 2:
-        parser.error("--minutes must be positive and --fraction in (0, 2]")
-    if args.server:
+    try:
+        opts = options_from(args)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.servers:
         from loadtest.servers import ServerProcess
 
-        pin = not args.no_pin and len(os.sched_getaffinity(0)) >= 2
+        split = split_cpus(args.cpu_split)
         server_args = ["--threads", "1", *args.server_arg]
-        with ServerProcess(args.server, args.model, server_args, cpus=[0] if pin else None) as server:
-            if pin:
-                os.sched_setaffinity(0, {1})
-            print(f"soaking {server.module} ({args.model}) at {server.target} ...", file=sys.stderr, flush=True)
-            report = run(args, server.target, server.pid)
+        with ServerProcess(args.servers[0], args.model, server_args, cpus=split.server) as server:
+            split.pin_generator()
+            progress(f"soaking {server.module} ({args.model}) at {server.target} ...")
+            report = run(opts, server.target, server.pid)
             report["server"] = server.module
-            report["pinned"] = pin
+            report["cpu_split"] = {"server": split.server, "generator": split.generator}
     else:
-        report = run(args, args.target, args.pid)
-    json.dump(report, sys.stdout, indent=2)
-    print()
+        report = run(opts, args.target, args.pid)
+    write_result(report, args.out)
     return 1 if report["failures"] else 0
 
 

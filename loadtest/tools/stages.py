@@ -3,20 +3,21 @@
     python -m loadtest stages --server torch --model mlp
 
 Runs the serving core's own code for one batch-1 request of the model, stage by stage,
-in a tight loop on one core (the server's, 0): parsing the request and serializing the
+in a tight loop on one core (the one the other tools give the server; ``--cpu-split none``:
+unpinned): parsing the request and serializing the
 reply (the protobuf part of gRPC in and out), decode + validate, the batcher's round
 trip with an instant model (queue, lead, merge, split, deliver: a lone caller runs its
 own batch, no thread hop), merge and split of a batch of 8, the forward pass at batch 1
 and 8, encode, and the metrics of one request and one batch; then the whole dataplane
 (``ModelRuntime.infer``) at once. The rest of a request's cost is grpcio's: the bench
 measures it as the bare identity server's CPU per request. Microbenchmark figures are a
-floor: under load, caches are colder and every stage costs more.
+floor: under load, caches are colder and every stage costs more. A table on stderr; the JSON
+result to ``--out`` (or stdout).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -30,6 +31,7 @@ import numpy as np
 import modelzoo
 from contract import codec
 from contract.protocol import inference_pb2 as pb
+from loadtest.cli import add_cpu_split_option, add_out_option, add_server_option, show, split_cpus, write_result
 from loadtest.servers import MODULES
 from serving import repository
 from serving.backend import BackendOptions, Framework
@@ -113,26 +115,27 @@ def stages(framework: Framework, model_name: str, model_dir: Path, seconds: floa
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--server", choices=["torch", "tensorflow", "both"], default="both")
+    add_server_option(parser)
     parser.add_argument("--model", default="mlp")
     parser.add_argument("--seconds", type=float, default=0.5, help="timing budget per stage")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--cpu", type=int, default=0, help="core to pin to (-1: no pinning)")
+    add_cpu_split_option(parser, "auto: run on the core the other tools give the server; none: unpinned (%(default)s)")
+    add_out_option(parser)
     args = parser.parse_args(argv)
-    if args.cpu >= 0:
-        os.sched_setaffinity(0, [args.cpu])
-    names = ["torch", "tensorflow"] if args.server == "both" else [args.server]
-    report: dict[str, Any] = {"model": args.model, "threads": args.threads, "servers": {}}
-    for name in names:
+    cpus = split_cpus(args.cpu_split).server
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    report: dict[str, Any] = {"model": args.model, "threads": args.threads, "cpus": cpus, "servers": {}}
+    for name in args.servers:
         framework = framework_of(name)
         framework.configure(args.threads, "cpu")
         with tempfile.TemporaryDirectory() as tmp:
             report["servers"][name] = stages(framework, args.model, Path(tmp), args.seconds)
     for name, rows in report["servers"].items():
-        print(f"{name}, {args.model}, one batch-1 request (µs, in-process, pinned):")
-        for row in rows:
-            print(f"  {row['stage']:44s} {row['us']:9.2f}")
-    print(json.dumps(report), file=sys.stderr)
+        pinned = f"on core {cpus[0]}" if cpus else "unpinned"
+        show(f"{name}, {args.model}, one batch-1 request (µs, in-process, {pinned}):")
+        show("\n".join(f"  {row['stage']:44s} {row['us']:9.2f}" for row in rows))
+    write_result(report, args.out)
     return 0
 
 

@@ -1,0 +1,320 @@
+"""The comparison report's tables, as (head, rows) of strings that the Markdown and HTML renderers
+share: the verdict per variant, every server side by side, the servers' settings, each loop's steps
+(mean and min-max range over repeats, valid repeats counted), requests per worker, invalid steps,
+failed runs, the parity gate, and the run's settings and environment. Also the warnings that head
+the report (a pinning that makes workers share cores, steps unbalanced across workers).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from typing import Any
+
+from loadtest.compare.verdict import MIB, Point, Step, characteristics, number, series, server_label, variants, x_of
+from loadtest.stats import UNBALANCED_SHARE, worker_balance
+
+Table = tuple[list[str], list[list[str]]]
+
+
+def _ranged(points: dict[float, Point], x: float, digits: int = 3) -> str:
+    point = points.get(x)
+    if point is None:
+        return "n/a"
+    if point.high - point.low > 0:
+        return f"{number(point.mean, digits)} ({number(point.low, digits)}–{number(point.high, digits)})"
+    return number(point.mean, digits)
+
+
+def _verdict_cell(row: dict[str, Any], name: str) -> str:
+    """Mean, the number of values behind it, and where it was measured (``1983 (n=3, @ 32 users)``)."""
+    values, where = row["values"][name], row["where"][name]
+    if not values:
+        return "n/a"
+    details = ", ".join(filter(None, [f"n={len(values)}", where and f"@ {where}"]))
+    return f"{number(row['means'][name], 4)} ({details})"
+
+
+def verdict_tables(results: dict[str, Any]) -> list[tuple[str, Table]]:
+    """One verdict table per variant: characteristic, each server, the difference, the verdict."""
+    tables = []
+    for group in variants(results):
+        rows = [row for row in results["verdict"] if row["variant"] == group["name"]]
+        if not rows:
+            continue
+        names = list(rows[0]["values"])
+        body = []
+        for row in rows:
+            leader, margin = row["leader"], row["margin_pct"]
+            difference = "none" if margin == 0 else "n/a"
+            if leader is not None:
+                difference = f"{server_label(results, leader)} by {'∞' if margin is None else f'{margin:.1f}%'}"
+            if row["winner"] is not None:
+                decided = f"{server_label(results, row['winner'])} better (ranges apart; p = {row['p_value']:.2g})"
+            elif row["p_value"] is not None:
+                decided = f"{row['verdict']} (ranges overlap)"
+            else:
+                decided = row["verdict"]
+            body.append(
+                [
+                    f"{row['characteristic']} ({row['unit']}, {row['better']} is better)",
+                    *(_verdict_cell(row, name) for name in names),
+                    difference,
+                    decided,
+                ]
+            )
+        head = ["characteristic", *(server_label(results, name) for name in names), "difference of means", "verdict"]
+        title = "Verdict" if len(variants(results)) == 1 else f"Verdict: {group['name']}"
+        tables.append((title, (head, body)))
+    return tables
+
+
+def summary_table(results: dict[str, Any]) -> Table:
+    """A row per server (each variant, each reference): the verdict's characteristics side by side."""
+    settings = results["settings"]
+    items = characteristics(settings)
+    body = []
+    for name, server in results["servers"].items():
+        cells = []
+        for item in items:
+            values, _ = item.read(server, settings)
+            cells.append(f"{number(statistics.fmean(values), 4)} (n={len(values)})" if values else "n/a")
+        body.append([server_label(results, name), *cells])
+    return ["server", *(f"{item.name} ({item.unit})" for item in items)], body
+
+
+STEP_COLUMNS = {
+    "throughput (req/s)": "throughput_rps",
+    "error rate": "error_rate",
+    "p50 (ms)": "latency_ms.p50",
+    "p90 (ms)": "latency_ms.p90",
+    "p99 (ms)": "latency_ms.p99",
+    "p99.9 (ms)": "latency_ms.p99.9",
+    "max (ms)": "latency_ms.max",
+    "server CPU %": "server_cpu_pct.mean",
+    "server RSS max (MiB)": "server_rss_bytes.max",
+    "generator CPU %": "generator_cpu_pct.mean",
+    "generator µs/req": "generator_us_per_request",
+    "other CPU %": "other_cpu_pct.mean",
+    "queue (ms)": "server_metrics.queue_ms_mean",
+    "compute (ms)": "server_metrics.compute_ms_mean",
+    "batch": "server_metrics.batch_size_mean",
+}
+OPEN_LOOP_COLUMNS = {"sent (req/s)": "sent_rps", "send lag p99 (ms)": "send_lag_ms.p99"}
+
+
+def _error_rate(point: Point | None) -> str:
+    if point is None:
+        return "n/a"
+    if point.high - point.low > 0:
+        return f"{point.mean:.2%} ({point.low:.2%}–{point.high:.2%})"
+    return f"{point.mean:.2%}"
+
+
+def step_table(results: dict[str, Any], mode: str) -> Table:
+    """Every scenario of ``mode`` for every server: mean (range) over repeats, and how many repeats were valid."""
+    first = "users" if mode == "closed" else "offered (req/s)"
+    paths = STEP_COLUMNS if mode == "closed" else STEP_COLUMNS | OPEN_LOOP_COLUMNS
+    head = ["server", first, *paths, "valid"]
+    body = []
+    for name, server in results["servers"].items():
+        steps = [s for s in server["steps"] if s["mode"] == mode]
+        columns = {column: {p.x: p for p in series(steps, mode, path)} for column, path in paths.items()}
+        columns["server RSS max (MiB)"] = {
+            x: Point(x, p.mean / MIB, p.low / MIB, p.high / MIB, p.valid)
+            for x, p in columns["server RSS max (MiB)"].items()
+        }
+        for x in sorted({x_of(s) for s in steps}):
+            group = [s for s in steps if x_of(s) == x]
+            valid = f"{sum(s['valid'] for s in group)}/{len(group)}"
+            cells = [
+                _error_rate(columns[column].get(x)) if column == "error rate" else _ranged(columns[column], x)
+                for column in paths
+            ]
+            body.append([server_label(results, name), f"{x:g}", *cells, valid])
+    return head, body
+
+
+def server_table(results: dict[str, Any]) -> Table:
+    head = ["server", "target", "framework version", "device", "threads", "workers", "precision", "compile",
+            "max batch", "dynamic batching", "first start, exporting (s)", "cold starts (s)",
+            "idle RSS (MiB)"]  # fmt: skip
+    body = []
+    for name, server in results["servers"].items():
+        config = server.get("model_config") or {}
+        params = config.get("parameters", {})
+        cold = [s["cold_start_s"] for s in server["starts"] if s.get("cold_start_s") is not None]
+        idle = [s["idle_rss_bytes"] / MIB for s in server["starts"] if s.get("idle_rss_bytes") is not None]
+        prepared = server.get("prepare") or {}
+        first = prepared.get("first_start_s")
+        export = prepared.get("export_s")
+        first_cell = "n/a" if first is None else f"{first:.2f}" + ("" if export is None else f" (export {export:.2f})")
+        body.append(
+            [
+                server_label(results, name),
+                str(server.get("target") or "n/a"),
+                params.get("framework_version", "n/a"),
+                params.get("device", "n/a"),
+                params.get("threads", "n/a"),
+                params.get("workers", "n/a"),
+                params.get("precision", "n/a"),
+                params.get("compile", "n/a"),
+                str(config.get("max_batch_size", "n/a")),
+                json.dumps(config.get("dynamic_batching")),
+                first_cell,
+                ", ".join(f"{c:.2f}" for c in cold) or "n/a",
+                ", ".join(f"{m:.0f}" for m in idle) or "n/a",
+            ]
+        )
+    return head, body
+
+
+def _balance(step: Step) -> dict[str, Any] | None:
+    """The step's worker balance (recomputed from its per-worker counts in an older results document)."""
+    if "worker_balance" in step:
+        return step["worker_balance"]
+    return worker_balance((step.get("server_metrics") or {}).get("requests_per_worker") or {})
+
+
+def worker_table(results: dict[str, Any]) -> Table:
+    """Per server, how the requests of each step spread over its worker processes: each worker's share, the
+    busiest over the idlest, and a note (UNBALANCED when one got under ``UNBALANCED_SHARE`` of its fair share).
+    A server with one worker throughout gets one row that says so."""
+    head = ["server", "phase", "repeat", "loop", "users / rate", "workers", "requests", "share per worker",
+            "max/min", "note"]  # fmt: skip
+    body = []
+    for name, server in results["servers"].items():
+        steps = [(step, balance) for step in server["steps"] if (balance := _balance(step)) is not None]
+        if not steps:
+            if server["steps"]:
+                body.append(
+                    [server_label(results, name), "all", "", "", "", "n/a", "", "", "", "not reported by the server"]
+                )
+            continue
+        if all(balance["workers"] == 1 for _, balance in steps):
+            body.append([server_label(results, name), "all", "", "", "", "1", "", "", "", "1 worker"])
+            continue
+        for step, balance in steps:
+            shares = ", ".join(
+                f"{worker}: {'n/a' if share is None else f'{share:.0%}'}" for worker, share in balance["shares"].items()
+            )
+            ratio = balance["max_min_ratio"]
+            where = [step.get("phase", ""), str(step["repeat"] + 1), step["mode"], f"{x_of(step):g}"]
+            body.append([server_label(results, name), *where, str(balance["workers"]), f"{balance['requests']:.0f}",
+                         shares, "∞" if ratio is None else f"{ratio:.2f}", balance["note"]])  # fmt: skip
+    return head, body
+
+
+def run_warnings(results: dict[str, Any]) -> list[str]:
+    """What the reader must know before the figures: a pinning that makes workers share cores, unbalanced steps."""
+    warnings = []
+    if pinned := (results["settings"].get("pinning") or {}).get("warning"):
+        warnings.append(f"Pinning: {pinned}.")
+    for name, server in results["servers"].items():
+        unbalanced = [step for step in server["steps"] if (_balance(step) or {}).get("unbalanced")]
+        if unbalanced:
+            warnings.append(
+                f"{server_label(results, name)}: {len(unbalanced)} of {len(server['steps'])} steps unbalanced across "
+                f"its workers (one got under {UNBALANCED_SHARE:.0%} of its fair share; see Requests per worker)."
+            )
+    return warnings
+
+
+def invalid_table(results: dict[str, Any]) -> Table:
+    body = []
+    for name, server in results["servers"].items():
+        for s in server["steps"]:
+            if not s["valid"]:
+                where = [s.get("phase", ""), str(s["repeat"] + 1), s["mode"], f"{x_of(s):g}"]
+                body.append([server_label(results, name), *where, "; ".join(s["invalid_reasons"])])
+    return ["server", "phase", "repeat", "loop", "users / rate", "reasons"], body
+
+
+def failure_table(results: dict[str, Any]) -> Table:
+    body = [
+        [server_label(results, f["server"]), f.get("phase", ""), str(f["repeat"] + 1), f["error"]]
+        for f in results.get("failures", [])
+    ]
+    return ["server", "phase", "repeat", "error"], body
+
+
+def _grid_text(results: dict[str, Any]) -> str:
+    grid = results.get("grid") or {}
+    rates = ", ".join(f"{r:g}" for r in grid.get("rates", [])) or "none"
+    if grid.get("fixed", True):
+        return f"{rates} (given)"
+    peaks = "; ".join(f"{server_label(results, n)} {number(p)}" for n, p in grid.get("peaks", {}).items())
+    if grid.get("invalid_peaks"):
+        peaks += " (from INVALID steps, none valid: " + ", ".join(
+            server_label(results, n) for n in grid["invalid_peaks"]
+        )
+        peaks += ")"
+    return (
+        f"{rates}: {', '.join(f'{f:g}' for f in grid['fractions'])} x the lower valid closed-loop peak "
+        f"({number(grid['lower_peak_rps'])}) and {grid['overload']:g} x the higher "
+        f"({number(grid['higher_peak_rps'])}); peaks: {peaks}"
+    )
+
+
+def _order_text(results: dict[str, Any]) -> str:
+    runs: dict[tuple[str, int], list[str]] = {}
+    for entry in results.get("order", []):
+        runs.setdefault((entry["phase"], entry["repeat"]), []).append(server_label(results, entry["arm"]))
+    return "; ".join(f"{phase} r{repeat + 1}: {', '.join(names)}" for (phase, repeat), names in runs.items())
+
+
+def settings_table(results: dict[str, Any]) -> Table:
+    settings, env = results["settings"], results["environment"]
+    rows = {
+        "model": settings["model"],
+        "server flags (both)": " ".join(settings["server_args_for_all"]),
+        "matrix": " ".join(settings.get("matrix") or []) or "none",
+        "mode": settings["mode"],
+        "pinning": json.dumps(settings["pinning"]),
+        "closed loop users": ", ".join(map(str, settings["concurrency"])),
+        "open loop rates (req/s, every server)": _grid_text(results),
+        "run order (ABBA)": _order_text(results),
+        "arrivals": f"{settings['arrival']} over {settings['arrival_users']} streams",
+        "request deadline": f"{settings['deadline_ms']:g} ms",
+        "window / warm-up per step": f"{settings['step_seconds']:g} s / {settings['warmup_seconds']:g} s",
+        "repeats": str(settings["repeats"]),
+        "batch size / encoding": f"{settings['batch_size']} / {settings['encoding']}",
+        "p99 SLO": f"{settings['slo_ms']:g} ms",
+        "validity limits": json.dumps(settings["limits"]),
+        "latency": settings.get("latency_note", ""),
+        "verdict rule": settings.get("decision_rule", ""),
+        "CPU": f"{env['cpu_model']} ({env['cpu_count']} logical cores)",
+        "GPUs": ", ".join(env["gpus"]) or "none",
+        "Python / packages": f"{env['python']}; " + ", ".join(f"{k} {v}" for k, v in env["packages"].items()),
+        "platform": env["platform"],
+        "started / duration": f"{results['meta']['started']} / {results['meta']['duration_s']:g} s",
+    }
+    return ["setting", "value"], [[key, str(value)] for key, value in rows.items()]
+
+
+def parity_table(results: dict[str, Any]) -> Table:
+    """The parity gate: per variant and output, the largest difference between the servers' outputs on
+    the same inputs, before anything was timed (results from before the gate have none)."""
+    body = []
+    for entry in results.get("parity", []):
+        outputs: dict[str, list[float]] = {}
+        for item in entry["outputs"]:
+            outputs.setdefault(item["output"], []).append(item["max_abs"])
+        tolerance = f"atol {entry['atol']:g} + rtol {entry['rtol']:g}"
+        body += [[entry["variant"], name, f"{max(errors):.3g}", tolerance] for name, errors in outputs.items()]
+    return ["variant", "output", "largest difference, torch vs tf", "tolerance"], body
+
+
+def sections(results: dict[str, Any]) -> list[tuple[str, Table]]:
+    return [
+        *verdict_tables(results),
+        ("Parity (same inputs, same outputs, checked before timing)", parity_table(results)),
+        ("Every server", summary_table(results)),
+        ("Servers", server_table(results)),
+        ("Closed loop (concurrency sweep)", step_table(results, "closed")),
+        ("Open loop (arrival-rate sweep, the same rates for every server)", step_table(results, "open")),
+        ("Requests per worker", worker_table(results)),
+        ("Invalid steps", invalid_table(results)),
+        ("Failed runs", failure_table(results)),
+        ("Settings and environment", settings_table(results)),
+    ]
