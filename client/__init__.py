@@ -9,10 +9,14 @@ deadline (the client's ``timeout`` by default); UNAVAILABLE is retried with back
 that cannot run a call twice (``RetryPolicy``). Every failure raises an
 ``InferenceServerError`` subclass chosen by the gRPC status code (see ``client.errors``);
 a server that cannot be reached raises ``UnavailableError`` naming the target.
+``channel_credentials`` and ``auth_metadata`` (``client.security``) give channels opened
+elsewhere the clients' TLS credentials and bearer-token metadata.
+``client.metrics`` reads a server's Prometheus metrics endpoint (one model's series).
 ``python -m client --help`` is the command-line interface.
 """
 
-from client._common import ModelMetadata, RetryPolicy, ServerMetadata
+from client._calls import ModelMetadata, ServerMetadata
+from client._retry import RetryPolicy
 from client.aio import AsyncInferenceClient
 from client.errors import (
     CancelledError,
@@ -30,6 +34,7 @@ from client.errors import (
     from_rpc_error,
     from_stream_error,
 )
+from client.security import auth_metadata, channel_credentials
 from client.sync import InferenceClient
 from contract.datatypes import TensorSpec
 
@@ -52,6 +57,8 @@ __all__ = [
     "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",
+    "auth_metadata",
+    "channel_credentials",
     "from_rpc_error",
     "from_stream_error",
 ]

@@ -1,97 +1,39 @@
 """asyncio client (grpc.aio): the same API as ``client.sync.InferenceClient``, as coroutines.
 
-Requests, replies, errors, retries and metadata come from ``client._common``; this
-module only awaits the network. Create it inside a running event loop, preferably as
-``async with AsyncInferenceClient(...) as client:``.
+What each call sends, its tries, its metadata and its errors come from
+``client._base.BaseInferenceClient``; this module only awaits the network. Create it
+inside a running event loop, preferably as ``async with AsyncInferenceClient(...) as client:``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import itertools
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 import grpc.aio
 import numpy as np
-from grpc_health.v1 import health_pb2_grpc
 
-from client import _common
-from client._common import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_TIMEOUT,
-    AsyncStreamRequests,
-    Call,
-    ClientOptions,
-    InferEncoder,
-    ModelMetadata,
-    ReadinessPoll,
-    RetryPolicy,
-    ServerMetadata,
-    StreamRequests,
-)
+from client import _calls
+from client._base import BaseInferenceClient
+from client._calls import AsyncStreamRequests, Call, InferEncoder, ModelMetadata, ServerMetadata, StreamRequests
+from client._retry import ReadinessPoll
 from client.errors import InferenceServerError, from_rpc_error
 from contract.protocol import inference_pb2 as pb
-from contract.protocol import inference_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 
 
-class AsyncInferenceClient:
-    """Talks to one server over one grpc.aio channel; ``async with`` it or ``await close()``.
+class AsyncInferenceClient(BaseInferenceClient[grpc.aio.Channel]):
+    """Talks to one server over grpc.aio channels; ``async with`` it or ``await close()``.
 
-    Arguments as for ``client.sync.InferenceClient``.
+    Arguments as for ``client.sync.InferenceClient`` (``BaseInferenceClient.__init__``).
     """
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-        tls: bool = False,
-        root_certificates: bytes | None = None,
-        token: str | None = None,
-        retry: RetryPolicy | None = None,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        client_certificate: bytes | None = None,
-        client_key: bytes | None = None,
-        channels: int = 1,
-    ) -> None:
-        self._options = ClientOptions(
-            target,
-            timeout,
-            tls,
-            root_certificates,
-            token,
-            retry or RetryPolicy(),
-            max_message_bytes,
-            client_certificate,
-            client_key,
-            channels,
-        )
-        self._channels = self._options.open_channels(grpc.aio.secure_channel, grpc.aio.insecure_channel)
-        # Calls take turns on the channels (thread-safe: one C-level step per call).
-        self._stubs: Iterator[dict[str, Any]] = itertools.cycle(
-            [
-                {
-                    _common.INFERENCE: pb_grpc.GRPCInferenceServiceStub(channel),
-                    _common.HEALTH: health_pb2_grpc.HealthStub(channel),
-                }
-                for channel in self._channels
-            ]
-        )
-
-    @property
-    def target(self) -> str:
-        return self._options.target
-
-    @property
-    def timeout(self) -> float:
-        """The default deadline of each call, seconds."""
-        return self._options.timeout
+    def _open_channels(self) -> list[grpc.aio.Channel]:
+        return self._options.open_channels(grpc.aio.secure_channel, grpc.aio.insecure_channel)
 
     async def close(self) -> None:
         for channel in self._channels:
@@ -106,14 +48,13 @@ class AsyncInferenceClient:
         await self.close()
 
     async def _call(self, call: Call[T], timeout: float | None, *, wait_for_ready: bool | None = None) -> T:
-        attempts = self._options.attempts(call, timeout)
-        method = getattr(next(self._stubs)[call.service], call.method)
+        attempts, method = self._prepare(call, timeout)
         while True:
             try:
                 response = await method(
                     call.request,
                     timeout=attempts.timeout(),
-                    metadata=self._options.metadata,
+                    metadata=self._metadata,
                     wait_for_ready=wait_for_ready,
                 )
             except grpc.RpcError as err:
@@ -128,32 +69,32 @@ class AsyncInferenceClient:
                 return call.parse(response)
 
     async def server_live(self, *, timeout: float | None = None) -> bool:
-        return await self._call(_common.server_live(), timeout)
+        return await self._call(_calls.server_live(), timeout)
 
     async def server_ready(self, *, timeout: float | None = None) -> bool:
-        return await self._call(_common.server_ready(), timeout)
+        return await self._call(_calls.server_ready(), timeout)
 
     async def model_ready(self, model: str, version: str = "", *, timeout: float | None = None) -> bool:
-        return await self._call(_common.model_ready(model, version), timeout)
+        return await self._call(_calls.model_ready(model, version), timeout)
 
     async def server_metadata(self, *, timeout: float | None = None) -> ServerMetadata:
-        return await self._call(_common.server_metadata(), timeout)
+        return await self._call(_calls.server_metadata(), timeout)
 
     async def model_metadata(self, model: str, version: str = "", *, timeout: float | None = None) -> ModelMetadata:
-        return await self._call(_common.model_metadata(model, version), timeout)
+        return await self._call(_calls.model_metadata(model, version), timeout)
 
     async def model_config(self, model: str, version: str = "", *, timeout: float | None = None) -> pb.ModelConfig:
-        return await self._call(_common.model_config(model, version), timeout)
+        return await self._call(_calls.model_config(model, version), timeout)
 
     async def model_statistics(
         self, model: str = "", version: str = "", *, timeout: float | None = None
     ) -> list[pb.ModelStatistics]:
         """Statistics of one model, or of every model when ``model`` is empty."""
-        return await self._call(_common.model_statistics(model, version), timeout)
+        return await self._call(_calls.model_statistics(model, version), timeout)
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """grpc.health.v1 status: SERVING, NOT_SERVING, or SERVICE_UNKNOWN for a service the server lacks."""
-        return await self._call(_common.health(service), timeout)
+        return await self._call(_calls.health(service), timeout)
 
     async def infer(
         self,
@@ -169,7 +110,7 @@ class AsyncInferenceClient:
     ) -> dict[str, np.ndarray]:
         """Run one inference; see ``InferenceClient.infer``."""
         encoder = InferEncoder(model, outputs, version, request_id, raw, datatypes)
-        return await self._call(_common.infer(encoder, inputs), timeout)
+        return await self._call(_calls.infer(encoder, inputs), timeout)
 
     async def stream_infer(
         self,
@@ -192,10 +133,7 @@ class AsyncInferenceClient:
             if isinstance(requests, AsyncIterable)
             else StreamRequests(encoder, requests)
         )
-        attempt = self._options.stream_attempt(timeout)
-        call = next(self._stubs)[_common.INFERENCE].ModelStreamInfer(
-            source, timeout=attempt.timeout(), metadata=self._options.metadata
-        )
+        attempt, call = self._start_stream(source, timeout)
         try:
             async for response in call:
                 for reply in source.replies(response):
@@ -209,7 +147,7 @@ class AsyncInferenceClient:
     async def wait_until_ready(self, timeout: float = 30.0, *, model: str = "", interval: float = 0.1) -> None:
         """Poll until ready; see ``InferenceClient.wait_until_ready``."""
         poll = ReadinessPoll(timeout, interval)
-        call = dataclasses.replace(_common.model_ready(model, "") if model else _common.server_ready(), retry=False)
+        call = self._readiness(model)
         while (remaining := poll.remaining()) > 0:
             try:
                 if await self._call(call, remaining, wait_for_ready=True):

@@ -44,7 +44,9 @@ from typing import Any
 import numpy as np
 from google.protobuf import json_format, text_format
 
-from client._common import DEFAULT_TIMEOUT, ModelMetadata, RetryPolicy
+from client._base import DEFAULT_TIMEOUT
+from client._calls import ModelMetadata
+from client._retry import RetryPolicy
 from client.errors import InferenceServerError, PermissionDeniedError, UnauthenticatedError, UnimplementedError
 from client.sync import InferenceClient
 from contract.datatypes import TensorSpec, datatype_of

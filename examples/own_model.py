@@ -13,7 +13,7 @@ same weights (from one numpy seed), as a user brings a model to a model server:
 ``ranker`` takes ``features`` FP32 [-1, 16] (dense features) and ``item`` INT64 [-1] (an item id
 below 1000) and returns ``score`` FP32 [-1, 1] and ``embedding`` FP32 [-1, 8]: the item's
 embedding added to a projection of the features, through a ReLU, then a linear score. Serve and
-compare it (README, "Your own models"):
+compare it (docs/serving.md, "Your own models"):
 
     python -m torch_server serve --model-repository my-models/torch
     python -m tf_server serve --model-repository my-models/tf

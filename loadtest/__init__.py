@@ -5,8 +5,8 @@ Rooms: ``users`` (Locust: the gRPC user, the locustfile, shapes, TLS, latency fi
 verdict, tables, plots, report), ``tools`` (bench, stages, bare, coldstart, overhead, overload,
 scaling, soak, fuzz). Shared at the top: ``cli`` (the options and output convention every
 command shares), ``servers`` (starting servers), ``workload`` (what a request carries),
-``driver`` and ``openloop`` (asyncio load), ``stats`` and ``sampling`` (latency statistics,
-resource samples).
+``driver`` (asyncio load: grpc.aio, no Locust), ``openloop`` (Locust's constant-arrival-rate
+user), ``stats`` and ``sampling`` (latency statistics, resource samples).
 
 Import order matters: modules that load Locust (gevent monkey patching) must be
 imported before TensorFlow or requests. No module here imports a framework when it is

@@ -16,14 +16,13 @@ import os
 import platform
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import psutil
-from prometheus_client.parser import text_string_to_metric_families
 
+import client.metrics
 from contract.protocol import inference_pb2 as pb
 from contract.protocol import inference_pb2_grpc as pb_grpc
 from loadtest.stats import Tick
@@ -41,30 +40,11 @@ def interval_for(window_s: float) -> float:
     return min(SAMPLE_INTERVAL_S, window_s / 6)
 
 
-def parse_metrics(text: str, model: str) -> dict[str, float]:
-    """Prometheus text -> ``{'name{label="v"}': value}`` for ``model``'s series and unlabelled ones.
-
-    The ``model`` label is dropped, histogram buckets and ``_created`` stamps are skipped.
-    """
-    flat: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = dict(sample.labels)
-            if "le" in labels or sample.name.endswith("_created") or labels.pop("model", model) != model:
-                continue
-            rendered = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
-            key = f"{sample.name}{{{rendered}}}" if rendered else sample.name
-            flat[key] = flat.get(key, 0.0) + sample.value
-    return flat
-
-
 def scrape(url: str | None, model: str) -> dict[str, float]:
-    """The server's metrics for ``model`` (empty when there is no endpoint or it does not answer)."""
-    if url is None:
-        return {}
+    """The server's metrics for ``model`` (``client.metrics.scrape``), empty when there is no
+    endpoint or it does not answer: a sample without them is a gap, never a failed run."""
     try:
-        with urllib.request.urlopen(url, timeout=2.0) as reply:
-            return parse_metrics(reply.read().decode(), model)
+        return client.metrics.scrape(url, model)
     except OSError:
         return {}
 

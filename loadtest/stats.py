@@ -164,7 +164,7 @@ def _worker_order(worker: str) -> tuple[int, int, str]:
 
 
 def requests_per_worker(metrics: Mapping[str, float]) -> dict[str, float]:
-    """A scrape's (``loadtest.sampling.parse_metrics``) requests answered by each worker process, by its
+    """A scrape's (``client.metrics.parse_metrics``) requests answered by each worker process, by its
     ``worker`` label: ``"0"``, ``"1"``... (a lone server: ``"0"``) and ``"replaced"`` (workers since
     restarted). Empty when the server does not report ``inference_worker_requests_total``."""
     counts: dict[str, float] = {}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check in two steps (README, "The GPU check"; the code is gpucheck/):
+# The GPU check in two steps (docs/gpu.md, "The GPU check"; the code is gpucheck/):
 #
 #   scripts/gpu_check.sh --prepare        # once, where pip has network: the wheels the check carries
 #                                         # (gpucheck/wheels.py, about 7 MiB) into .whl/ (git-ignored)
@@ -53,7 +53,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     fi
 fi
 
-if ! "$python" -c "import gpucheck.check, serving.server, torch_server.framework"; then
+if ! "$python" -c "import gpucheck.cli, serving.server, torch_server.framework"; then
     cat >&2 <<'EOF'
 gpu_check: the check does not import here (above). On a machine where pip has network, in this
 repository, run   scripts/gpu_check.sh --prepare   and bring the .whl/ folder it fills to this one.

@@ -215,8 +215,8 @@ class Tolerance:
 #: Parity of each precision with the fp32 reference of the zoo model (its torch module in
 #: fp32 on CPU). fp32: as held across frameworks since the start (measured: <= 2.4e-6).
 #: bf16 and fp16 from the errors measured on CPU, both servers, compile off and on, the
-#: zoo models at their test sizes, batches of 1 to 64 (README, "Precision and
-#: compilation"): the atol needed beside rtol 0.02 (bf16) / 0.004 (fp16) was at most
+#: zoo models at their test sizes, batches of 1 to 64 (docs/gpu.md, "Parity per
+#: precision"): the atol needed beside rtol 0.02 (bf16) / 0.004 (fp16) was at most
 #: 0.068 / 0.0062 (TF's encoder), and the tolerance leaves about 1.5x that. tf32 was not
 #: measured (no GPU here): it rounds matmul/convolution operands to fp16's 10 mantissa
 #: bits but accumulates and stores fp32, so it gets fp16's tolerance.

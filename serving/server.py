@@ -8,7 +8,7 @@ the grace period. ``run()`` wires that to SIGTERM/SIGINT.
 The transport is grpcio's synchronous server: a pool of handler threads, each request
 handled start to finish on one of them, and the model run by whichever of them finds
 it free (see serving.batcher). On one core it answered the same identity requests
-1.28x faster than ``grpc.aio`` (README, "Why a thread-pool server").
+1.28x faster than ``grpc.aio`` (docs/benchmarks.md, ``python -m loadtest bare``).
 """
 
 from __future__ import annotations

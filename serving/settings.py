@@ -132,7 +132,8 @@ class ServerSettings(BatchingSettings):
     grace_period_s: float = _doc("On SIGTERM/SIGINT, how long in-flight requests may take to finish.", default=10.0)
     max_message_bytes: int = _doc("Largest gRPC message accepted or sent.", default=64 * 1024 * 1024)
     auth_token: str | None = _doc(
-        "When set, every RPC but health needs 'authorization: Bearer <token>' (prefer the environment variable or "
+        "When set, every inference-service RPC (ServerLive/ServerReady included) and reflection need "
+        "'authorization: Bearer <token>'; only grpc.health.v1 stays open (prefer the environment variable or "
         "--auth-token-file: a flag shows in the process list).",
         default=None,
     )
@@ -218,7 +219,7 @@ class ServerSettings(BatchingSettings):
         return self.grpc_threads or 2 * self.max_batch_size * self.instances + HANDLER_RESERVE
 
     def token(self) -> str | None:
-        """The bearer token every RPC but health must carry (None: no authentication)."""
+        """The bearer token every RPC but grpc.health.v1 must carry (None: no authentication)."""
         if self.auth_token_file is not None:
             return Path(self.auth_token_file).read_text().splitlines()[0].strip()
         return self.auth_token

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,9 @@ from typing import Any
 import numpy as np
 
 from contract.datatypes import TensorSpec
+from contract.signature import ModelSignature
 from modelzoo.base import ModelDefinition
+from serving.artifacts import ArtifactSignature
 from serving.backend import Backend, BackendOptions, FrameworkInfo
 
 
@@ -70,7 +72,7 @@ class FakeBackend(Backend):
 
     def __init__(
         self,
-        model: ModelDefinition,
+        model: ModelSignature,
         artifact_dir: Path,
         options: BackendOptions,
         controls: Controls,
@@ -121,9 +123,13 @@ class FakeFramework:
     def export(self, model: ModelDefinition, version_dir: Path) -> None:
         (version_dir / "model.txt").write_text(model.name)
 
+    def signature(self, version_dir: Path) -> ArtifactSignature:
+        model = Double()  # the only model the fake exports, at its default width
+        return ArtifactSignature(model.inputs, model.outputs)
+
     def create_backend(
         self,
-        model: ModelDefinition,
+        model: ModelSignature,
         version_dir: Path,
         options: BackendOptions,
     ) -> Backend:
@@ -135,6 +141,15 @@ class FakeFramework:
 
     def gpu_memory(self, device: str) -> int | None:
         return None
+
+    def reference(
+        self, model: ModelSignature, version_dir: Path, device: str, precision: str = "fp32"
+    ) -> Callable[[Mapping[str, np.ndarray]], Callable[[], object]]:
+        def prepare(inputs: Mapping[str, np.ndarray]) -> Callable[[], object]:
+            x = inputs["x"]
+            return lambda: x * 2
+
+        return prepare
 
 
 class NVMLError(Exception):

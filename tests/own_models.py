@@ -12,6 +12,7 @@ the torch program returns a tuple, named by config.json.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -128,7 +129,7 @@ def save_tf_dtypes(version_dir: Path) -> None:
     tf.saved_model.save(module, str(version_dir), signatures={"serving_default": module.serve.get_concrete_function()})
 
 
-def write_config(model_root: Path, config: dict[str, object]) -> None:
+def write_config(model_root: Path, config: Mapping[str, object]) -> None:
     model_root.mkdir(parents=True, exist_ok=True)
     (model_root / "config.json").write_text(json.dumps(config))
 

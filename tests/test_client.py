@@ -12,6 +12,7 @@ outlives any short deadline, "typed-reply" answers with typed contents and
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import random
 import socket
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from concurrent import futures
@@ -51,6 +53,7 @@ from client import (
     UnavailableError,
     UnimplementedError,
     from_stream_error,
+    metrics,
 )
 from client.cli import main
 from contract import codec
@@ -230,8 +233,10 @@ def _start(
     health_servicer.set("inference.GRPCInferenceService", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("down", health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    secure = credentials is not None
-    port = server.add_secure_port(address, credentials) if secure else server.add_insecure_port(address)
+    if credentials is not None:
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
     server.start()
     return server, port
 
@@ -1086,3 +1091,40 @@ def test_python_dash_m_client(fake: Fake) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "health: SERVING" in result.stdout
+
+
+def test_metrics_scrape_reads_one_model_and_says_when_the_endpoint_is_silent() -> None:
+    """``client.metrics.scrape``: the one reader of a server's metrics endpoint (the load suite
+    and the GPU check use it) keeps ``model``'s series, and raises OSError when nobody answers."""
+    text = (
+        b"# TYPE inference_rows counter\n"
+        b'inference_rows_total{model="mlp"} 12.0\n'
+        b'inference_rows_total{model="other"} 5.0\n'
+        b"# TYPE process_gpu_memory_framework_bytes gauge\n"
+        b"process_gpu_memory_framework_bytes 1024.0\n"
+    )
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(text)))
+            self.end_headers()
+            self.wfile.write(text)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Metrics) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
+        assert metrics.scrape(url, "mlp", timeout=5.0) == {
+            "inference_rows_total": 12.0,
+            "process_gpu_memory_framework_bytes": 1024.0,
+        }
+        server.shutdown()
+    assert metrics.scrape(None, "mlp") == {}
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    with pytest.raises(urllib.error.URLError):  # an OSError: the load suite's sampler skips the tick
+        metrics.scrape(f"http://127.0.0.1:{port}/metrics", "mlp", timeout=1.0)

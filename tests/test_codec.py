@@ -65,7 +65,7 @@ def test_request_round_trip(raw: bool) -> None:
 
 def test_response_is_raw_and_ordered() -> None:
     request = pb.ModelInferRequest(model_name="m", id="r1")
-    outputs = {"z": np.ones((1, 2), np.float32), "a": np.arange(3, dtype=np.int64)[None]}
+    outputs: dict[str, np.ndarray] = {"z": np.ones((1, 2), np.float32), "a": np.arange(3, dtype=np.int64)[None]}
     response = codec.build_response(request, "1", outputs, {"z": "FP32", "a": "INT64"})
     assert (response.model_name, response.model_version, response.id) == ("m", "1", "r1")
     assert [o.name for o in response.outputs] == ["z", "a"]

@@ -18,6 +18,7 @@ import grpc
 import numpy as np
 import pytest
 
+from client import metrics
 from contract.protocol import inference_pb2 as pb
 from loadtest import sampling, stats
 from loadtest.cli import available_cpus
@@ -130,7 +131,7 @@ def test_read_latencies_merges_processes_and_marks_unsent_requests_failed(tmp_pa
 
 
 def test_parse_metrics_keeps_one_model_and_unlabelled_series() -> None:
-    flat = sampling.parse_metrics(METRICS_TEXT, "mlp")
+    flat = metrics.parse_metrics(METRICS_TEXT, "mlp")
     assert flat['inference_requests_total{code="OK"}'] == 120.0
     assert flat['inference_requests_total{code="RESOURCE_EXHAUSTED"}'] == 3.0
     assert flat["inference_queue_duration_seconds_count"] == 123.0
@@ -140,7 +141,7 @@ def test_parse_metrics_keeps_one_model_and_unlabelled_series() -> None:
 
 
 def test_metric_deltas_give_means_between_two_scrapes() -> None:
-    before = sampling.parse_metrics(METRICS_TEXT, "mlp")
+    before = metrics.parse_metrics(METRICS_TEXT, "mlp")
     after = dict(before)
     after["inference_queue_duration_seconds_sum"] += 0.5
     after["inference_queue_duration_seconds_count"] += 100
@@ -276,7 +277,8 @@ def test_command_line_help_and_options() -> None:
 
     parser = build_parser()
     commands = next(action for action in parser._actions if action.dest == "command")
-    assert "--matrix" in commands.choices["compare"].format_help()  # type: ignore[attr-defined]
+    assert isinstance(commands.choices, dict)
+    assert "--matrix" in commands.choices["compare"].format_help()
     args = parser.parse_args(["compare", "--precision", "bf16", "--matrix", "compile=off,on", "--repeats", "3",
                               "--target", "bare=127.0.0.1:9000", "--locust-processes", "2"])  # fmt: skip
     opts = command.options_from(args)
@@ -336,7 +338,7 @@ def test_each_phase_runs_the_servers_in_abba_order(monkeypatch: pytest.MonkeyPat
     opts = plan.Options(repeats=4, targets=["ref=127.0.0.1:1"])
     arms, _ = plan.plan_arms(opts)
     run = steps.Run(opts, tmp_path, tmp_path, None, None)
-    records = {arm.name: {"steps": [], "starts": []} for arm in arms}
+    records: dict[str, dict[str, list[Any]]] = {arm.name: {"steps": [], "starts": []} for arm in arms}
     order: list[dict[str, Any]] = []
     compare.phase(run, arms, records, "closed", [plan.Scenario("closed", 1)], {}, order, [])
     forward, backward = ["torch", "tensorflow", "ref"], ["ref", "tensorflow", "torch"]
@@ -755,10 +757,8 @@ def test_compare_end_to_end_on_mlp_with_a_reference_server(tmp_path: Path) -> No
         )
         assert step["valid"] or neighbours, (name, reasons)
         assert step["valid"] == (not step["invalid_reasons"])
-    valid = [(name, step) for name, step in steps if step["valid"]]
-    if not valid:
-        pytest.skip("every step was disturbed by other processes on this host")
-    for name, step in valid:
+    # A disturbed step is flagged, not discarded: its figures are measured all the same.
+    for name, step in steps:
         assert step["throughput_rps"] > 0, name
         assert step["error_rate"] == 0.0, name
         assert 0 < step["latency_ms"]["p50"] <= step["latency_ms"]["p99"], name
@@ -768,7 +768,8 @@ def test_compare_end_to_end_on_mlp_with_a_reference_server(tmp_path: Path) -> No
             assert step["server_metrics"]["batch_size_mean"] >= 1, name
         if step["mode"] == "open":
             assert step["offered_rps"] == 150.0
-            assert step["sent_rps"] == pytest.approx(150.0, rel=0.35), name
+            if not any(reason.startswith("generator behind schedule") for reason in step["invalid_reasons"]):
+                assert step["sent_rps"] == pytest.approx(150.0, rel=0.35), name
     rows = results["verdict"]
     assert {row["variant"] for row in rows} == {"as set"}
     assert all(set(row["values"]) == {"torch", "tensorflow"} for row in rows)

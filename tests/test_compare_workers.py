@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from client import metrics
 from loadtest import sampling, stats
 from loadtest.compare import command, plan, report, steps, tables
 from loadtest.compare import run as compare
@@ -36,7 +37,7 @@ inference_requests_total{code="OK",model="mlp"} 55.0
 
 
 def test_requests_per_worker_reads_one_models_series_by_worker_label() -> None:
-    counts = stats.requests_per_worker(sampling.parse_metrics(WORKERS_TEXT, "mlp"))
+    counts = stats.requests_per_worker(metrics.parse_metrics(WORKERS_TEXT, "mlp"))
     assert counts == {"0": 40.0, "2": 7.0, "10": 5.0, "replaced": 3.0}  # resnet's left out
     assert list(counts) == ["0", "2", "10", "replaced"]  # numeric order, replaced last
     assert stats.requests_per_worker({"inference_requests_total": 5.0}) == {}

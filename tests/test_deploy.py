@@ -66,7 +66,7 @@ def _tagged(loader: yaml.SafeLoader, node: yaml.Node) -> dict[str, Any]:
     elif isinstance(node, yaml.SequenceNode):
         value = loader.construct_sequence(node, deep=True)
     else:
-        value = loader.construct_scalar(node)  # type: ignore[arg-type]
+        value = loader.construct_scalar(node)
     return {"__tag__": node.tag, "value": value}
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from gpucheck.budget import Budget, OutOfTime, run
-from gpucheck.check import probe_tensorflow, run_ok
+from gpucheck.check import run_ok
+from gpucheck.measure import probe_tensorflow
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
@@ -187,6 +188,6 @@ def test_tensorflow_probe_says_why_it_skips(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_check_imports_neither_tensorflow_nor_locust() -> None:
-    code = "import sys, gpucheck.check; print(sorted({'tensorflow', 'locust', 'gevent'} & set(sys.modules)))"
+    code = "import sys, gpucheck.cli; print(sorted({'tensorflow', 'locust', 'gevent'} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert done.stdout.strip() == "[]"

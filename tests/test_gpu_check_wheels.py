@@ -28,10 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 #: What the check runs: its package, the servers it starts (``python -m torch_server serve``
 #: and ``forward``), the client, and the load-suite modules it imports.
 RUNS = ["gpucheck", "serving", "torch_server", "client", "contract", "modelzoo"]
-RUNS_FILES = ["loadtest/driver.py", "loadtest/servers.py", "loadtest/sampling.py", "loadtest/stats.py"]
+RUNS_FILES = ["loadtest/driver.py", "loadtest/servers.py", "loadtest/stats.py"]
 ENTRY_MODULES = [
-    "gpucheck.__main__", "gpucheck.check", "torch_server.__main__", "torch_server.framework", "serving.server",
-    "serving.cli", "client", "loadtest.driver", "loadtest.servers", "loadtest.sampling", "loadtest.stats",
+    "gpucheck.__main__", "gpucheck.cli", "torch_server.__main__", "torch_server.framework", "serving.server",
+    "serving.cli", "client", "client.metrics", "loadtest.driver", "loadtest.servers", "loadtest.stats",
 ]  # fmt: skip
 #: Imports the modules named in argv[1] (JSON) and prints every loaded module's file.
 IMPORT = """
@@ -198,3 +198,20 @@ def test_script_names_the_prepare_step_when_the_check_does_not_import(tmp_path: 
     assert "no grpcio-reflection on this host" in done.stderr
     assert "scripts/gpu_check.sh --prepare" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_commands_answer_help_and_refuse_what_they_do_not_know() -> None:
+    def gpucheck(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "gpucheck", *args]
+        return subprocess.run(command, check=False, capture_output=True, text=True, timeout=60)
+
+    prepare = gpucheck("prepare", "--help")
+    assert prepare.returncode == 0, prepare.stderr
+    assert ".whl/" in prepare.stdout
+    run = gpucheck("run", "--help")
+    assert run.returncode == 0, run.stderr
+    assert "--frameworks" in run.stdout
+    for unknown in (("bogus",), ("prepare", "--bogus"), ()):
+        refused = gpucheck(*unknown)
+        assert refused.returncode == 2, unknown
+        assert "usage: python -m gpucheck" in refused.stderr

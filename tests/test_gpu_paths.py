@@ -402,8 +402,17 @@ def test_frameworks_report_the_gpu_memory_their_allocator_holds(monkeypatch: pyt
     from torch_server.framework import FRAMEWORK as TORCH
 
     asked: list[Any] = []
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: asked.append(device) or 3 << 30)
-    monkeypatch.setattr(tf.config.experimental, "get_memory_info", lambda name: asked.append(name) or {"current": 5})
+
+    def memory_reserved(device: Any) -> int:
+        asked.append(device)
+        return 3 << 30
+
+    def get_memory_info(name: str) -> dict[str, int]:
+        asked.append(name)
+        return {"current": 5}
+
+    monkeypatch.setattr(torch.cuda, "memory_reserved", memory_reserved)
+    monkeypatch.setattr(tf.config.experimental, "get_memory_info", get_memory_info)
     assert TORCH.gpu_memory("cpu") is None
     assert TF.gpu_memory("cpu") is None
     assert TORCH.gpu_memory("cuda:1") == 3 << 30

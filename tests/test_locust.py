@@ -475,8 +475,12 @@ def test_channel_security_from_options(pki: Pki, tmp_path: Path) -> None:
 
 def test_channel_security_checks_the_server_name(secured: tuple[BackgroundServer, Path], pki: Pki) -> None:
     server, _ = secured
-    client = {"root_certificates": pki.ca.read_bytes(), "certificate_chain": pki.client_cert.read_bytes(),
-              "private_key": pki.client_key.read_bytes(), "token": TOKEN}  # fmt: skip
+    client: dict[str, Any] = {
+        "root_certificates": pki.ca.read_bytes(),
+        "certificate_chain": pki.client_cert.read_bytes(),
+        "private_key": pki.client_key.read_bytes(),
+        "token": TOKEN,
+    }
     request = pb.ModelMetadataRequest(name="double")
     for name, code in (("localhost", None), ("", None), ("elsewhere.example", grpc.StatusCode.UNAVAILABLE)):
         security = ChannelSecurity(server_name=name, **client)

@@ -188,7 +188,7 @@ def test_without_nvml_nothing_is_retried_on_every_use(monkeypatch: pytest.Monkey
 
 
 def test_what_the_gpu_check_reads_for_a_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Device memory used, and a process's memory by pid (what loadtest.gpucheck watches)."""
+    """Device memory used, and a process's memory by pid (what gpucheck.measure.GpuMemory watches)."""
     me = os.getpid()
     gpus = four_gpus()
     gpus[1].processes = [(me, 5 << 30), (1, 1 << 30)]

@@ -229,7 +229,7 @@ def test_a_new_version_is_switched_to_under_load_without_a_failed_request(framew
                 try:
                     response = stub.ModelInfer(request, timeout=30)
                 except grpc.RpcError as err:
-                    failures.append(f"{err.code().name}: {err.details()}")  # type: ignore[attr-defined]
+                    failures.append(f"{err.code().name}: {err.details()}")
                     continue
                 version = response.model_version
                 answers[version] += 1
@@ -494,7 +494,7 @@ def test_the_readme_example_writes_repositories_both_servers_serve_alike(tmp_pat
     spec.loader.exec_module(example)
     assert example.main(["--out", str(tmp_path)]) == 0
     rng = np.random.default_rng(0)
-    inputs = {
+    inputs: dict[str, np.ndarray] = {
         "features": rng.standard_normal((4, example.FEATURES)).astype(np.float32),
         "item": rng.integers(0, example.ITEMS, 4).astype(np.int64),
     }

@@ -184,6 +184,7 @@ def test_served_compiled_model(tmp_path: Path, framework: Framework, model: str,
             assert float(parameters["warmup_s"]) == 0  # warm-up is compile time when compiling
             assert {"export_s", "load_s"} <= parameters.keys()
             definition = runtime.model
+            assert isinstance(definition, ModelDefinition)  # a zoo model, not a user artifact
             shapes = list(getattr(runtime.backend, "shapes", []))
             if framework is TF:  # XLA: every batch size times every sequence bucket
                 assert runtime.backend.buckets == [8, 16, 32]  # type: ignore[attr-defined]

@@ -73,8 +73,8 @@ def test_mutual_tls_needs_a_certificate_from_the_client_ca(pki: Pki, tmp_path: P
         mutual = [*trust, "--client-cert", str(pki.client_cert), "--client-key", str(pki.client_key)]
         assert client_main([*mutual, "health"]) == 0
         assert client_main([*trust, "--attempts", "1", "health"]) != 0
-        for client in (None, (pki.stranger_key, pki.stranger_cert)):
-            with pki.channel(server.target, client) as channel, pytest.raises(grpc.RpcError) as info:
+        for identity in (None, (pki.stranger_key, pki.stranger_cert)):
+            with pki.channel(server.target, identity) as channel, pytest.raises(grpc.RpcError) as info:
                 _infer(channel)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:

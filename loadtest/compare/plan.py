@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -317,7 +317,7 @@ def peak(steps: Sequence[dict[str, Any]], *, valid: bool = True) -> float | None
 
 
 def rate_grid(
-    steps: dict[str, Sequence[dict[str, Any]]], fractions: Sequence[float], overload: float
+    steps: Mapping[str, Sequence[dict[str, Any]]], fractions: Sequence[float], overload: float
 ) -> dict[str, Any]:
     """One grid of absolute rates for every server: ``fractions`` of the lower peak, ``overload`` x the higher.
 

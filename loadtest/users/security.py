@@ -28,7 +28,7 @@ from typing import Any
 
 import grpc
 
-from client._common import auth_metadata, channel_credentials
+from client import auth_metadata, channel_credentials
 from loadtest.workload import CHANNEL_OPTIONS
 
 #: Environment variable that may hold the bearer token itself (instead of --auth-token-file).
