@@ -12,7 +12,7 @@ installed where the tests run.
 downloads them (Python 3.12, manylinux x86-64, no dependencies) into ``.whl/`` at the
 repository root, an ignored folder that travels with the working tree; scripts/gpu_check.sh
 installs them from there, offline, into a temporary folder for its run. Standard library
-and pip only. tests/test_gpu_check_wheels.py holds the list to what the check imports.
+and pip only. tests/integration/test_gpu_check_wheels.py holds the list to what the check imports.
 """
 
 from __future__ import annotations

@@ -351,7 +351,7 @@ class DeployCheck:
             checked.append(query.title)
             log(f"    ok  {query.title}: {query.promql()}")
         for title in skipped:
-            log(f"    --  {title}: GPU metrics, exported only on GPU hosts (names checked by tests/test_deploy.py)")
+            log(f"    --  {title}: GPU metrics, exported only on GPU hosts (names checked by test_deploy.py)")
         return f"{len(checked)} queries return series for both servers; {len(skipped)} GPU-only skipped"
 
     def locust(self, files: Sequence[str] | None = None, workers: int | None = None, seconds: int = 15) -> str:

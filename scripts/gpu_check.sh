@@ -13,7 +13,7 @@
 # memory, then the worker sweep. Results: OUTDIR/gpu_check.json and OUTDIR/gpu_check.md (printed too).
 # Its time budget (--budget-s, 420 s) bounds the whole check: under 8 minutes in all; what does not
 # fit is reported as skipped. --cpu runs the same path on the CPU with small models
-# (tests/test_gpu_check.py). Python: $PYTHON, else .venv/bin/python when it exists, else python3.
+# (tests/integration/test_gpu_check.py). Python: $PYTHON, else .venv/bin/python when it exists, else python3.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

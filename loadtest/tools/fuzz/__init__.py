@@ -34,6 +34,6 @@ status codes per target, mutations drawn, mismatches with their requests; exits 
 mismatch.
 
 The models are the zoo's with their default parameters (as ``serve`` runs them); the
-command checks that the server's metadata agrees. Loopback only; ``tests/test_fuzz.py``
+command checks that the server's metadata agrees. Loopback only; ``tests/integration/test_fuzz.py``
 runs a bounded number of the same cases against both servers in-process.
 """

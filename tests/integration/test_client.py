@@ -59,8 +59,8 @@ from client.cli import main
 from contract import codec
 from contract.protocol import inference_pb2 as pb
 from contract.protocol import inference_pb2_grpc as pb_grpc
-from tests.conftest import BackgroundServer
-from tests.fakes import FakeFramework
+from tests.helpers.fakes import FakeFramework
+from tests.helpers.servers import BackgroundServer
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -1087,7 +1087,7 @@ def test_python_dash_m_client(fake: Fake) -> None:
         capture_output=True,
         text=True,
         timeout=20,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
     )
     assert result.returncode == 0, result.stderr
     assert "health: SERVING" in result.stdout

@@ -15,8 +15,8 @@ import pytest
 from contract import codec
 from contract.protocol import inference_pb2 as pb
 from contract.protocol import inference_pb2_grpc as pb_grpc
-from tests.conftest import BackgroundServer
-from tests.fakes import FakeFramework
+from tests.helpers.fakes import FakeFramework
+from tests.helpers.servers import BackgroundServer
 
 X = np.arange(8, dtype=np.float32).reshape(2, 4)
 

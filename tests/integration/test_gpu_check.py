@@ -19,7 +19,7 @@ from gpucheck.budget import Budget, OutOfTime, run
 from gpucheck.check import run_ok
 from gpucheck.measure import probe_tensorflow
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 
 

@@ -1,4 +1,4 @@
-"""NVML without a GPU (tests.fakes.FakeNvml): which NVML device a CUDA device is, one failing
+"""NVML without a GPU (tests.helpers.fakes.FakeNvml): which NVML device a CUDA device is, one failing
 figure never failing a scrape, NVML set up once per process, per-process memory only where
 NVML's pids are ours."""
 
@@ -16,7 +16,7 @@ from serving import nvml
 from serving.metrics import GpuCollector, register_gpu_collector
 from serving.nvml import NvmlDevice, Unmapped, cuda_device_uuid
 from serving.workers import WorkerProcesses
-from tests.fakes import FakeGpu, FakeNvml, NVMLError, mig_instance
+from tests.helpers.fakes import FakeGpu, FakeNvml, NVMLError, mig_instance
 
 A100, T4 = "NVIDIA A100-SXM4-80GB", "Tesla T4"
 UUIDS = [f"GPU-{digit * 8}-0000-4000-8000-00000000000{digit}" for digit in "0123"]

@@ -19,9 +19,9 @@ from contract.protocol import inference_pb2 as pb
 from contract.protocol import inference_pb2_grpc as pb_grpc
 from serving import probe
 from serving.settings import ServerSettings
-from tests.conftest import BackgroundServer
-from tests.fakes import FakeFramework
-from tests.pki import Pki
+from tests.helpers.fakes import FakeFramework
+from tests.helpers.pki import Pki
+from tests.helpers.servers import BackgroundServer
 
 X = np.ones((1, 4), np.float32)
 TOKEN = "s3cret-token-value"

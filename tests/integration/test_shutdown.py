@@ -111,7 +111,7 @@ def test_sigterm_under_load_finishes_or_refuses_every_request(framework: str, wo
 def test_a_hung_forward_pass_exits_one_second_after_the_grace_period(tmp_path: Path) -> None:
     grace = 2.0
     process = subprocess.Popen(
-        [sys.executable, "-m", "tests.fake_server", "serve", "--model", "double", "--host", "127.0.0.1",
+        [sys.executable, "-m", "tests.helpers.fake_server", "serve", "--model", "double", "--host", "127.0.0.1",
          "--port", "0", "--metrics-port", "-1", "--model-dir", str(tmp_path), "--no-warmup",
          "--grace-period-s", str(grace), "--port-file", str(tmp_path / "ports.json")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,

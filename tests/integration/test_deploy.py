@@ -29,10 +29,10 @@ from serving import probe
 from serving.cli import build_parser
 from serving.metrics import register_gpu_collector
 from serving.settings import ServerSettings
-from tests.conftest import BackgroundServer, framework_for
-from tests.fakes import FakeFramework, FakeNvml
+from tests.helpers.fakes import FakeFramework, FakeNvml
+from tests.helpers.servers import BackgroundServer, framework_for
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SETTINGS_FIELDS = {
     name.removeprefix("--").replace("-", "_").upper()
     for field in dataclasses.fields(ServerSettings)

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from loadtest.tools.fuzz import catalogue, runner
-from tests.conftest import FRAMEWORKS, BackgroundServer
+from tests.helpers.servers import FRAMEWORKS, BackgroundServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -28,7 +28,7 @@ from loadtest.servers import ROOT, ServerProcess
 from serving import nvml
 from serving.metrics import MetricsTable, ServerMetrics
 from serving.workers import WorkerProcesses
-from tests.fakes import FakeGpu, FakeNvml
+from tests.helpers.fakes import FakeGpu, FakeNvml
 
 CHANNELS = 16  # the kernel spreads connections: 16 of them land on both workers but for 2 x 2^-16
 X = np.ones((1, 64), np.float32)
@@ -142,7 +142,7 @@ def test_a_killed_worker_is_restarted_and_nothing_is_forgotten(two_workers: Serv
 
 def test_a_worker_that_cannot_load_fails_the_whole_start(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "tests.fake_server", "serve", "--model", "double", "--workers", "2", "--host",
+        [sys.executable, "-m", "tests.helpers.fake_server", "serve", "--model", "double", "--workers", "2", "--host",
          "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--model-dir", str(tmp_path), "--no-warmup"],
         capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "FAKE_FAIL_WORKER": "1"}, check=False,
     )  # fmt: skip
@@ -232,14 +232,14 @@ def test_gpu_metrics_are_exported_once_by_a_server_of_several_workers(tmp_path: 
     fakes.mkdir()
     (fakes / "pynvml.py").write_text(
         "import sys\n"
-        "from tests.fakes import FakeGpu, FakeNvml\n"
+        "from tests.helpers.fakes import FakeGpu, FakeNvml\n"
         "sys.modules[__name__] = FakeNvml([FakeGpu(uuid='GPU-0', used=1 << 30), FakeGpu(uuid='GPU-1', used=2 << 30)])\n"
     )
     env = {key: value for key, value in os.environ.items() if not key.startswith("CUDA_")}
     env.update(PYTHONPATH=os.pathsep.join([str(fakes), str(ROOT)]), CUDA_VISIBLE_DEVICES="1,0")
     port_file = tmp_path / "ports.json"
     server = subprocess.Popen(
-        [sys.executable, "-m", "tests.fake_server", "serve", "--model", "double", "--workers", "2", "--device",
+        [sys.executable, "-m", "tests.helpers.fake_server", "serve", "--model", "double", "--workers", "2", "--device",
          "cuda:0", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--port-file", str(port_file),
          "--model-dir", str(tmp_path / "models"), "--no-warmup"],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -29,14 +29,14 @@ from serving.backend import TOLERANCES, Backend, BackendOptions, Framework
 from serving.cli import main
 from serving.metrics import register_gpu_collector
 from serving.settings import add_arguments, from_namespace
-from tests.conftest import BackgroundServer
-from tests.fakes import FakeGpu, FakeNvml
+from tests.helpers.fakes import FakeGpu, FakeNvml
+from tests.helpers.servers import BackgroundServer
 from tf_server.framework import FRAMEWORK as TF
 from torch_server.framework import FRAMEWORK as TORCH
 from torch_server.model import build
 
 FRAMEWORKS = (TORCH, TF)
-#: The sizes the tolerances were measured at (as tests/test_models.py serves them).
+#: The sizes the tolerances were measured at (as tests/unit/test_models.py serves them).
 MODELS: dict[str, dict[str, Any]] = {"mlp": {}, "resnet": {"image_size": 32}, "encoder": {}}
 #: Small enough to compile in seconds.
 SMALL: dict[str, dict[str, Any]] = {

@@ -17,7 +17,7 @@ from loadtest.compare import command, plan, report, steps, tables
 from loadtest.compare import run as compare
 from loadtest.servers import ServerProcess
 from loadtest.stats import Tick
-from tests.test_compare import _synthetic_results
+from tests.helpers.synthetic import synthetic_results
 
 WORKERS_TEXT = """\
 # HELP inference_worker_requests_total Inference requests answered by each worker process.
@@ -183,7 +183,7 @@ def _with_workers(results: dict[str, Any], name: str, counts: list[dict[str, flo
 
 
 def test_report_shows_the_spread_over_workers_and_flags_unbalanced_steps(tmp_path: Path) -> None:
-    results = _synthetic_results(repeats=1)
+    results = synthetic_results(repeats=1)
     _with_workers(results, "torch", [{"0": 300.0, "1": 100.0}, {"0": 390.0, "1": 10.0}])  # the 2nd: unbalanced
     _with_workers(results, "tensorflow", [{"0": 500.0}] * 4)
     results["settings"]["pinning"]["warning"] = "the server gets [0], so its 2 workers share 1 core"
@@ -214,7 +214,7 @@ def test_report_shows_the_spread_over_workers_and_flags_unbalanced_steps(tmp_pat
 
 
 def test_report_of_single_worker_servers_has_no_warnings(tmp_path: Path) -> None:
-    results = _synthetic_results(repeats=1)
+    results = synthetic_results(repeats=1)
     _with_workers(results, "torch", [{"0": 500.0}] * 4)
     assert tables.run_warnings(results) == []
     rows = tables.worker_table(results)[1]

@@ -20,7 +20,7 @@ from client import InferenceClient
 from loadtest.servers import ROOT, ServerProcess
 from serving.server import run
 from serving.settings import ServerSettings
-from tests.fakes import ZOO, FakeFramework
+from tests.helpers.fakes import ZOO, FakeFramework
 
 
 def serve(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:

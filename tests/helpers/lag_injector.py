@@ -1,4 +1,4 @@
-"""Test-only Locust plugin (``-f loadtest/locustfile.py,tests/lag_injector.py``): a generator that lags.
+"""Test-only Locust plugin (``-f loadtest/locustfile.py,tests/helpers/lag_injector.py``): a generator that lags.
 
 Every 200 ms it blocks the gevent hub for 60 ms with a real (unpatched) sleep, as a load
 generator short of CPU would stall: no greenlet runs, so scheduled sends go out late.

@@ -1,7 +1,7 @@
 """Test certificates, made with openssl at test time: a CA, a server certificate for
 127.0.0.1 and localhost, a client certificate from the CA and a self-signed stranger.
 
-The session-wide ``pki`` fixture (tests/conftest.py) makes one set for all tests.
+The session-wide ``pki`` fixture (tests/integration/conftest.py) makes one set for all tests.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``python -m tests.fake_server serve --model double ...``: the real command line and serving
+"""``python -m tests.helpers.fake_server serve --model double ...``: the real command line and serving
 core around the framework-free fake model, as a process (lifecycle tests).
 
 ``FAKE_FORWARD_S`` (seconds) makes every forward pass take that long; ``inf`` makes it hang.
@@ -13,7 +13,7 @@ import threading
 
 from serving.cli import main
 from serving.workers import WorkerPlace
-from tests.fakes import ZOO, FakeFramework
+from tests.helpers.fakes import ZOO, FakeFramework
 
 if __name__ == "__main__":
     framework = FakeFramework()

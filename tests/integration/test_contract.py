@@ -14,7 +14,7 @@ from tritonclient.utils import InferenceServerException
 
 import modelzoo
 from client import InferenceClient
-from tests.conftest import FRAMEWORKS, BackgroundServer
+from tests.helpers.servers import FRAMEWORKS, BackgroundServer
 
 #: Parity tolerance between the two servers' fp32 outputs.
 ATOL = 1e-4

@@ -36,15 +36,15 @@ from loadtest.servers import ServerProcess
 from loadtest.users.latency_file import LatencyRecorder, Samples, read_latencies
 from loadtest.users.security import TOKEN_ENV, ChannelSecurity
 from loadtest.workload import InputPool, LoadSettings
-from tests.conftest import BackgroundServer
-from tests.fakes import FakeFramework
-from tests.pki import Pki
+from tests.helpers.fakes import FakeFramework
+from tests.helpers.pki import Pki
+from tests.helpers.servers import BackgroundServer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LOCUSTFILE = str(ROOT / "loadtest" / "locustfile.py")
 CHILD_ENV = {
     **{name: value for name, value in os.environ.items() if name != TOKEN_ENV},
-    "PYTHONPATH": os.pathsep.join([str(ROOT), str(Path(__file__).parent)]),
+    "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests" / "helpers")]),
 }
 SERVICE_S = 0.020
 
@@ -224,10 +224,10 @@ def test_open_loop_latency_grows_with_backlog(slow_target: str, tmp_path: Path) 
 
 
 def test_open_loop_with_a_lagging_generator(fast_target: str, tmp_path: Path) -> None:
-    # tests/lag_injector.py stalls the Locust process's hub for 60 ms every 200 ms, as a generator short
+    # tests/helpers/lag_injector.py stalls the Locust process's hub for 60 ms every 200 ms, as a generator short
     # of CPU would; the server answers at once. 2 fixed streams of 100 req/s for 2 s.
     arrivals = ["--arrival-rate", "200", "--arrival", "fixed", "--arrival-users", "2"]
-    locustfile = f"{LOCUSTFILE},{Path(__file__).parent / 'lag_injector.py'}"
+    locustfile = f"{LOCUSTFILE},{ROOT / 'tests' / 'helpers' / 'lag_injector.py'}"
     run_locust(fast_target, tmp_path / "lag", "--model", "slow", "--load-shape", "rate", *arrivals, "-t", "2s",
                locustfile=locustfile)  # fmt: skip
     run = latencies(tmp_path / "lag")
@@ -502,11 +502,11 @@ def test_channel_security_checks_the_server_name(secured: tuple[BackgroundServer
 def test_locust_exits_while_spin_threads_hold_the_channel_lock(
     fast_target: str, tmp_path: Path, connections: str
 ) -> None:
-    # tests/spin_lock_holder.py: once the test stops, gRPC's spin threads hold the channel lock 50 ms
+    # tests/helpers/spin_lock_holder.py: once the test stops, gRPC's spin threads hold the channel lock 50 ms
     # per event, so the stopped users' cancellations find it held by another thread. With grpc's own
     # (gevent) channel lock, a greenlet woken by a spin thread's release was never resumed: Locust hung
     # after "Shape test stopping" (a race, about 1 run in 30 under CPU load; certain here).
-    locustfile = f"{LOCUSTFILE},{Path(__file__).parent / 'spin_lock_holder.py'}"
+    locustfile = f"{LOCUSTFILE},{ROOT / 'tests' / 'helpers' / 'spin_lock_holder.py'}"
     started = time.monotonic()
     run_locust(fast_target, tmp_path / "stop", "--model", "slow", "-u", "16", "-r", "16", "-t", "2s",
                "--connections", connections, locustfile=locustfile, timeout=40)  # fmt: skip

@@ -1,4 +1,4 @@
-"""Test-only Locust plugin (``-f loadtest/locustfile.py,tests/spin_lock_holder.py``): as Locust
+"""Test-only Locust plugin (``-f loadtest/locustfile.py,tests/helpers/spin_lock_holder.py``): as Locust
 stops its users, a gRPC spin thread holds the channel lock.
 
 cygrpc notifies its channel lock after handling a call event, still holding it. When the test

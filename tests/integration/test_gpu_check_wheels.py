@@ -24,7 +24,7 @@ from packaging.version import Version
 
 from gpucheck import wheels
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 #: What the check runs: its package, the servers it starts (``python -m torch_server serve``
 #: and ``forward``), the client, and the load-suite modules it imports.
 RUNS = ["gpucheck", "serving", "torch_server", "client", "contract", "modelzoo"]

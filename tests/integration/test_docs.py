@@ -34,7 +34,7 @@ import pytest
 
 pytestmark = pytest.mark.timeout(180)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SHELL_LANGUAGES = {"bash", "sh", "shell", "console"}
 RUN_MARKER = "<!-- test: run -->"
@@ -403,9 +403,9 @@ def test_our_commands_and_their_flags_exist(command: Command, entry: Entry, help
 
 
 def results_document() -> dict[str, Any]:
-    from tests.test_compare import _synthetic_results
+    from tests.helpers.synthetic import synthetic_results
 
-    document: dict[str, Any] = _synthetic_results()
+    document: dict[str, Any] = synthetic_results()
     return document
 
 

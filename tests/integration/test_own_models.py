@@ -1,4 +1,4 @@
-"""The user's own models (tests/own_models.py: written here, no zoo identity) served from a model
+"""The user's own models (tests/helpers/own_models.py: written here, no zoo identity) served from a model
 repository by both real servers: metadata from the artifacts, the same numbers, precise refusals,
 versions switched under load, corrupt artifacts reported while the others serve."""
 
@@ -30,8 +30,8 @@ from loadtest.servers import ROOT
 from serving import artifacts
 from serving.artifacts import ArtifactError, ArtifactModel, ArtifactSignature, ModelConfigFile, VersionPolicy
 from serving.cli import main as server_main
-from tests import own_models
-from tests.conftest import BackgroundServer, framework_for
+from tests.helpers import own_models
+from tests.helpers.servers import BackgroundServer, framework_for
 
 FRAMEWORKS = ("torch", "tensorflow")
 REPOSITORIES = {"torch": own_models.torch_repository, "tensorflow": own_models.tf_repository}

@@ -20,8 +20,8 @@ from contract import codec
 from contract.protocol import inference_pb2 as pb
 from contract.protocol import inference_pb2_grpc as pb_grpc
 from serving.settings import add_arguments, from_namespace
-from tests.conftest import BackgroundServer
-from tests.fakes import FakeFramework
+from tests.helpers.fakes import FakeFramework
+from tests.helpers.servers import BackgroundServer
 
 SERVICE = "inference.GRPCInferenceService"
 X = np.ones((2, 4), np.float32)

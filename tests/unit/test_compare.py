@@ -2,35 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 import pytest
 
 from client import metrics
-from contract.protocol import inference_pb2 as pb
 from loadtest import sampling, stats
-from loadtest.cli import available_cpus
-from loadtest.compare import command, plan, plots, prepare, report, steps, verdict
+from loadtest.compare import command, plan, report, steps, verdict
 from loadtest.compare import run as compare
-from loadtest.servers import ServerProcess
 from loadtest.stats import Tick
-from loadtest.users.latency_file import Samples, read_latencies
-from tests.conftest import BackgroundServer
-from tests.fakes import FAKE_DEFAULT_THREADS, FakeFramework
+from loadtest.users.latency_file import read_latencies
+from tests.helpers.synthetic import check_report_folder, samples, synthetic_results
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 METRICS_TEXT = """\
 # HELP inference_requests_total Inference requests by final gRPC status code.
@@ -58,11 +46,6 @@ process_cpu_seconds_total 12.5
 # TYPE gpu_utilization_ratio gauge
 gpu_utilization_ratio{device="0"} 0.5
 """
-
-
-def samples(start_s: np.ndarray, latency_ms: np.ndarray, ok: np.ndarray, lag_ms: np.ndarray | None = None) -> Samples:
-    lag = np.zeros(len(start_s)) if lag_ms is None else lag_ms * 1000
-    return Samples(start_s, latency_ms * 1000.0, ok, np.where(latency_ms >= 0, lag, -1.0))
 
 
 # ---------------------------------------------------------------- statistics
@@ -413,76 +396,6 @@ def test_check_settings_refuses_servers_that_differ() -> None:
 # ---------------------------------------------------------------- in-process fake servers
 
 
-class ConfigOnly:
-    """ServerMetadata and ModelConfig of a model "mlp" with the given parameters (nothing else)."""
-
-    def __init__(self, **parameters: str) -> None:
-        self.config = _config(**parameters)
-
-    def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name="fake", version="0")
-
-    def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
-        params = {key: pb.ModelParameter(string_value=value) for key, value in self.config["parameters"].items()}
-        batching = pb.ModelDynamicBatching(default_queue_policy=pb.ModelQueuePolicy(max_queue_size=1024))
-        config = pb.ModelConfig(name=request.name, max_batch_size=32, parameters=params, dynamic_batching=batching)
-        config.instance_group.add(count=1)
-        return pb.ModelConfigResponse(config=config)
-
-
-@pytest.fixture
-def fake_pair() -> Iterator[tuple[str, str]]:
-    servers = []
-    for service in (ConfigOnly(device="cpu"), ConfigOnly(device="cuda:0")):
-        handlers = {
-            name: grpc.unary_unary_rpc_method_handler(
-                getattr(service, name),
-                request_deserializer=getattr(pb, f"{name}Request").FromString,
-                response_serializer=getattr(pb, f"{name}Response").SerializeToString,
-            )
-            for name in ("ServerMetadata", "ModelConfig")
-        }
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("inference.GRPCInferenceService",
-                                                                              handlers)])  # fmt: skip
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        servers.append((server, f"127.0.0.1:{port}"))
-    yield servers[0][1], servers[1][1]
-    for server, _ in servers:
-        server.stop(grace=None)
-
-
-def test_comparison_refuses_servers_on_different_devices_before_measuring(
-    fake_pair: tuple[str, str], tmp_path: Path
-) -> None:
-    opts = plan.Options(torch_target=fake_pair[0], tf_target=fake_pair[1], out=tmp_path / "out")
-    with pytest.raises(prepare.ComparisonRefused, match=r"device: torch_server cpu, tf_server cuda:0"):
-        compare.run_comparison(opts)
-    assert not list((tmp_path / "out" / "logs").iterdir())  # no Locust run, no server log
-
-
-def test_a_server_left_to_its_thread_default_reports_the_count_it_runs_with(tmp_path: Path) -> None:
-    """Without --threads a server reports its framework's resolved thread count, never a placeholder
-    ("default" once stood beside the other server's number and the comparison refused them), so the
-    like-for-like check compares numbers; and it stays strict where the numbers differ."""
-    framework = FakeFramework()
-    framework.configure(2, "cpu")
-    servers = {
-        "defaulted": BackgroundServer(FakeFramework(), model=["double"], model_dir=tmp_path / "a"),
-        "configured": BackgroundServer(framework, model=["double"], model_dir=tmp_path / "b", threads=2),
-    }
-    try:
-        configs = {name: sampling.Endpoint(name, s.target, None, "double").describe() for name, s in servers.items()}
-    finally:
-        for server in servers.values():
-            server.stop()
-    assert configs["defaulted"]["parameters"]["threads"] == str(FAKE_DEFAULT_THREADS)
-    assert configs["configured"]["parameters"]["threads"] == "2"
-    assert plan.check_settings({"a": configs["defaulted"], "b": configs["defaulted"]}) == []
-    assert plan.check_settings(configs) == [f"threads: defaulted {FAKE_DEFAULT_THREADS}, configured 2"]
-
-
 # ---------------------------------------------------------------- the decision and the report
 
 
@@ -539,122 +452,9 @@ def test_throughput_characteristics_pick_the_best_valid_scenario() -> None:
         assert read["p99 latency @ 4 users"](server, settings) == ([10, 12], "")
 
 
-def _synthetic_step(repeat: int, mode: str, x: float, speed: float) -> dict[str, Any]:
-    # Latencies from one distribution for every server, the slower one's a little off per repeat, so that
-    # their means differ while their ranges overlap.
-    shift = 1.0 if speed == 1.0 else (1.04, 0.97, 1.01)[repeat % 3]
-    latency_ms = np.random.default_rng(repeat).gamma(4.0, 1.0, 500) * shift
-    figures = stats.window_stats(
-        samples(np.linspace(0, 5, 500), latency_ms, np.ones(500, bool)), 0, 5, batch_size=1, deadline_s=1.0
-    )
-    invalid = x == 300.0
-    return {
-        "phase": mode,
-        "repeat": repeat,
-        "mode": mode,
-        "concurrency": x if mode == "closed" else None,
-        "offered_rps": x if mode == "open" else None,
-        **figures,
-        "throughput_rps": 100.0 * x * speed + repeat,  # torch (speed 1.0) well ahead of tf (0.8)
-        "server_cpu_pct": {"mean": 50.0 * x / 4, "max": 60.0},
-        # Invalid steps report a huge RSS that must not reach "memory under load".
-        "server_rss_bytes": {"mean": 3e8, "max": 9e9 if invalid else 3.1e8 / speed},
-        "generator_cpu_pct": {"mean": 30.0, "max": 35.0},
-        "generator_us_per_request": 250.0,
-        "other_cpu_pct": {"mean": 3.0, "max": 5.0},
-        "gpu": None,
-        "server_metrics": stats.metric_deltas({}, {}) | {"queue_ms_mean": 0.5, "compute_ms_mean": 1},
-        "invalid_reasons": ["generator send lag p99 30 ms > 10 ms"] if invalid else [],
-        "valid": not invalid,
-    }
-
-
-def _synthetic_results(repeats: int = 3) -> dict[str, Any]:
-    """A results document shaped like ``run_comparison``'s: torch, tf and a reference."""
-    servers: dict[str, Any] = {}
-    for name, framework, speed in (("torch", "torch", 1.0), ("tensorflow", "tensorflow", 0.8), ("bare", None, 2.0)):
-        steps = [
-            _synthetic_step(repeat, mode, x, speed)
-            for repeat in range(repeats)
-            for mode, x in [("closed", 1), ("closed", 4), ("open", 100.0), ("open", 300.0)]
-        ]
-        servers[name] = {
-            "label": {"torch": "torch_server", "tensorflow": "tf_server"}.get(name, "bare (reference)"),
-            "framework": framework,
-            "kind": "local" if framework else "reference",
-            "variant": {},
-            "starts": [
-                {
-                    "phase": phase,
-                    "repeat": r,
-                    "cold_start_s": None if framework is None else 3.0 / speed + r * 0.1,
-                    "idle_rss_bytes": 2e8 + r * 1e6 + (0 if speed == 1.0 else 5e5),  # overlapping ranges
-                }
-                for phase in ("closed", "open")
-                for r in range(repeats)
-            ],
-            "steps": steps,
-            "target": "127.0.0.1:1",
-            "model_config": {"parameters": {"framework_version": "1.0", "device": "cpu"}, "max_batch_size": 32},
-            "prepare": {"first_start_s": 9.0, "export_s": 2.5, "compile_s": 0.0, "model_dir": "/tmp/x"},
-        }
-    options = plan.Options(concurrency=[1, 4], repeats=repeats, targets=["bare=127.0.0.1:1"])
-    settings = {
-        **vars(options),
-        "out": None,
-        "mode": "local",
-        "server_args_for_all": options.server_args_for_all(),
-        "reference_concurrency": options.reference_concurrency,
-        "pinning": {"mode": "auto", "server_cpus": [0], "generator_cpus": [1]},
-        "limits": {"generator_cpu_pct_per_core": 90.0, "slo_error_rate": 0.01},
-        "latency_note": compare.LATENCY_NOTE,
-        "decision_rule": stats.DECISION_RULE,
-    }
-    order = [
-        {"phase": phase, "repeat": r, "arm": arm}
-        for phase in ("closed", "open")
-        for r in range(repeats)
-        for arm in plan.abba(["torch", "tensorflow", "bare"], r)
-    ]
-    return {
-        "meta": {"started": "2024-01-01T00:00:00", "duration_s": 1.0, "command": "", "out": ""},
-        "settings": settings,
-        "environment": sampling.environment(),
-        "servers": servers,
-        "variants": [{"name": "as set", "values": {}, "arms": {"torch": "torch", "tensorflow": "tensorflow"}}],
-        "grid": {
-            "rates": [100.0, 300.0],
-            "fixed": False,
-            "fractions": [0.25],
-            "overload": 1.1,
-            "lower_peak_rps": 320.0,
-            "higher_peak_rps": 400.0,
-            "peaks": {"torch": 400.0, "tensorflow": 320.0},
-            "invalid_peaks": [],
-        },
-        "order": order,
-        "failures": [{"server": "tensorflow", "phase": "open", "repeat": 1, "error": "tf_server exited with 1"}],
-    }
-
-
-def _check_report_folder(out: Path) -> dict[str, Any]:
-    for name in ["report.html", "report.md", *plots.PLOT_NAMES]:
-        assert (out / name).stat().st_size > 0, name
-    page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == len(plots.PLOT_NAMES)
-    assert page.index("Verdict") < page.index("<img")
-    markdown = (out / "report.md").read_text()
-    assert "## Verdict" in markdown
-    assert "| characteristic | torch_server | tf_server | difference of means | verdict |" in markdown
-    assert "include failed requests" in markdown
-    results = json.loads((out / "results.json").read_text())
-    assert {"meta", "settings", "environment", "servers", "failures", "verdict", "order", "grid"} <= set(results)
-    return results
-
-
-def test_report_from_synthetic_results(tmp_path: Path) -> None:
-    report.write_report(_synthetic_results(), tmp_path)
-    results = _check_report_folder(tmp_path)
+def test_report_fromsynthetic_results(tmp_path: Path) -> None:
+    report.write_report(synthetic_results(), tmp_path)
+    results = check_report_folder(tmp_path)
     rows = {row["characteristic"]: row for row in results["verdict"]}
     assert {row["variant"] for row in results["verdict"]} == {"as set"}  # the reference is not in the verdict
     peak = rows["peak throughput (closed loop)"]
@@ -684,102 +484,8 @@ def test_report_from_synthetic_results(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- end to end
 
 
-@pytest.mark.skipif(
-    not (importlib.util.find_spec("torch") and importlib.util.find_spec("tensorflow")),
-    reason="needs both frameworks installed",
-)
-@pytest.mark.slow
-def test_servers_started_without_thread_flags_report_the_same_effective_threads(tmp_path: Path) -> None:
-    """The new user's case: both servers started by hand without --threads, on the same core, then compared
-    as running targets. Each reports the thread count its framework resolved (torch: its own count,
-    TensorFlow: its pool size for 0 = unset), so the settings check passes; it refused with
-    "threads: torch_server 1, tf_server default" when tf_server reported its unset value."""
-    core = available_cpus()[:1]
-    configs = {}
-    for framework, label in (("torch", "torch_server"), ("tensorflow", "tf_server")):
-        args = ["--device", "cpu", "--model-dir", str(tmp_path / framework)]
-        with ServerProcess(framework, "mlp", args, cpus=core) as server:
-            configs[label] = sampling.Endpoint(label, server.target, server.metrics_url, "mlp").describe()
-    assert [config["parameters"]["threads"] for config in configs.values()] == ["1", "1"]
-    assert plan.check_settings(configs) == []
-
-
-@pytest.mark.skipif(
-    not (importlib.util.find_spec("torch") and importlib.util.find_spec("tensorflow")),
-    reason="needs both frameworks installed",
-)
-@pytest.mark.slow
-@pytest.mark.timeout(660)
-def test_compare_end_to_end_on_mlp_with_a_reference_server(tmp_path: Path) -> None:
-    out = tmp_path / "report"
-    with ServerProcess("bare", "mlp", ["--mode", "sync"]) as bare:
-        command = [
-            sys.executable, "-m", "loadtest", "compare", "--model", "mlp", "--concurrency", "2",
-            "--rates", "150", "--step-seconds", "1.5", "--warmup-seconds", "0.5", "--repeats", "2",
-            "--target", f"bare={bare.target}", "--out", str(out),
-        ]  # fmt: skip
-        # Its own process group: if it overruns, the servers it started go down with it.
-        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                   start_new_session=True)  # fmt: skip
-        try:
-            _, stderr = process.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            _, stderr = process.communicate()
-            pytest.fail(f"compare did not finish in 600 s:\n{stderr[-3000:]}")
-    assert process.returncode == 0, stderr[-3000:]
-    assert "report: " in stderr
-    results = _check_report_folder(out)
-    assert set(results["servers"]) == {"torch", "tensorflow", "bare"}
-    assert results["failures"] == []
-    forward, backward = ["torch", "tensorflow", "bare"], ["bare", "tensorflow", "torch"]
-    assert [entry["arm"] for entry in results["order"]] == (forward + backward) * 2  # closed, then open: ABBA
-    views = [plan.settings_view(results["servers"][fw]["model_config"]) for fw in ("torch", "tensorflow")]
-    assert views[0] == views[1]
-    assert views[0]["device"] == "cpu"
-    assert views[0]["threads"] == "1"
-    steps = [(name, step) for name, server in results["servers"].items() for step in server["steps"]]
-    for name in ("torch", "tensorflow"):
-        server = results["servers"][name]
-        assert server["prepare"]["first_start_s"] > 0
-        assert server["prepare"]["export_s"] is not None
-        assert [(s["phase"], s["repeat"]) for s in server["starts"]] == [(p, r) for p in ("closed", "open")
-                                                                         for r in (0, 1)]  # fmt: skip
-        assert all(start["cold_start_s"] > 0 and start["idle_rss_bytes"] > 0 for start in server["starts"])
-    # At 2 users and 150 req/s nothing should strain the generator or the servers: every step is valid
-    # unless another process on this (shared) host was busy, which is the one reason a test cannot control.
-    # A step it was busy in may also have found the generator late (it shares the cores): nothing more.
-    for name, step in steps:
-        reasons = step["invalid_reasons"]
-        neighbours = any(reason.startswith("other processes used") for reason in reasons) and all(
-            reason.startswith(("other processes used", "generator send lag", "generator behind schedule"))
-            for reason in reasons
-        )
-        assert step["valid"] or neighbours, (name, reasons)
-        assert step["valid"] == (not step["invalid_reasons"])
-    # A disturbed step is flagged, not discarded: its figures are measured all the same.
-    for name, step in steps:
-        assert step["throughput_rps"] > 0, name
-        assert step["error_rate"] == 0.0, name
-        assert 0 < step["latency_ms"]["p50"] <= step["latency_ms"]["p99"], name
-        assert step["generator_cpu_pct"]["mean"] is not None, name
-        if name != "bare":
-            assert step["server_cpu_pct"]["mean"] is not None, name
-            assert step["server_metrics"]["batch_size_mean"] >= 1, name
-        if step["mode"] == "open":
-            assert step["offered_rps"] == 150.0
-            if not any(reason.startswith("generator behind schedule") for reason in step["invalid_reasons"]):
-                assert step["sent_rps"] == pytest.approx(150.0, rel=0.35), name
-    rows = results["verdict"]
-    assert {row["variant"] for row in rows} == {"as set"}
-    assert all(set(row["values"]) == {"torch", "tensorflow"} for row in rows)
-    cold = next(row for row in rows if row["characteristic"].startswith("cold start"))
-    assert len(cold["values"]["torch"]) == 4
-    assert cold["p_value"] == pytest.approx(2 / 70)
-
-
 def test_matrix_report_has_a_verdict_per_combination_and_a_row_per_server(tmp_path: Path) -> None:
-    results = _synthetic_results()
+    results = synthetic_results()
     servers = results["servers"]
     for precision in ("fp32", "bf16"):
         for framework in ("torch", "tensorflow"):
