@@ -77,7 +77,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return command.main(args, argv)
     from loadtest.compare.report import write_report
 
-    write_report(json.loads(args.results.read_text()), args.results.parent)
+    try:
+        results = json.loads(args.results.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        print(f"python -m loadtest report: cannot read {args.results}: {err}", file=sys.stderr)
+        return 2
+    if not isinstance(results, dict) or not isinstance(results.get("servers"), dict):
+        print(f"python -m loadtest report: {args.results} is not a results.json written by compare", file=sys.stderr)
+        return 2
+    write_report(results, args.results.parent)
     print(args.results.parent / "report.html")
     return 0
 

@@ -116,3 +116,20 @@ def test_result_goes_to_out_or_stdout_and_progress_to_stderr(
     assert json.loads(out.read_text()) == {"rps": 2.5}
     assert captured.out == ""
     assert str(out) in captured.err
+
+
+def test_report_refuses_a_missing_or_foreign_results_file_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from loadtest.__main__ import main
+
+    foreign = tmp_path / "other.json"
+    foreign.write_text(json.dumps({"model": "mlp"}))
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    for path, why in ((tmp_path / "missing.json", "cannot read"), (broken, "cannot read"), (foreign, "not a results")):
+        assert main(["report", str(path)]) == 2
+        stderr = capsys.readouterr().err
+        assert why in stderr
+        assert len(stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "report.html").exists()
