@@ -33,7 +33,7 @@ from contract.protocol import inference_pb2_grpc as pb_grpc
 from loadtest import stats
 from loadtest.compare import plan
 from loadtest.servers import ServerProcess
-from loadtest.users.latency_file import LatencyRecorder, Samples, read_latencies
+from loadtest.users.latency_file import UNSENT_ID, LatencyRecorder, Samples, read_latencies
 from loadtest.users.security import TOKEN_ENV, ChannelSecurity
 from loadtest.workload import InputPool, LoadSettings
 from tests.helpers.fakes import FakeFramework
@@ -337,18 +337,24 @@ def test_latency_file_round_trip(tmp_path: Path, name: str) -> None:
     prefix = tmp_path / name  # glob characters in a name are its own, not a pattern
     recorder = LatencyRecorder()
     now = time.perf_counter()
-    recorder.record((now + 0.002, 0.0015, True, 0.0))
-    recorder.record((now, 0.25, False, 0.001))
-    recorder.record((now + 0.001, -1.0, False, -1.0))
+    recorder.record((now + 0.002, 0.0015, True, 0.0, 0))
+    recorder.record((now, 0.25, False, 0.001, recorder.status_id("DEADLINE_EXCEEDED", "Deadline Exceeded")))
+    recorder.record((now + 0.001, -1.0, False, -1.0, UNSENT_ID))
     recorder.save(prefix, {"mode": "open"})
-    recorder.record((now + 0.003, 0.0005, True, 0.0))
+    full = recorder.status_id("RESOURCE_EXHAUSTED", "queue full (1024 requests waiting); retry later")
+    recorder.record((now + 0.003, 0.0005, True, 0.0, 0))
+    recorder.record((now + 0.004, 0.0001, False, 0.0, full))
     recorder.save(prefix, {"mode": "open"})
     run = read_latencies(prefix)
     assert [meta["pid"] for meta in run.metas] == [os.getpid()] * 2
-    assert run.latency_us.tolist() == [250000, -1, 1500, 500]
-    assert run.ok.tolist() == [False, False, True, True]
-    assert run.sent.tolist() == [True, False, True, True]
-    assert run.lag_us.tolist() == [1000, -1, 0, 0]
+    assert run.latency_us.tolist() == [250000, -1, 1500, 500, 100]
+    assert run.ok.tolist() == [False, False, True, True, False]
+    assert run.sent.tolist() == [True, False, True, True, True]
+    assert run.lag_us.tolist() == [1000, -1, 0, 0, 0]
+    status, labels = run.outcomes()
+    assert [labels[i] for i in status] == [
+        "DEADLINE_EXCEEDED", "UNSENT", "OK", "OK", "RESOURCE_EXHAUSTED: queue full (N requests waiting)"
+    ]  # fmt: skip
     assert abs(run.start_s[0] - time.time()) < 5
 
 
