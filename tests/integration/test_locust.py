@@ -10,6 +10,7 @@ gevent and are tested here directly, against small in-process OIP servers.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import subprocess
@@ -271,6 +272,44 @@ def test_open_loop_over_several_processes(fast_target: str, tmp_path: Path) -> N
     for loop in loops:  # each worker kept its share of the schedule while it ran
         assert loop["offered_rps"] == pytest.approx(loop["target_rps"], rel=0.15)
         assert loop["sent"] == loop["scheduled"]
+
+
+# ---- (d2) failures are recorded by status ----
+
+
+class RefusingModel(SlowModel):
+    """Model "slow" that refuses every third request (RESOURCE_EXHAUSTED, with the serving core's reason) and
+    holds every third one past any short deadline; the rest it answers at once."""
+
+    def __init__(self) -> None:
+        super().__init__(0.0)
+        self.calls = itertools.count()
+
+    def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        turn = next(self.calls)
+        if turn % 3 == 0:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"queue full ({turn} requests waiting); retry later")
+        if turn % 3 == 1:
+            time.sleep(0.2)
+        return super().ModelInfer(request, context)
+
+
+def test_failures_are_recorded_with_their_status(tmp_path: Path) -> None:
+    server, target = serve(RefusingModel())
+    try:
+        run_locust(target, tmp_path / "fail", "--model", "slow", "-u", "3", "-r", "3", "-t", "2s",
+                   "--deadline-ms", "50", ok=False)  # fmt: skip
+    finally:
+        server.stop(grace=None)
+    run = latencies(tmp_path / "fail")
+    status, labels = run.outcomes()
+    outcome = np.array(labels)[status]
+    assert set(outcome[run.ok]) == {"OK"}
+    assert set(outcome[~run.ok]) == {"RESOURCE_EXHAUSTED: queue full (N requests waiting)", "DEADLINE_EXCEEDED"}
+    figures = stats.window_stats(run, float(run.start_s.min()), float(run.end_s.max()) + 1, 1, 0.05)
+    by_status = figures["errors_by_status"]
+    assert sum(by_status.values()) == figures["errors"] == int((~run.ok).sum()) > 10
+    assert by_status["RESOURCE_EXHAUSTED"] >= by_status["DEADLINE_EXCEEDED"] / 2  # a third of the calls each
 
 
 # ---- (e) the input pool and the latency files ----
