@@ -5,7 +5,9 @@ Mean milliseconds per successful request in the step's window:
 - ``client_ms``: send to response, as the generator saw it (each success's latency minus its send
   lag: an open-loop request's wait in the generator is left out);
 - ``server_ms``: the server's own time for a success, decode to reply (ModelStatistics ``success``);
-- ``network_serialization_ms`` = client − server: the wire, gRPC and protobuf on both sides;
+- ``network_serialization_ms`` = client − server: everything outside the server's handler: the
+  wire, gRPC and protobuf on both sides, and the wait for a free gRPC handler thread (under
+  overload, most of it);
 - ``queue_ms``, ``compute_input_ms``, ``compute_infer_ms``, ``compute_output_ms``: ModelStatistics'
   durations per request, as Triton charges them (each request of a batch is charged the batch's
   compute durations);
@@ -16,7 +18,9 @@ Mean milliseconds per successful request in the step's window:
 ModelStatistics (``flatten``: count and nanoseconds per duration) between the first and the last tick
 inside the window that read them (``Tick.statistics``, taken by ``loadtest.sampling.StatisticsReader``);
 a figure the server did not report, or whose counter went back (a restart), is None, and so is every
-difference that needs it.
+difference that needs it. ``client_requests`` and ``server_requests`` count the successes behind each
+side's means: far apart (a server so overloaded that it refused most statistics calls), client and
+server figures describe different requests.
 """
 
 from __future__ import annotations
@@ -70,9 +74,13 @@ def mean_ms(deltas: Mapping[str, float | None], name: str) -> float | None:
     return ns / count / 1e6
 
 
+def _successes(samples: Samples, start: float, end: float) -> np.ndarray:
+    return samples.ok & (samples.start_s >= start) & (samples.start_s < end)
+
+
 def client_ms(samples: Samples, start: float, end: float) -> float | None:
     """Mean send-to-response time (ms) of the successes sent in [start, end)."""
-    chosen = samples.ok & (samples.start_s >= start) & (samples.start_s < end)
+    chosen = _successes(samples, start, end)
     if not chosen.any():
         return None
     return float(np.mean(samples.latency_us[chosen] - np.maximum(samples.lag_us[chosen], 0.0))) / 1000.0
@@ -99,10 +107,14 @@ def time_breakdown(client: float | None, deltas: Mapping[str, float | None]) -> 
 
 def step_breakdown(samples: Samples, ticks: Sequence[Tick], start: float, end: float) -> dict[str, Any]:
     """A step's breakdown: its window's client mean, and the server's figures between the first and last
-    tick inside [start, end] that read them (``requests``: the successes the server counted between them)."""
+    tick inside [start, end] that read them; the successes behind each (``client_requests``, ``server_requests``)."""
     read = [tick.statistics for tick in inside(ticks, start, end) if tick.statistics]
     deltas = statistics_deltas(read[0], read[-1]) if len(read) > 1 else {}
-    return {**time_breakdown(client_ms(samples, start, end), deltas), "requests": deltas.get("success_count")}
+    return {
+        **time_breakdown(client_ms(samples, start, end), deltas),
+        "client_requests": int(np.count_nonzero(_successes(samples, start, end))),
+        "server_requests": deltas.get("success_count"),
+    }
 
 
 def mean_breakdown(steps: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:

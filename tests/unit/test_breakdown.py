@@ -96,7 +96,8 @@ def test_a_steps_breakdown_reads_only_the_window() -> None:
     assert figures["queue_ms"] == pytest.approx(1.0)
     assert figures["compute_infer_ms"] == pytest.approx(2.0)
     assert figures["server_other_ms"] == pytest.approx(1.0)
-    assert figures["requests"] == 100
+    assert figures["server_requests"] == 100
+    assert figures["client_requests"] == 99  # the one failure left out
     # Fewer than two readings inside the window: no server figure, the client's still.
     alone = breakdown.step_breakdown(samples, ticks[:2], 1.0, 2.0)
     assert alone["client_ms"] == pytest.approx(5.0)
