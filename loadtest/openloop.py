@@ -40,6 +40,7 @@ from locust.env import Environment
 from locust.runners import MasterRunner
 
 from loadtest.users.grpc_user import ClientBacklog, GrpcUser, Outcome, recorder_for
+from loadtest.users.latency_file import UNSENT_ID
 
 #: A send later than this after its scheduled time counts as late.
 LATE_S = 0.002
@@ -205,7 +206,7 @@ class OpenLoopUser(GrpcUser):
         if self.in_flight >= self.arrivals.max_in_flight:
             stats.dropped += 1
             if self._record is not None:
-                self._record.record((scheduled, -1.0, False, -1.0))
+                self._record.record((scheduled, -1.0, False, -1.0, UNSENT_ID))
             self.environment.events.request.fire(
                 request_type="grpc",
                 name=self.infer_name,

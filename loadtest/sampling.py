@@ -4,7 +4,8 @@
   target found at an address (its own ``process_*`` metrics, or the local process that
   listens on its port); ``sample`` takes one ``Tick``, ``describe`` reads its ModelConfig.
 - ``Sampler``: ticks an endpoint (and the load generator) every ``SAMPLE_INTERVAL_S`` on a
-  background thread (``interval_for`` a shorter window: more often).
+  background thread (``interval_for`` a shorter window: more often), each tick with the server's
+  ModelStatistics when given a ``StatisticsReader``.
 - ``environment``: the measuring host (Python, packages, CPU, memory, GPUs).
 """
 
@@ -16,6 +17,7 @@ import os
 import platform
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +27,7 @@ import psutil
 import client.metrics
 from contract.protocol import inference_pb2 as pb
 from contract.protocol import inference_pb2_grpc as pb_grpc
+from loadtest.breakdown import flatten
 from loadtest.stats import Tick
 from serving import nvml
 from serving.devices import cpu_model
@@ -137,16 +140,58 @@ class Endpoint:
         }
 
 
-class Sampler:
-    """Samples an endpoint (and the generator) every ``interval`` seconds on a background thread."""
+class StatisticsReader:
+    """The server's ModelStatistics for the endpoint's model (``loadtest.breakdown.flatten``), over one
+    connection kept open: empty when the server does not answer within ``timeout`` (a busy server's
+    tick stays on time), and from then on once it answers UNIMPLEMENTED."""
 
-    def __init__(self, endpoint: Endpoint, interval: float = SAMPLE_INTERVAL_S) -> None:
+    def __init__(self, endpoint: Endpoint, timeout: float = SAMPLE_INTERVAL_S) -> None:
+        self.model = endpoint.model
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(endpoint.target)
+        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        self._implemented = True
+
+    def read(self) -> dict[str, float]:
+        if not self._implemented:
+            return {}
+        try:
+            reply = self._stub.ModelStatistics(pb.ModelStatisticsRequest(name=self.model), timeout=self.timeout)
+        except grpc.RpcError as error:
+            self._implemented = error.code() != grpc.StatusCode.UNIMPLEMENTED
+            return {}
+        return flatten(reply.model_stats)
+
+    def __enter__(self) -> StatisticsReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._channel.close()
+
+
+class Sampler:
+    """Samples an endpoint (and the generator) every ``interval`` seconds on a background thread;
+    ``statistics`` (a ``StatisticsReader.read``), when given, fills each tick's ``statistics``."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        interval: float = SAMPLE_INTERVAL_S,
+        statistics: Callable[[], dict[str, float]] | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.interval = interval
+        self.statistics = statistics
         self.ticks: list[Tick] = []
         self.generator: psutil.Process | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+
+    def _sample(self) -> Tick:
+        tick = self.endpoint.sample(self.generator)
+        if self.statistics is not None:
+            tick.statistics = self.statistics()
+        return tick
 
     def _run(self) -> None:
         # On a fixed schedule, not an interval after each sample: the time a sample takes (longer
@@ -154,11 +199,11 @@ class Sampler:
         # A late sample is followed at once by the next.
         due = time.monotonic()
         while True:
-            self.ticks.append(self.endpoint.sample(self.generator))
+            self.ticks.append(self._sample())
             due = max(due + self.interval, time.monotonic())
             if self._stop.wait(due - time.monotonic()):
                 break
-        self.ticks.append(self.endpoint.sample(self.generator))
+        self.ticks.append(self._sample())
 
     def __enter__(self) -> Sampler:
         self._thread.start()

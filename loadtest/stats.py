@@ -4,6 +4,7 @@
   percentiles count every request *sent* in the window (scheduled in it, open loop): a
   failed one at the time it took to fail (a timeout at its deadline), one the generator
   never sent at the deadline. Throughput counts successes *completed* in the window.
+  Its failures are counted by outcome (``error_counts``).
 - ``resource_stats``: CPU, RSS, GPU and the servers' metric deltas from the resource
   samples (``Tick``) taken inside the window only, never in the warm-up before it.
 - ``requests_per_worker``: a scrape's ``inference_worker_requests_total`` by worker (the
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from loadtest.users.latency_file import Samples
+from loadtest.users.latency_file import Samples, status_code
 
 WORKER_REQUESTS = "inference_worker_requests_total"
 #: A worker that answered less than this fraction of its fair share (requests / workers) makes a step unbalanced.
@@ -97,7 +98,34 @@ def window_stats(samples: Samples, start: float, end: float, batch_size: int, de
         "latency_ok_ms": percentiles(ok_ms),
         "latency_cdf": latency_cdf(all_ms),
         "send_lag_ms": {"p99": percentiles(lag_ms)["p99"], "max": float(lag_ms.max()) if len(lag_ms) else None},
+        **error_counts(samples, in_window),
     }
+
+
+def error_counts(samples: Samples, mask: np.ndarray) -> dict[str, dict[str, int]]:
+    """The failed requests among ``mask`` by outcome, most frequent first: ``errors_by_status`` by gRPC status
+    code (``UNSENT``: never sent; ``NOT_RECORDED``: from a latency file without outcomes), and
+    ``errors_by_reason`` by the labels that carry a reason (``RESOURCE_EXHAUSTED: queue full (N requests
+    waiting)``). The counts of ``errors_by_status`` add up to the failures."""
+    status, labels = samples.outcomes()
+    counts = np.bincount(status[mask & ~samples.ok].astype(np.intp), minlength=len(labels))
+    by_label = sorted(((labels[i], int(n)) for i, n in enumerate(counts) if n), key=lambda item: -item[1])
+    by_status: dict[str, int] = {}
+    for label, count in by_label:
+        code = status_code(label)
+        by_status[code] = by_status.get(code, 0) + count
+    return {
+        "errors_by_status": dict(sorted(by_status.items(), key=lambda item: -item[1])),
+        "errors_by_reason": {label: count for label, count in by_label if label != status_code(label)},
+    }
+
+
+def errors_text(errors: int, by_status: Mapping[str, int] | None) -> str:
+    """``errors 3223 (RESOURCE_EXHAUSTED 3100, DEADLINE_EXCEEDED 123)``; without counts by status (a step
+    measured before they were recorded) just ``errors 3223``."""
+    if not errors or not by_status:
+        return f"errors {errors}"
+    return f"errors {errors} (" + ", ".join(f"{code} {count}" for code, count in by_status.items()) + ")"
 
 
 # ---------------------------------------------------------------- resources
@@ -109,6 +137,7 @@ class Tick:
 
     ``host_cpu_s`` counts the busy time of all cores and ``runner_cpu_s`` the runner's own,
     so that what neither the server, the generator nor the runner used is other processes' load.
+    ``statistics``: the server's cumulative ModelStatistics (``loadtest.breakdown.flatten``), empty when not read.
     """
 
     t: float
@@ -118,6 +147,7 @@ class Tick:
     metrics: dict[str, float] = field(default_factory=dict)
     host_cpu_s: float | None = None
     runner_cpu_s: float | None = None
+    statistics: dict[str, float] = field(default_factory=dict)
 
     @property
     def other_cpu_s(self) -> float | None:

@@ -1,8 +1,9 @@
 """The comparison report's PNG plots (matplotlib, headless): throughput and latency against
 concurrency and offered rate, the latency distribution, the SLO throughput, cold start and memory,
-queue vs compute time and the mean batch size. Each server keeps one colour in every plot: shades of
-orange for torch, of blue for tensorflow, others for reference servers. Hollow markers: no repeat of
-that scenario was valid.
+queue vs compute time, the mean batch size, where the time goes (a stacked bar per server and
+concurrency) and the failed requests by status against the offered rate. Each server keeps one
+colour in every plot: shades of orange for torch, of blue for tensorflow, others for reference
+servers. Hollow markers: no repeat of that scenario was valid.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+from loadtest.compare.exports import server_breakdown
+from loadtest.compare.tables import error_counts
 from loadtest.compare.verdict import (
     MIB,
     Point,
@@ -30,6 +33,7 @@ from loadtest.compare.verdict import (
     server_label,
     slo_throughput,
     start_figure,
+    x_of,
 )
 
 #: Line colours of the two frameworks (variants of a matrix get lighter and darker shades).
@@ -212,6 +216,81 @@ def plot_batch_size(results: dict[str, Any], ax: Axes) -> None:
     _concurrency_axis(results, ax)
 
 
+#: Colours of the breakdown's parts (``loadtest.breakdown.PARTS``) and their legend names.
+PART_STYLES = {
+    "network_serialization_ms": ("#9e9e9e", "network + serialization"),
+    "server_other_ms": ("#c7a76c", "server other (decode, batching, encode)"),
+    "queue_ms": ("#8e44ad", "queue"),
+    "compute_input_ms": ("#3aa655", "compute input"),
+    "compute_infer_ms": ("#1b5a9c", "compute infer"),
+    "compute_output_ms": ("#e4572e", "compute output"),
+}
+STATUS_COLORS = ["#a33a1b", "#f2a541", "#6e2410", "#2e86de", "#555555", "#8e44ad", "#3aa655", "#b8860b"]
+
+
+def _nothing(fig: Figure, text: str) -> None:
+    ax = fig.add_subplot()
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
+
+
+def plot_breakdown(results: dict[str, Any], fig: Figure) -> None:
+    """Where the time goes: per server, a stacked bar per closed-loop concurrency (mean ms per success)."""
+    rows = {name: [row for row in server_breakdown(server["steps"]) if row["mode"] == "closed"]
+            for name, server in results["servers"].items()}  # fmt: skip
+    rows = {name: found for name, found in rows.items() if found}
+    if not rows:
+        _nothing(fig, "where the time goes: not measured\n(no server reported ModelStatistics in a window)")
+        return
+    axes = fig.subplots(1, len(rows), sharey=True, squeeze=False)[0]
+    for ax, (name, found) in zip(axes, rows.items(), strict=True):
+        positions = range(len(found))
+        bottom = [0.0] * len(found)
+        for part, (color, label) in PART_STYLES.items():
+            heights = [max(row[part] or 0.0, 0.0) for row in found]  # a negative difference is noise: drawn as 0
+            ax.bar(positions, heights, 0.6, bottom=bottom, color=color, label=label)
+            bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+        for x, row in zip(positions, found, strict=True):
+            if row["client_ms"] is not None:
+                ax.annotate(number(row["client_ms"]), (x, row["client_ms"]), ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(list(positions), [f"{row['x']:g}" for row in found])
+        ax.set(title=server_label(results, name), xlabel="concurrent users (closed loop)")
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0].set_ylabel("mean time per successful request (ms)")
+    fig.suptitle("Where the time goes: client = network + serialization + server (queue, compute, other)")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=8)
+
+
+def plot_errors_by_status(results: dict[str, Any], fig: Figure) -> None:
+    """Failed requests by status against the offered rate (open loop): per server, stacked error rates."""
+    counts: dict[str, list[tuple[float, dict[str, int], int]]] = {}
+    for name, server in results["servers"].items():
+        steps = [step for step in server["steps"] if step["mode"] == "open"]
+        for x in sorted({x_of(step) for step in steps}):
+            group = [step for step in steps if x_of(step) == x]
+            sent = sum(step.get("requests") or 0 for step in group)
+            counts.setdefault(name, []).append((x, error_counts(group), sent))
+    statuses = list(dict.fromkeys(status for found in counts.values() for _, by, _ in found for status in by))
+    if not statuses:
+        _nothing(fig, "failed requests by status: none in the open loop" if counts else "no open-loop step")
+        return
+    palette = {status: STATUS_COLORS[i % len(STATUS_COLORS)] for i, status in enumerate(statuses)}
+    axes = fig.subplots(1, len(counts), sharey=True, squeeze=False)[0]
+    for ax, (name, found) in zip(axes, counts.items(), strict=True):
+        positions = range(len(found))
+        bottom = [0.0] * len(found)
+        for status in statuses:
+            heights = [100.0 * by.get(status, 0) / sent if sent else 0.0 for _, by, sent in found]
+            ax.bar(positions, heights, 0.6, bottom=bottom, color=palette[status], label=status)
+            bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+        ax.set_xticks(list(positions), [f"{x:g}" for x, _, _ in found], rotation=30)
+        ax.set(title=server_label(results, name), xlabel="offered rate (req/s, open loop)")
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0].set_ylabel("failed requests (% of sent, all repeats)")
+    fig.suptitle("Failed requests by gRPC status vs offered load")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=min(4, len(statuses)))
+
+
 AX_PLOTS: dict[str, Callable[[dict[str, Any], Axes], None]] = {
     "throughput_vs_concurrency.png": plot_throughput,
     "latency_vs_concurrency.png": plot_latency_concurrency,
@@ -221,7 +300,11 @@ AX_PLOTS: dict[str, Callable[[dict[str, Any], Axes], None]] = {
     "queue_compute.png": plot_queue_compute,
     "batch_size.png": plot_batch_size,
 }
-FIGURE_PLOTS: dict[str, Callable[[dict[str, Any], Figure], None]] = {"cold_start_memory.png": plot_cold_start_memory}
+FIGURE_PLOTS: dict[str, Callable[[dict[str, Any], Figure], None]] = {
+    "cold_start_memory.png": plot_cold_start_memory,
+    "breakdown.png": plot_breakdown,
+    "errors_by_status.png": plot_errors_by_status,
+}
 PLOT_NAMES = [*AX_PLOTS, *FIGURE_PLOTS]
 
 

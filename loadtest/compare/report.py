@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from loadtest.compare.exports import add_breakdowns, write_exports
 from loadtest.compare.plots import PLOT_NAMES, write_plots
 from loadtest.compare.tables import run_warnings, sections, verdict_tables
 from loadtest.compare.verdict import verdict
@@ -107,10 +108,13 @@ def _dumps(results: dict[str, Any]) -> str:
 
 
 def write_report(results: dict[str, Any], out: Path) -> None:
-    """Write results.json (with the verdict added), the PNGs, report.md and report.html into ``out``."""
+    """Write results.json (with the verdict and each server's breakdown added), the exports (summary.json,
+    perf_<server>*.csv: ``loadtest.compare.exports``), the PNGs, report.md and report.html into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     results["verdict"] = verdict(results)
+    add_breakdowns(results)
     (out / "results.json").write_text(_dumps(results))
+    write_exports(results, out)
     write_plots(results, out)
     (out / "report.md").write_text(render_markdown(results))
     (out / "report.html").write_text(render_html(results, out))

@@ -25,11 +25,12 @@ from typing import Any
 
 import psutil
 
+from loadtest.breakdown import step_breakdown
 from loadtest.cli import progress
 from loadtest.compare.plan import Arm, Options, Scenario, invalid_reasons, locust_processes
-from loadtest.sampling import Endpoint, Sampler, interval_for, listener_pid
+from loadtest.sampling import Endpoint, Sampler, StatisticsReader, interval_for, listener_pid
 from loadtest.servers import ROOT, ServerProcess, pin_to
-from loadtest.stats import resource_stats, window_stats
+from loadtest.stats import errors_text, resource_stats, window_stats
 from loadtest.users.latency_file import Samples, read_latencies
 
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
@@ -99,7 +100,12 @@ def run_locust(
     run_s = math.ceil(opts.warmup_seconds + opts.step_seconds + TAIL_S)
     log_path = Path(f"{artifacts}.locust.log")
     command = locust_command(endpoint, scenario, opts, run_s, processes, latencies, artifacts, connections)
-    with Sampler(endpoint, interval_for(opts.step_seconds)) as sampler, log_path.open("wb") as log:
+    interval = interval_for(opts.step_seconds)
+    with (
+        StatisticsReader(endpoint, timeout=interval) as statistics,
+        Sampler(endpoint, interval, statistics.read) as sampler,
+        log_path.open("wb") as log,
+    ):
         process = subprocess.Popen(
             command,
             stdout=log,
@@ -167,6 +173,7 @@ def measure_step(
         "generator_processes": processes,
         **window_stats(samples, start, max(end, start + 1e-9), opts.batch_size, opts.deadline_ms / 1000),
         **resource_stats(ticks, start, end),
+        "breakdown": step_breakdown(samples, ticks, start, end),
     }
     generator_pct: float | None = step["generator_cpu_pct"]["mean"]
     sent: float = step["sent_rps"]
@@ -185,11 +192,12 @@ def measure_step(
 
 def report_step(arm: Arm, phase: str, repeat: int, opts: Options, scenario: Scenario, step: dict[str, Any]) -> None:
     verdict = "valid" if step["valid"] else "INVALID: " + "; ".join(step["invalid_reasons"])
+    errors = errors_text(step["errors"], step.get("errors_by_status"))
     processes = f" x{step['generator_processes']}" if step["generator_processes"] > 1 else ""
     progress(
         f"{arm.name} {phase} r{repeat + 1}/{opts.repeats} {scenario.label}: "
         f"{step['throughput_rps']:.1f} req/s (sent {step['sent_rps']:.1f}/s), "
-        f"p99 {_fmt(step['latency_ms']['p99'], '.2f', ' ms')}, errors {step['errors']}, "
+        f"p99 {_fmt(step['latency_ms']['p99'], '.2f', ' ms')}, {errors}, "
         f"server CPU {_fmt(step['server_cpu_pct']['mean'], '.0f', '%')}, "
         f"generator{processes} CPU {_fmt(step['generator_cpu_pct']['mean'], '.0f', '%')} "
         f"({_fmt(step['generator_us_per_request'], '.0f', ' µs/req')}), "

@@ -1,6 +1,7 @@
 """The comparison report's tables, as (head, rows) of strings that the Markdown and HTML renderers
 share: the verdict per variant, every server side by side, the servers' settings, each loop's steps
-(mean and min-max range over repeats, valid repeats counted), requests per worker, invalid steps,
+(mean and min-max range over repeats, valid repeats counted, failures by status), where the time goes,
+failed requests by status and reason, requests per worker, invalid steps,
 failed runs, the parity gate, and the run's settings and environment. Also the warnings that head
 the report (a pinning that makes workers share cores, steps unbalanced across workers).
 """
@@ -11,8 +12,10 @@ import json
 import statistics
 from typing import Any
 
+from loadtest.compare.exports import server_breakdown
 from loadtest.compare.verdict import MIB, Point, Step, characteristics, number, series, server_label, variants, x_of
-from loadtest.stats import UNBALANCED_SHARE, worker_balance
+from loadtest.stats import UNBALANCED_SHARE, errors_text, worker_balance
+from loadtest.users.latency_file import NOT_RECORDED, status_code
 
 Table = tuple[list[str], list[list[str]]]
 
@@ -115,7 +118,7 @@ def step_table(results: dict[str, Any], mode: str) -> Table:
     """Every scenario of ``mode`` for every server: mean (range) over repeats, and how many repeats were valid."""
     first = "users" if mode == "closed" else "offered (req/s)"
     paths = STEP_COLUMNS if mode == "closed" else STEP_COLUMNS | OPEN_LOOP_COLUMNS
-    head = ["server", first, *paths, "valid"]
+    head = ["server", first, *paths, "failed, all repeats", "valid"]
     body = []
     for name, server in results["servers"].items():
         steps = [s for s in server["steps"] if s["mode"] == mode]
@@ -131,8 +134,72 @@ def step_table(results: dict[str, Any], mode: str) -> Table:
                 _error_rate(columns[column].get(x)) if column == "error rate" else _ranged(columns[column], x)
                 for column in paths
             ]
-            body.append([server_label(results, name), f"{x:g}", *cells, valid])
+            body.append([server_label(results, name), f"{x:g}", *cells, errors_cell(group), valid])
     return head, body
+
+
+def error_counts(steps: list[Step], key: str = "errors_by_status") -> dict[str, int]:
+    """The steps' failures by status (``key``: or by reason) summed, most frequent first; a step measured before
+    they were counted adds its failures as ``NOT_RECORDED`` (only to the counts by status)."""
+    counts: dict[str, int] = {}
+    for step in steps:
+        by = step.get(key)
+        if by is None and key == "errors_by_status" and step.get("errors"):
+            by = {NOT_RECORDED: step["errors"]}
+        for label, count in (by or {}).items():
+            counts[label] = counts.get(label, 0) + count
+    return dict(sorted(counts.items(), key=lambda item: -item[1]))
+
+
+def errors_cell(steps: list[Step]) -> str:
+    """``errors 3223 (RESOURCE_EXHAUSTED 3100, DEADLINE_EXCEEDED 123)`` over the steps."""
+    return errors_text(sum(step.get("errors") or 0 for step in steps), error_counts(steps))
+
+
+BREAKDOWN_HEAD = {
+    "client_ms": "client",
+    "network_serialization_ms": "network + serialization",
+    "server_ms": "server",
+    "queue_ms": "queue",
+    "compute_input_ms": "compute input",
+    "compute_infer_ms": "compute infer",
+    "compute_output_ms": "compute output",
+    "server_other_ms": "server other",
+}
+
+
+def breakdown_table(results: dict[str, Any]) -> Table:
+    """Where the time goes: each server's scenarios, mean ms per successful request (``loadtest.breakdown``),
+    over the valid repeats (all, marked, where none is valid)."""
+    head = ["server", "loop", "users / rate", *(f"{name} (ms)" for name in BREAKDOWN_HEAD.values()), "repeats"]
+    body = []
+    for name, server in results["servers"].items():
+        for row in server_breakdown(server["steps"]):
+            cells = [number(row[key], 3) if row[key] is not None else "n/a" for key in BREAKDOWN_HEAD]
+            repeats = f"{row['repeats']}" + ("" if row["valid"] else " (none valid)")
+            body.append([server_label(results, name), row["mode"], f"{row['x']:g}", *cells, repeats])
+    return head, body
+
+
+def failures_by_status_table(results: dict[str, Any]) -> Table:
+    """Each scenario with failed requests: its failures by status, and by reason where the status carries one
+    (summed over every repeat)."""
+    body = []
+    for name, server in results["servers"].items():
+        for mode in ("closed", "open"):
+            for x in sorted({x_of(step) for step in server["steps"] if step["mode"] == mode}):
+                everything = [step for step in server["steps"] if step["mode"] == mode and x_of(step) == x]
+                by_status = error_counts(everything)
+                if not by_status:
+                    continue
+                sent = sum(step.get("requests") or 0 for step in everything)
+                reasons = error_counts(everything, "errors_by_reason")
+                for status, count in by_status.items():
+                    why = "; ".join(f"{label.split(': ', 1)[1]}: {n}" for label, n in reasons.items()
+                                    if status_code(label) == status)  # fmt: skip
+                    share = f"{count / sent:.2%}" if sent else "n/a"
+                    body.append([server_label(results, name), mode, f"{x:g}", status, str(count), share, why])
+    return ["server", "loop", "users / rate", "status", "failed (all repeats)", "of sent", "reasons"], body
 
 
 def server_table(results: dict[str, Any]) -> Table:
@@ -313,6 +380,8 @@ def sections(results: dict[str, Any]) -> list[tuple[str, Table]]:
         ("Servers", server_table(results)),
         ("Closed loop (concurrency sweep)", step_table(results, "closed")),
         ("Open loop (arrival-rate sweep, the same rates for every server)", step_table(results, "open")),
+        ("Where the time goes (mean ms per successful request)", breakdown_table(results)),
+        ("Failed requests by status", failures_by_status_table(results)),
         ("Requests per worker", worker_table(results)),
         ("Invalid steps", invalid_table(results)),
         ("Failed runs", failure_table(results)),

@@ -45,7 +45,7 @@ from locust.exception import LocustError
 
 from contract.protocol import inference_pb2 as pb
 from loadtest.users import gevent_grpc
-from loadtest.users.latency_file import LatencyRecorder
+from loadtest.users.latency_file import OK_ID, LatencyRecorder
 from loadtest.users.security import NO_SECURITY, ChannelSecurity
 from loadtest.workload import InputPool, LoadSettings, grpc_target
 
@@ -165,7 +165,7 @@ class TimedRpc:
     ``metadata`` (the bearer token) goes with each, built once here.
     """
 
-    __slots__ = ("_completions", "_context", "_fire", "_names", "_record", "_reply_type", "_rpc", "_unary")
+    __slots__ = ("_completions", "_context", "_fire", "_names", "_record", "_reply_type", "_rpc", "_status", "_unary")
 
     def __init__(
         self,
@@ -183,6 +183,7 @@ class TimedRpc:
         self._fire = environment.events.request.fire
         self._context = context if context is not None else {}
         self._record = recorder.record if recorder is not None else None
+        self._status = recorder.status_id if recorder is not None else None
         self._names: dict[str, str] = {}
         self._completions = gevent_grpc.completions()
 
@@ -246,8 +247,9 @@ class TimedRpc:
         if pending.abandoned:
             return
         error = None if reply is not None else RpcFailure(code, details)
-        if self._record is not None:
-            self._record((scheduled, end - scheduled, error is None, sent - scheduled))
+        if self._record is not None and self._status is not None:
+            status = OK_ID if error is None else self._status(code.name if code is not None else "UNKNOWN", details)
+            self._record((scheduled, end - scheduled, error is None, sent - scheduled, status))
         self._fire(
             request_type="grpc",
             name=label,

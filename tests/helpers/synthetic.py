@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from loadtest import sampling, stats
+from loadtest import breakdown, sampling, stats
 from loadtest.compare import plan, plots
 from loadtest.compare import run as compare
 from loadtest.users.latency_file import Samples
@@ -44,9 +44,25 @@ def synthetic_step(repeat: int, mode: str, x: float, speed: float) -> dict[str, 
         "other_cpu_pct": {"mean": 3.0, "max": 5.0},
         "gpu": None,
         "server_metrics": stats.metric_deltas({}, {}) | {"queue_ms_mean": 0.5, "compute_ms_mean": 1},
+        # Client 4 ms = 1 network + 3 server (0.5 queue, 0.1 input, 1.5 infer, 0.2 output, 0.7 other), slower on tf.
+        "breakdown": breakdown.time_breakdown(
+            4.0 / speed,
+            {"success_count": 100.0, "success_ns": 3e8 / speed, "queue_count": 100.0, "queue_ns": 5e7 / speed}
+            | {f"{name}_count": 100.0 for name in ("compute_input", "compute_infer", "compute_output")}
+            | {"compute_input_ns": 1e7 / speed, "compute_infer_ns": 1.5e8 / speed, "compute_output_ns": 2e7 / speed},
+        ),
         "invalid_reasons": ["generator send lag p99 30 ms > 10 ms"] if invalid else [],
         "valid": not invalid,
-    }
+    } | (OVERLOADED if invalid else {})
+
+
+#: The failures of an overloaded step (50 of its 500 requests).
+OVERLOADED = {
+    "errors": 50,
+    "error_rate": 0.1,
+    "errors_by_status": {"RESOURCE_EXHAUSTED": 40, "DEADLINE_EXCEEDED": 10},
+    "errors_by_reason": {"RESOURCE_EXHAUSTED: queue full (N requests waiting)": 40},
+}
 
 
 def synthetic_results(repeats: int = 3) -> dict[str, Any]:
@@ -118,8 +134,9 @@ def synthetic_results(repeats: int = 3) -> dict[str, Any]:
 
 
 def check_report_folder(out: Path) -> dict[str, Any]:
-    for name in ["report.html", "report.md", *plots.PLOT_NAMES]:
+    for name in ["report.html", "report.md", "summary.json", *plots.PLOT_NAMES]:
         assert (out / name).stat().st_size > 0, name
+    assert {path.name for path in out.glob("perf_*.csv")} >= {"perf_torch.csv", "perf_tensorflow.csv"}
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == len(plots.PLOT_NAMES)
     assert page.index("Verdict") < page.index("<img")

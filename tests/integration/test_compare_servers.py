@@ -134,11 +134,15 @@ def test_compare_end_to_end_on_mlp_with_a_reference_server(tmp_path: Path) -> No
     for name, step in steps:
         assert step["throughput_rps"] > 0, name
         assert step["error_rate"] == 0.0, name
+        assert step["errors_by_status"] == {}, name
         assert 0 < step["latency_ms"]["p50"] <= step["latency_ms"]["p99"], name
         assert step["generator_cpu_pct"]["mean"] is not None, name
+        assert step["breakdown"]["client_ms"] > 0, name
         if name != "bare":
             assert step["server_cpu_pct"]["mean"] is not None, name
             assert step["server_metrics"]["batch_size_mean"] >= 1, name
+            # Where the time goes, from the server's ModelStatistics inside the window.
+            assert 0 < step["breakdown"]["compute_infer_ms"] < step["breakdown"]["server_ms"], name
         if step["mode"] == "open":
             assert step["offered_rps"] == 150.0
             if not any(reason.startswith("generator behind schedule") for reason in step["invalid_reasons"]):

@@ -10,6 +10,7 @@ gevent and are tested here directly, against small in-process OIP servers.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import subprocess
@@ -33,7 +34,7 @@ from contract.protocol import inference_pb2_grpc as pb_grpc
 from loadtest import stats
 from loadtest.compare import plan
 from loadtest.servers import ServerProcess
-from loadtest.users.latency_file import LatencyRecorder, Samples, read_latencies
+from loadtest.users.latency_file import UNSENT_ID, LatencyRecorder, Samples, read_latencies
 from loadtest.users.security import TOKEN_ENV, ChannelSecurity
 from loadtest.workload import InputPool, LoadSettings
 from tests.helpers.fakes import FakeFramework
@@ -273,6 +274,44 @@ def test_open_loop_over_several_processes(fast_target: str, tmp_path: Path) -> N
         assert loop["sent"] == loop["scheduled"]
 
 
+# ---- (d2) failures are recorded by status ----
+
+
+class RefusingModel(SlowModel):
+    """Model "slow" that refuses every third request (RESOURCE_EXHAUSTED, with the serving core's reason) and
+    holds every third one past any short deadline; the rest it answers at once."""
+
+    def __init__(self) -> None:
+        super().__init__(0.0)
+        self.calls = itertools.count()
+
+    def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        turn = next(self.calls)
+        if turn % 3 == 0:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"queue full ({turn} requests waiting); retry later")
+        if turn % 3 == 1:
+            time.sleep(0.2)
+        return super().ModelInfer(request, context)
+
+
+def test_failures_are_recorded_with_their_status(tmp_path: Path) -> None:
+    server, target = serve(RefusingModel())
+    try:
+        run_locust(target, tmp_path / "fail", "--model", "slow", "-u", "3", "-r", "3", "-t", "2s",
+                   "--deadline-ms", "50", ok=False)  # fmt: skip
+    finally:
+        server.stop(grace=None)
+    run = latencies(tmp_path / "fail")
+    status, labels = run.outcomes()
+    outcome = np.array(labels)[status]
+    assert set(outcome[run.ok]) == {"OK"}
+    assert set(outcome[~run.ok]) == {"RESOURCE_EXHAUSTED: queue full (N requests waiting)", "DEADLINE_EXCEEDED"}
+    figures = stats.window_stats(run, float(run.start_s.min()), float(run.end_s.max()) + 1, 1, 0.05)
+    by_status = figures["errors_by_status"]
+    assert sum(by_status.values()) == figures["errors"] == int((~run.ok).sum()) > 10
+    assert by_status["RESOURCE_EXHAUSTED"] >= by_status["DEADLINE_EXCEEDED"] / 2  # a third of the calls each
+
+
 # ---- (e) the input pool and the latency files ----
 
 
@@ -337,18 +376,24 @@ def test_latency_file_round_trip(tmp_path: Path, name: str) -> None:
     prefix = tmp_path / name  # glob characters in a name are its own, not a pattern
     recorder = LatencyRecorder()
     now = time.perf_counter()
-    recorder.record((now + 0.002, 0.0015, True, 0.0))
-    recorder.record((now, 0.25, False, 0.001))
-    recorder.record((now + 0.001, -1.0, False, -1.0))
+    recorder.record((now + 0.002, 0.0015, True, 0.0, 0))
+    recorder.record((now, 0.25, False, 0.001, recorder.status_id("DEADLINE_EXCEEDED", "Deadline Exceeded")))
+    recorder.record((now + 0.001, -1.0, False, -1.0, UNSENT_ID))
     recorder.save(prefix, {"mode": "open"})
-    recorder.record((now + 0.003, 0.0005, True, 0.0))
+    full = recorder.status_id("RESOURCE_EXHAUSTED", "queue full (1024 requests waiting); retry later")
+    recorder.record((now + 0.003, 0.0005, True, 0.0, 0))
+    recorder.record((now + 0.004, 0.0001, False, 0.0, full))
     recorder.save(prefix, {"mode": "open"})
     run = read_latencies(prefix)
     assert [meta["pid"] for meta in run.metas] == [os.getpid()] * 2
-    assert run.latency_us.tolist() == [250000, -1, 1500, 500]
-    assert run.ok.tolist() == [False, False, True, True]
-    assert run.sent.tolist() == [True, False, True, True]
-    assert run.lag_us.tolist() == [1000, -1, 0, 0]
+    assert run.latency_us.tolist() == [250000, -1, 1500, 500, 100]
+    assert run.ok.tolist() == [False, False, True, True, False]
+    assert run.sent.tolist() == [True, False, True, True, True]
+    assert run.lag_us.tolist() == [1000, -1, 0, 0, 0]
+    status, labels = run.outcomes()
+    assert [labels[i] for i in status] == [
+        "DEADLINE_EXCEEDED", "UNSENT", "OK", "OK", "RESOURCE_EXHAUSTED: queue full (N requests waiting)"
+    ]  # fmt: skip
     assert abs(run.start_s[0] - time.time()) < 5
 
 
