@@ -101,6 +101,8 @@ class Options:
     tf_repository: Path | None = None
     parity_atol: float | None = None
     parity_rtol: float | None = None
+    #: Go on when the servers' outputs differ beyond tolerance (``loadtest.compare.fidelity``).
+    allow_mismatch: bool = False
     cpu_split: str = "auto"
 
     @property

@@ -15,6 +15,10 @@ server beside them) with the same scenarios, in this order:
    (``--overload`` times it); per repeat each server is started fresh again and swept
    over the grid (latency from the scheduled send time).
 
+Between preparation and the first timed step, the fidelity guard (``loadtest.compare.fidelity``):
+both servers' outputs on the same inputs, largest difference and top-1 agreement; beyond tolerance
+the comparison stops (exit status 3) unless ``--allow-mismatch``.
+
 In each phase the order alternates ABBA over repeats (forward, reversed, forward...),
 and is recorded in results.json (``order``). Default: 3 repeats.
 
@@ -64,6 +68,7 @@ from typing import Any
 import grpc
 
 from loadtest.cli import progress
+from loadtest.compare import fidelity
 from loadtest.compare.plan import (
     GENERATOR_CPU_LIMIT,
     MIN_WINDOW_FRACTION,
@@ -228,6 +233,7 @@ def run_comparison(opts: Options, command: Sequence[str] = ()) -> dict[str, Any]
         "variants": groups,
         "grid": grid,
         "parity": parity_checked,
+        "fidelity": fidelity.record(parity_checked, opts.allow_mismatch),
         "order": order,
         "failures": failures,
     }

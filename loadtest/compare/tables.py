@@ -1,8 +1,9 @@
 """The comparison report's tables, as (head, rows) of strings that the Markdown and HTML renderers
 share: the verdict per variant, every server side by side, the servers' settings, each loop's steps
 (mean and min-max range over repeats, valid repeats counted), requests per worker, invalid steps,
-failed runs, the parity gate, and the run's settings and environment. Also the warnings that head
-the report (a pinning that makes workers share cores, steps unbalanced across workers).
+failed runs, the fidelity gate (``loadtest.compare.fidelity``), and the run's settings and
+environment. Also the warnings that head the report (outputs that differ beyond tolerance, a
+pinning that makes workers share cores, steps unbalanced across workers).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import statistics
 from typing import Any
 
+from loadtest.compare import fidelity
 from loadtest.compare.verdict import MIB, Point, Step, characteristics, number, series, server_label, variants, x_of
 from loadtest.stats import UNBALANCED_SHARE, worker_balance
 
@@ -206,8 +208,9 @@ def worker_table(results: dict[str, Any]) -> Table:
 
 
 def run_warnings(results: dict[str, Any]) -> list[str]:
-    """What the reader must know before the figures: a pinning that makes workers share cores, unbalanced steps."""
-    warnings = []
+    """What the reader must know before the figures: outputs that differ beyond tolerance (compared anyway),
+    a pinning that makes workers share cores, unbalanced steps."""
+    warnings = fidelity.warnings(results)
     if pinned := (results["settings"].get("pinning") or {}).get("warning"):
         warnings.append(f"Pinning: {pinned}.")
     for name, server in results["servers"].items():
@@ -292,23 +295,13 @@ def settings_table(results: dict[str, Any]) -> Table:
     return ["setting", "value"], [[key, str(value)] for key, value in rows.items()]
 
 
-def parity_table(results: dict[str, Any]) -> Table:
-    """The parity gate: per variant and output, the largest difference between the servers' outputs on
-    the same inputs, before anything was timed (results from before the gate have none)."""
-    body = []
-    for entry in results.get("parity", []):
-        outputs: dict[str, list[float]] = {}
-        for item in entry["outputs"]:
-            outputs.setdefault(item["output"], []).append(item["max_abs"])
-        tolerance = f"atol {entry['atol']:g} + rtol {entry['rtol']:g}"
-        body += [[entry["variant"], name, f"{max(errors):.3g}", tolerance] for name, errors in outputs.items()]
-    return ["variant", "output", "largest difference, torch vs tf", "tolerance"], body
-
-
 def sections(results: dict[str, Any]) -> list[tuple[str, Table]]:
     return [
         *verdict_tables(results),
-        ("Parity (same inputs, same outputs, checked before timing)", parity_table(results)),
+        (
+            "Fidelity (same inputs to both servers before timing: largest difference, top-1 agreement)",
+            fidelity.table(results),
+        ),
         ("Every server", summary_table(results)),
         ("Servers", server_table(results)),
         ("Closed loop (concurrency sweep)", step_table(results, "closed")),

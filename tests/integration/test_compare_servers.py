@@ -143,6 +143,7 @@ def test_compare_end_to_end_on_mlp_with_a_reference_server(tmp_path: Path) -> No
             assert step["offered_rps"] == 150.0
             if not any(reason.startswith("generator behind schedule") for reason in step["invalid_reasons"]):
                 assert step["sent_rps"] == pytest.approx(150.0, rel=0.35), name
+    assert results["fidelity"]["verdict"] == "agree"
     rows = results["verdict"]
     assert {row["variant"] for row in rows} == {"as set"}
     assert all(set(row["values"]) == {"torch", "tensorflow"} for row in rows)
