@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     arg("--parity-rtol", type=float, help="... plus this relative one (default: the precision's, e.g. 1e-4 for fp32)")
     arg("--allow-mismatch", action="store_true", help="compare even when the outputs differ beyond the tolerance "
         "(the report says so at its head); without it such a comparison stops with exit status 3")  # fmt: skip
+    arg("--drain", choices=["on", "off"], default=defaults.drain, help="after the open loop, per repeat: SIGTERM "
+        "to each server under steady load at half the lower peak; calls lost, time to exit, readiness flip "
+        "(%(default)s)")  # fmt: skip
     arg("--concurrency", default="1,4,16,32", help="closed-loop users per step, comma-separated (default: %(default)s)")
     arg("--rates", default="", help="open-loop arrival rates, req/s, comma-separated (default: the grid below)")
     arg("--rate-fractions", default="0.25,0.5,0.9", help="open-loop rates as fractions of the LOWER valid "

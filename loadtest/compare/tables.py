@@ -1,9 +1,10 @@
 """The comparison report's tables, as (head, rows) of strings that the Markdown and HTML renderers
 share: the verdict per variant, every server side by side, the servers' settings, each loop's steps
 (mean and min-max range over repeats, valid repeats counted), requests per worker, invalid steps,
-failed runs, the fidelity gate (``loadtest.compare.fidelity``), and the run's settings and
-environment. Also the warnings that head the report (outputs that differ beyond tolerance, a
-pinning that makes workers share cores, steps unbalanced across workers).
+failed runs, the fidelity gate (``loadtest.compare.fidelity``), the drain runs
+(``loadtest.compare.drain``), and the run's settings and environment. Also the warnings that head
+the report (outputs that differ beyond tolerance, a pinning that makes workers share cores, steps
+unbalanced across workers).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import statistics
 from typing import Any
 
-from loadtest.compare import fidelity
+from loadtest.compare import drain, fidelity
 from loadtest.compare.verdict import MIB, Point, Step, characteristics, number, series, server_label, variants, x_of
 from loadtest.stats import UNBALANCED_SHARE, worker_balance
 
@@ -306,6 +307,7 @@ def sections(results: dict[str, Any]) -> list[tuple[str, Table]]:
         ("Servers", server_table(results)),
         ("Closed loop (concurrency sweep)", step_table(results, "closed")),
         ("Open loop (arrival-rate sweep, the same rates for every server)", step_table(results, "open")),
+        ("Drain (SIGTERM under steady open-loop load at half the lower peak)", drain.table(results)),
         ("Requests per worker", worker_table(results)),
         ("Invalid steps", invalid_table(results)),
         ("Failed runs", failure_table(results)),

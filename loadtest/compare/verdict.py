@@ -146,6 +146,15 @@ def memory_under_load(server: dict[str, Any], settings: dict[str, Any]) -> Readi
     return list(per_run.values()), ""
 
 
+def drain_figure(key: str) -> Reader:
+    """A figure of the server's drain runs (``loadtest.compare.drain``), one value per run that gave one."""
+
+    def read(server: dict[str, Any], settings: dict[str, Any]) -> Reading:
+        return [v for v in (server.get("drain") or {}).get(key, []) if v is not None], ""
+
+    return read
+
+
 @dataclass
 class Characteristic:
     """A verdict row: how to read a server's values of it, and which direction is better."""
@@ -174,6 +183,21 @@ def characteristics(settings: dict[str, Any]) -> list[Characteristic]:
         Characteristic("idle memory (RSS)", "MiB", False, start_figure("idle_rss_bytes", MIB), from_steps=False),
         Characteristic("memory under load (max RSS)", "MiB", False, memory_under_load),
         Characteristic(f"server CPU per request @ {ref} users", "ms", False, _cpu_per_request),
+        Characteristic(
+            "calls lost in a drain (SIGTERM at half the lower peak)",
+            "calls",
+            False,
+            drain_figure("lost_calls"),
+            from_steps=False,
+        ),
+        Characteristic("time to exit after SIGTERM, under load", "s", False, drain_figure("exit_s"), from_steps=False),
+        Characteristic(
+            "readiness flip after SIGTERM (NOT_SERVING seen)",
+            "ms",
+            False,
+            drain_figure("readiness_flip_ms"),
+            from_steps=False,
+        ),
     ]
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from loadtest.compare import command, fidelity, parity, plan, prepare
+from loadtest.compare import command, drain, fidelity, parity, plan, prepare
 from loadtest.compare import run as compare
 from serving.backend import Tolerance
 
@@ -99,9 +99,10 @@ def _compare(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, shift: float, *fla
     monkeypatch.setattr(compare, "check_fairness", lambda *args, **kwargs: None)
     monkeypatch.setattr(compare, "_runner_pinned", lambda cpus: contextlib.nullcontext())
     monkeypatch.setattr(compare, "phase", lambda run, arms, records, name, *args: timed.append(name))
+    monkeypatch.setattr(drain, "phase", lambda *args: timed.append("drain"))
     argv = ["compare", "--rates", "10", "--out", str(tmp_path), *flags]
     status = command.main(build_parser().parse_args(argv), argv)
-    assert timed == ([] if status == 3 else ["closed", "open"])
+    assert timed == ([] if status == 3 else ["closed", "open", "drain"])
     return status
 
 
