@@ -23,6 +23,8 @@ Per run (``figures``, from the timestamps; pure):
   the server went away first); its resolution is the poll interval plus one health call.
 - ``in_flight_at_signal``, ``served_after_signal``: calls sent before the signal and not yet
   answered, and OK answers that came after it (the drain at work).
+- ``send_lag_p99_ms``: how late the generator sent (p99 over the sent calls): a busy generator
+  sends late, and the load it put on the server was then less steady than asked.
 
 results.json gets, per server, ``drain``: each figure as a list over repeats (with ``rate_rps``,
 ``grace_s``, ``exit_code``, ``repeat``) and a ``summary``; the verdict judges calls lost, time to
@@ -55,6 +57,7 @@ from loadtest.compare.plan import Arm, abba, rate_grid
 from loadtest.compare.steps import Run, path_name
 from loadtest.compare.verdict import number, server_label
 from loadtest.servers import ServerProcess, ServerStartError
+from loadtest.stats import percentiles
 from serving.settings import ServerSettings
 
 #: The drain's load, as a fraction of the lower valid closed-loop peak (the open-loop grid's reckoning).
@@ -71,7 +74,7 @@ EXIT_MARGIN_S = 5.0
 KEPT = frozenset({"OK", "UNAVAILABLE"})
 #: The keys of results.json's ``drain``, one value per repeat each.
 FIGURES = ("repeat", "rate_rps", "grace_s", "calls", "lost_calls", "statuses", "in_flight_at_signal",
-           "served_after_signal", "readiness_flip_ms", "exit_s", "exit_code")  # fmt: skip
+           "served_after_signal", "send_lag_p99_ms", "readiness_flip_ms", "exit_s", "exit_code")  # fmt: skip
 
 
 # ---------------------------------------------------------------- the figures (pure)
@@ -104,6 +107,7 @@ def figures(arrivals: Sequence[driver.Arrival], timeline: Timeline) -> dict[str,
     statuses = collections.Counter(arrival.status for arrival in arrivals)
     signal_s = timeline.signal_s
     flips = [t for t, status in timeline.health if t >= signal_s and status == "NOT_SERVING"]
+    lags = np.array([a.lag for a in arrivals if a.status != driver.BACKLOG]) * 1000
     return {
         "calls": len(arrivals),
         "lost_calls": sum(count for status, count in statuses.items() if classify(status) == "lost"),
@@ -114,6 +118,7 @@ def figures(arrivals: Sequence[driver.Arrival], timeline: Timeline) -> dict[str,
             if a.status != driver.BACKLOG and a.scheduled + a.lag <= signal_s < a.scheduled + a.latency
         ),
         "served_after_signal": sum(1 for a in arrivals if a.status == "OK" and a.scheduled + a.latency >= signal_s),
+        "send_lag_p99_ms": percentiles(lags)["p99"],
         "readiness_flip_ms": (min(flips) - signal_s) * 1000 if flips else None,
         "exit_s": None if timeline.exit_s is None else timeline.exit_s - signal_s,
     }
@@ -140,6 +145,9 @@ def summary(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "exit_codes": sorted({run["exit_code"] for run in runs}, key=str),
         "rate_rps": sorted({run["rate_rps"] for run in runs}),
         "grace_s": sorted({run["grace_s"] for run in runs}),
+        "send_lag_p99_ms": max((run["send_lag_p99_ms"] or 0.0 for run in runs), default=None),
+        "steady_s": STEADY_S,
+        "health_poll_ms": POLL_S * 1000,
     }
 
 
@@ -375,8 +383,9 @@ Table = tuple[list[str], list[list[str]]]
 
 def table(results: dict[str, Any]) -> Table:
     """A row per server and drain run: the load, the calls and their fates, the readiness flip, the exit."""
-    head = ["server", "repeat", "load (req/s)", "grace (s)", "calls", "statuses", "calls lost", "in flight at SIGTERM",
-            "OK after SIGTERM", "NOT_SERVING after (ms)", "exit after (s)", "exit code"]  # fmt: skip
+    head = ["server", "repeat", "load (req/s)", "send lag p99 (ms)", "grace (s)", "calls", "statuses", "calls lost",
+            "in flight at SIGTERM", "OK after SIGTERM", "NOT_SERVING after (ms)", "exit after (s)",
+            "exit code"]  # fmt: skip
     body = []
     for name, server in results["servers"].items():
         found = server.get("drain")
@@ -389,6 +398,7 @@ def table(results: dict[str, Any]) -> Table:
                     server_label(results, name),
                     str(repeat + 1),
                     f"{found['rate_rps'][i]:g}",
+                    number(found["send_lag_p99_ms"][i]),
                     f"{found['grace_s'][i]:g}",
                     str(found["calls"][i]),
                     ", ".join(f"{status} {count}" for status, count in found["statuses"][i].items()),

@@ -56,6 +56,7 @@ def test_figures_from_the_calls_and_the_events() -> None:
     assert found["lost_calls"] == 2
     assert found["in_flight_at_signal"] == 2
     assert found["served_after_signal"] == 2
+    assert found["send_lag_p99_ms"] == pytest.approx(20.0)  # the one late send, the backlog left out
     # The first NOT_SERVING at or after the signal (one before it is not the drain's).
     assert found["readiness_flip_ms"] == pytest.approx(4.0)
     assert found["exit_s"] == pytest.approx(2.5)
@@ -70,7 +71,8 @@ def test_a_flip_never_seen_and_a_server_that_had_to_be_killed_have_no_figure() -
 def _run(repeat: int, lost: int, flip: float | None, exit_s: float | None, **statuses: int) -> dict[str, Any]:
     return {"repeat": repeat, "rate_rps": 250.0, "grace_s": 10.0, "calls": sum(statuses.values()), "lost_calls": lost,
             "statuses": dict(sorted(statuses.items())), "in_flight_at_signal": 3, "served_after_signal": 3,
-            "readiness_flip_ms": flip, "exit_s": exit_s, "exit_code": 0 if exit_s is not None else -9}  # fmt: skip
+            "send_lag_p99_ms": 0.5, "readiness_flip_ms": flip, "exit_s": exit_s,
+            "exit_code": 0 if exit_s is not None else -9}  # fmt: skip
 
 
 def test_record_lists_each_figure_per_repeat_and_sums_them_up() -> None:
@@ -136,8 +138,8 @@ def test_the_verdict_judges_calls_lost_time_to_exit_and_readiness_flip(tmp_path:
     assert results["servers"]["torch"]["drain"]["summary"]["lost_calls"] == 0
     markdown = (tmp_path / "report.md").read_text()
     section = markdown.split("## Drain", 1)[1].split("\n## ", 1)[0]
-    assert "| tf_server | 1 | 250 | 10 | 403 | CANCELLED 3, OK 400 | 3 | 3 | 3 | 9 | 2.50 | 0 |" in section
-    assert "| tf_server | 3 | 250 | 10 | 402 | INTERNAL 2, OK 400 | 2 | 3 | 3 | not seen | 2.70 | 0 |" in section
+    assert "| tf_server | 1 | 250 | 0.5 | 10 | 403 | CANCELLED 3, OK 400 | 3 | 3 | 3 | 9 | 2.50 | 0 |" in section
+    assert "| tf_server | 3 | 250 | 0.5 | 10 | 402 | INTERNAL 2, OK 400 | 2 | 3 | 3 | not seen | 2.70 | 0 |" in section
     assert "bare (reference)" not in section  # not ours to stop
 
 
