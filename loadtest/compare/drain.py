@@ -12,10 +12,12 @@ references are not ours to stop: they have no drain.
 
 Per run (``figures``, from the timestamps; pure):
 
-- ``lost_calls``: calls that ended in anything but OK or UNAVAILABLE (``classify``). OK was
-  served; UNAVAILABLE was refused before any of it was computed, which a client may retry
-  elsewhere. Anything else — CANCELLED, INTERNAL, DEADLINE_EXCEEDED, UNKNOWN (a connection
-  reset) — leaves the caller not knowing whether its request ran: lost.
+- ``lost_calls``: calls that ended at or after the signal in anything but OK or UNAVAILABLE
+  (``classify``). OK was served; UNAVAILABLE was refused before any of it was computed, which a
+  client may retry elsewhere. Anything else — CANCELLED, INTERNAL, DEADLINE_EXCEEDED, UNKNOWN (a
+  connection reset), RESOURCE_EXHAUSTED too — is lost. ``lost_before_signal``: the same before
+  the signal, which the drain cannot have caused (the steady load was more than the server
+  could take); it is shown, not judged.
 - ``statuses``: every call's final status, counted.
 - ``exit_s``: SIGTERM to the process's exit (None: it did not exit in ``grace + EXIT_MARGIN_S``
   and was killed).
@@ -70,11 +72,10 @@ TAIL_S = 0.3
 POLL_S = 0.005
 #: A server still there this long after its grace period (and the watchdog's second) is killed.
 EXIT_MARGIN_S = 5.0
-#: Final statuses that lose nothing: served, or refused before any of it was computed.
-KEPT = frozenset({"OK", "UNAVAILABLE"})
 #: The keys of results.json's ``drain``, one value per repeat each.
-FIGURES = ("repeat", "rate_rps", "grace_s", "calls", "lost_calls", "statuses", "in_flight_at_signal",
-           "served_after_signal", "send_lag_p99_ms", "readiness_flip_ms", "exit_s", "exit_code")  # fmt: skip
+FIGURES = ("repeat", "rate_rps", "grace_s", "calls", "lost_calls", "lost_before_signal", "statuses",
+           "in_flight_at_signal", "served_after_signal", "send_lag_p99_ms", "readiness_flip_ms", "exit_s",
+           "exit_code")  # fmt: skip
 
 
 # ---------------------------------------------------------------- the figures (pure)
@@ -107,10 +108,12 @@ def figures(arrivals: Sequence[driver.Arrival], timeline: Timeline) -> dict[str,
     statuses = collections.Counter(arrival.status for arrival in arrivals)
     signal_s = timeline.signal_s
     flips = [t for t, status in timeline.health if t >= signal_s and status == "NOT_SERVING"]
+    lost = [a for a in arrivals if classify(a.status) == "lost"]
     lags = np.array([a.lag for a in arrivals if a.status != driver.BACKLOG]) * 1000
     return {
         "calls": len(arrivals),
-        "lost_calls": sum(count for status, count in statuses.items() if classify(status) == "lost"),
+        "lost_calls": sum(1 for a in lost if a.scheduled + a.latency >= signal_s),
+        "lost_before_signal": sum(1 for a in lost if a.scheduled + a.latency < signal_s),
         "statuses": dict(sorted(statuses.items())),
         "in_flight_at_signal": sum(
             1
@@ -139,6 +142,7 @@ def summary(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "runs": len(runs),
         "calls": sum(run["calls"] for run in runs),
         "lost_calls": sum(run["lost_calls"] for run in runs),
+        "lost_before_signal": sum(run["lost_before_signal"] for run in runs),
         "statuses": dict(sorted(statuses.items())),
         "readiness_flip_ms": spread("readiness_flip_ms"),
         "exit_s": spread("exit_s"),
@@ -384,8 +388,8 @@ Table = tuple[list[str], list[list[str]]]
 def table(results: dict[str, Any]) -> Table:
     """A row per server and drain run: the load, the calls and their fates, the readiness flip, the exit."""
     head = ["server", "repeat", "load (req/s)", "send lag p99 (ms)", "grace (s)", "calls", "statuses", "calls lost",
-            "in flight at SIGTERM", "OK after SIGTERM", "NOT_SERVING after (ms)", "exit after (s)",
-            "exit code"]  # fmt: skip
+            "lost before SIGTERM", "in flight at SIGTERM", "OK after SIGTERM", "NOT_SERVING after (ms)",
+            "exit after (s)", "exit code"]  # fmt: skip
     body = []
     for name, server in results["servers"].items():
         found = server.get("drain")
@@ -403,6 +407,7 @@ def table(results: dict[str, Any]) -> Table:
                     str(found["calls"][i]),
                     ", ".join(f"{status} {count}" for status, count in found["statuses"][i].items()),
                     str(found["lost_calls"][i]),
+                    str(found["lost_before_signal"][i]),
                     str(found["in_flight_at_signal"][i]),
                     str(found["served_after_signal"][i]),
                     "not seen" if flip is None else number(flip),

@@ -44,16 +44,17 @@ def test_figures_from_the_calls_and_the_events() -> None:
         call(0.98, 0.30, "CANCELLED"),  # in flight, lost
         call(1.01, 0.001, "UNAVAILABLE"),  # refused after the signal
         call(1.02, 0.50, "DEADLINE_EXCEEDED"),  # admitted after the signal and never answered: lost
+        call(0.20, 0.01, "RESOURCE_EXHAUSTED"),  # refused before the signal: not the drain's
         call(1.90, 0.0, driver.BACKLOG),  # never sent: neither in flight nor lost
         call(0.99, 0.02, "OK", lag=0.02),  # sent at 1.01, after the signal: not in flight at it
     ]
     health = [(0.5, "SERVING"), (0.99, "NOT_SERVING"), (1.0, "SERVING"), (1.004, "NOT_SERVING"),
               (1.009, "NOT_SERVING"), (2.6, "error:UNAVAILABLE")]  # fmt: skip
     found = drain.figures(calls, drain.Timeline(signal_s=1.0, exit_s=3.5, health=health))
-    assert found["calls"] == 7
+    assert found["calls"] == 8
     assert found["statuses"] == {"CANCELLED": 1, "DEADLINE_EXCEEDED": 1, driver.BACKLOG: 1, "OK": 3,
-                                 "UNAVAILABLE": 1}  # fmt: skip
-    assert found["lost_calls"] == 2
+                                 "RESOURCE_EXHAUSTED": 1, "UNAVAILABLE": 1}  # fmt: skip
+    assert (found["lost_calls"], found["lost_before_signal"]) == (2, 1)
     assert found["in_flight_at_signal"] == 2
     assert found["served_after_signal"] == 2
     assert found["send_lag_p99_ms"] == pytest.approx(20.0)  # the one late send, the backlog left out
@@ -70,8 +71,8 @@ def test_a_flip_never_seen_and_a_server_that_had_to_be_killed_have_no_figure() -
 
 def _run(repeat: int, lost: int, flip: float | None, exit_s: float | None, **statuses: int) -> dict[str, Any]:
     return {"repeat": repeat, "rate_rps": 250.0, "grace_s": 10.0, "calls": sum(statuses.values()), "lost_calls": lost,
-            "statuses": dict(sorted(statuses.items())), "in_flight_at_signal": 3, "served_after_signal": 3,
-            "send_lag_p99_ms": 0.5, "readiness_flip_ms": flip, "exit_s": exit_s,
+            "lost_before_signal": 0, "statuses": dict(sorted(statuses.items())), "in_flight_at_signal": 3,
+            "served_after_signal": 3, "send_lag_p99_ms": 0.5, "readiness_flip_ms": flip, "exit_s": exit_s,
             "exit_code": 0 if exit_s is not None else -9}  # fmt: skip
 
 
@@ -85,7 +86,7 @@ def test_record_lists_each_figure_per_repeat_and_sums_them_up() -> None:
     assert found["readiness_flip_ms"] == [2.0, 6.0, None]
     assert found["rate_rps"] == [250.0] * 3
     total = found["summary"]
-    assert (total["runs"], total["calls"], total["lost_calls"]) == (3, 2287, 2)
+    assert (total["runs"], total["calls"], total["lost_calls"], total["lost_before_signal"]) == (3, 2287, 2, 0)
     assert total["statuses"] == {"CANCELLED": 2, "OK": 1470, "UNAVAILABLE": 815}
     assert total["readiness_flip_ms"] == {"mean": pytest.approx(4.0), "max": 6.0, "missing": 1}
     assert total["exit_s"] == {"mean": pytest.approx(2.2), "max": 2.3, "missing": 1}
@@ -138,8 +139,10 @@ def test_the_verdict_judges_calls_lost_time_to_exit_and_readiness_flip(tmp_path:
     assert results["servers"]["torch"]["drain"]["summary"]["lost_calls"] == 0
     markdown = (tmp_path / "report.md").read_text()
     section = markdown.split("## Drain", 1)[1].split("\n## ", 1)[0]
-    assert "| tf_server | 1 | 250 | 0.5 | 10 | 403 | CANCELLED 3, OK 400 | 3 | 3 | 3 | 9 | 2.50 | 0 |" in section
-    assert "| tf_server | 3 | 250 | 0.5 | 10 | 402 | INTERNAL 2, OK 400 | 2 | 3 | 3 | not seen | 2.70 | 0 |" in section
+    assert "| tf_server | 1 | 250 | 0.5 | 10 | 403 | CANCELLED 3, OK 400 | 3 | 0 | 3 | 3 | 9 | 2.50 | 0 |" in section
+    assert (
+        "| tf_server | 3 | 250 | 0.5 | 10 | 402 | INTERNAL 2, OK 400 | 2 | 0 | 3 | 3 | not seen | 2.70 | 0 |" in section
+    )
     assert "bare (reference)" not in section  # not ours to stop
 
 
