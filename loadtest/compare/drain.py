@@ -17,7 +17,9 @@ Per run (``figures``, from the timestamps; pure):
   client may retry elsewhere. Anything else — CANCELLED, INTERNAL, DEADLINE_EXCEEDED, UNKNOWN (a
   connection reset), RESOURCE_EXHAUSTED too — is lost. ``lost_before_signal``: the same before
   the signal, which the drain cannot have caused (the steady load was more than the server
-  could take); it is shown, not judged.
+  could take); it is shown, not judged. ``lost_window_s``: the first and last end of a lost call,
+  in seconds after the signal (where in the drain they were lost), and ``lost_examples``: the
+  first ``LOST_EXAMPLES`` of them (status, details, sent and ended after the signal).
 - ``statuses``: every call's final status, counted.
 - ``exit_s``: SIGTERM to the process's exit (None: it did not exit in ``grace + EXIT_MARGIN_S``
   and was killed).
@@ -68,14 +70,16 @@ LOAD_FRACTION = 0.5
 STEADY_S = 2.0
 #: Seconds the arrivals go on after the process exited.
 TAIL_S = 0.3
+#: Lost calls a run records one by one.
+LOST_EXAMPLES = 5
 #: Health poll interval, seconds.
 POLL_S = 0.005
 #: A server still there this long after its grace period (and the watchdog's second) is killed.
 EXIT_MARGIN_S = 5.0
 #: The keys of results.json's ``drain``, one value per repeat each.
 FIGURES = ("repeat", "rate_rps", "grace_s", "calls", "lost_calls", "lost_before_signal", "statuses",
-           "in_flight_at_signal", "served_after_signal", "send_lag_p99_ms", "readiness_flip_ms", "exit_s",
-           "exit_code")  # fmt: skip
+           "lost_window_s", "lost_examples", "in_flight_at_signal", "served_after_signal", "send_lag_p99_ms",
+           "readiness_flip_ms", "exit_s", "exit_code")  # fmt: skip
 
 
 # ---------------------------------------------------------------- the figures (pure)
@@ -109,12 +113,19 @@ def figures(arrivals: Sequence[driver.Arrival], timeline: Timeline) -> dict[str,
     signal_s = timeline.signal_s
     flips = [t for t, status in timeline.health if t >= signal_s and status == "NOT_SERVING"]
     lost = [a for a in arrivals if classify(a.status) == "lost"]
+    drained = sorted((a for a in lost if a.scheduled + a.latency >= signal_s), key=lambda a: a.scheduled + a.latency)
+    ends = [a.scheduled + a.latency - signal_s for a in drained]
     lags = np.array([a.lag for a in arrivals if a.status != driver.BACKLOG]) * 1000
     return {
         "calls": len(arrivals),
-        "lost_calls": sum(1 for a in lost if a.scheduled + a.latency >= signal_s),
-        "lost_before_signal": sum(1 for a in lost if a.scheduled + a.latency < signal_s),
+        "lost_calls": len(drained),
+        "lost_before_signal": len(lost) - len(drained),
         "statuses": dict(sorted(statuses.items())),
+        "lost_window_s": [ends[0], ends[-1]] if ends else None,
+        "lost_examples": [
+            {"status": a.status, "details": a.details[:200], "sent_s": a.scheduled + a.lag - signal_s, "ended_s": end}
+            for a, end in zip(drained[:LOST_EXAMPLES], ends, strict=False)
+        ],
         "in_flight_at_signal": sum(
             1
             for a in arrivals
@@ -388,8 +399,8 @@ Table = tuple[list[str], list[list[str]]]
 def table(results: dict[str, Any]) -> Table:
     """A row per server and drain run: the load, the calls and their fates, the readiness flip, the exit."""
     head = ["server", "repeat", "load (req/s)", "send lag p99 (ms)", "grace (s)", "calls", "statuses", "calls lost",
-            "lost before SIGTERM", "in flight at SIGTERM", "OK after SIGTERM", "NOT_SERVING after (ms)",
-            "exit after (s)", "exit code"]  # fmt: skip
+            "lost at (s after SIGTERM)", "lost before SIGTERM", "in flight at SIGTERM", "OK after SIGTERM",
+            "NOT_SERVING after (ms)", "exit after (s)", "exit code"]  # fmt: skip
     body = []
     for name, server in results["servers"].items():
         found = server.get("drain")
@@ -407,6 +418,7 @@ def table(results: dict[str, Any]) -> Table:
                     str(found["calls"][i]),
                     ", ".join(f"{status} {count}" for status, count in found["statuses"][i].items()),
                     str(found["lost_calls"][i]),
+                    _window(found["lost_window_s"][i]),
                     str(found["lost_before_signal"][i]),
                     str(found["in_flight_at_signal"][i]),
                     str(found["served_after_signal"][i]),
@@ -416,3 +428,10 @@ def table(results: dict[str, Any]) -> Table:
                 ]
             )
     return head, body
+
+
+def _window(window: Sequence[float] | None) -> str:
+    if not window:
+        return ""
+    first, last = window
+    return f"{first:.3f}" if last - first < 5e-4 else f"{first:.3f}–{last:.3f}"

@@ -55,6 +55,11 @@ def test_figures_from_the_calls_and_the_events() -> None:
     assert found["statuses"] == {"CANCELLED": 1, "DEADLINE_EXCEEDED": 1, driver.BACKLOG: 1, "OK": 3,
                                  "RESOURCE_EXHAUSTED": 1, "UNAVAILABLE": 1}  # fmt: skip
     assert (found["lost_calls"], found["lost_before_signal"]) == (2, 1)
+    assert found["lost_window_s"] == pytest.approx([0.28, 0.52])  # the two lost after the signal, by their end
+    assert [(e["status"], e["sent_s"], e["ended_s"]) for e in found["lost_examples"]] == [
+        ("CANCELLED", pytest.approx(-0.02), pytest.approx(0.28)),
+        ("DEADLINE_EXCEEDED", pytest.approx(0.02), pytest.approx(0.52)),
+    ]
     assert found["in_flight_at_signal"] == 2
     assert found["served_after_signal"] == 2
     assert found["send_lag_p99_ms"] == pytest.approx(20.0)  # the one late send, the backlog left out
@@ -71,8 +76,9 @@ def test_a_flip_never_seen_and_a_server_that_had_to_be_killed_have_no_figure() -
 
 def _run(repeat: int, lost: int, flip: float | None, exit_s: float | None, **statuses: int) -> dict[str, Any]:
     return {"repeat": repeat, "rate_rps": 250.0, "grace_s": 10.0, "calls": sum(statuses.values()), "lost_calls": lost,
-            "lost_before_signal": 0, "statuses": dict(sorted(statuses.items())), "in_flight_at_signal": 3,
-            "served_after_signal": 3, "send_lag_p99_ms": 0.5, "readiness_flip_ms": flip, "exit_s": exit_s,
+            "lost_before_signal": 0, "lost_window_s": [1.5, 1.5] if lost else None, "lost_examples": [],
+            "statuses": dict(sorted(statuses.items())), "in_flight_at_signal": 3, "served_after_signal": 3,
+            "send_lag_p99_ms": 0.5, "readiness_flip_ms": flip, "exit_s": exit_s,
             "exit_code": 0 if exit_s is not None else -9}  # fmt: skip
 
 
@@ -139,9 +145,13 @@ def test_the_verdict_judges_calls_lost_time_to_exit_and_readiness_flip(tmp_path:
     assert results["servers"]["torch"]["drain"]["summary"]["lost_calls"] == 0
     markdown = (tmp_path / "report.md").read_text()
     section = markdown.split("## Drain", 1)[1].split("\n## ", 1)[0]
-    assert "| tf_server | 1 | 250 | 0.5 | 10 | 403 | CANCELLED 3, OK 400 | 3 | 0 | 3 | 3 | 9 | 2.50 | 0 |" in section
     assert (
-        "| tf_server | 3 | 250 | 0.5 | 10 | 402 | INTERNAL 2, OK 400 | 2 | 0 | 3 | 3 | not seen | 2.70 | 0 |" in section
+        "| tf_server | 1 | 250 | 0.5 | 10 | 403 | CANCELLED 3, OK 400 | 3 | 1.500 | 0 | 3 | 3 | 9 | 2.50 | 0 |"
+        in section
+    )
+    assert (
+        "| tf_server | 3 | 250 | 0.5 | 10 | 402 | INTERNAL 2, OK 400 | 2 | 1.500 | 0 | 3 | 3 | not seen | 2.70 | 0 |"
+        in section
     )
     assert "bare (reference)" not in section  # not ours to stop
 
