@@ -144,11 +144,14 @@ def test_compare_end_to_end_on_mlp_with_a_reference_server(tmp_path: Path) -> No
             assert step["offered_rps"] == 150.0
             if not any(reason.startswith("generator behind schedule") for reason in step["invalid_reasons"]):
                 assert step["sent_rps"] == pytest.approx(150.0, rel=0.35), name
-    # SIGTERM under steady load: nothing lost, readiness off before the process is gone, a clean exit.
+    # SIGTERM under steady load: readiness off before the process is gone, a clean exit, and no call lost
+    # but to the one known race (tests/integration/test_drain.py): CANCELLED as the transport closes.
     for name in ("torch", "tensorflow"):
         found = results["servers"][name]["drain"]
         assert found["repeat"] == [0, 1], name
-        assert found["lost_calls"] == [0, 0], (name, found["statuses"])
+        assert found["lost_before_signal"] == [0, 0], (name, found["statuses"])
+        for exit_s, lost in zip(found["exit_s"], found["lost_examples"], strict=True):
+            assert all(c["status"] == "CANCELLED" and c["ended_s"] >= exit_s - 0.2 for c in lost), (name, lost)
         assert found["exit_code"] == [0, 0], name
         assert all(0 <= flip < 1000 * exit_s for flip, exit_s in zip(found["readiness_flip_ms"], found["exit_s"],
                                                                        strict=True)), name  # fmt: skip
