@@ -343,10 +343,10 @@ def phase(
     ``records[name]["drain"]`` gets each server's ``record``."""
     opts = run.opts
     local = [arm for arm in arms if arm.kind == "local"]
-    compared = [arm for arm in local if arm.framework is not None]
-    rate = drain_rate({arm.name: records[arm.name]["steps"] for arm in compared})
     if not local:
+        progress("drain: none (the servers already ran: they are not ours to stop)")
         return
+    rate = drain_rate({arm.name: records[arm.name]["steps"] for arm in local})
     if rate is None:
         failures.append({"server": "all", "phase": "drain", "repeat": 0,
                          "error": "no closed-loop step measured: no peak to set the drain's load from"})  # fmt: skip
