@@ -144,3 +144,18 @@ def test_servers_that_agree_are_compared_without_a_warning(monkeypatch: pytest.M
     markdown = (tmp_path / "report.md").read_text()
     assert "FIDELITY MISMATCH" not in markdown
     assert "| as set | logits | 0 | 100.0% of 2 rows | atol 1e-05 + rtol 0.0001 | within tolerance |" in markdown
+
+
+def test_an_older_results_document_shows_its_parity_entries_as_fidelity(tmp_path: Path) -> None:
+    from loadtest.compare import report
+    from tests.helpers.synthetic import synthetic_results
+
+    results = synthetic_results()
+    results["parity"] = [  # as written before top-1 agreement was counted
+        {"variant": "as set", "atol": 1e-5, "rtol": 1e-4,
+         "outputs": [{"batch": 0, "output": "logits", "max_abs": 2e-6, "max_rel": 1e-6, "within": True}]}
+    ]  # fmt: skip
+    report.write_report(results, tmp_path)
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| as set | logits | 2e-06 | n/a | atol 1e-05 + rtol 0.0001 | within tolerance |" in markdown
+    assert "FIDELITY MISMATCH" not in markdown
