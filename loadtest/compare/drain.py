@@ -21,8 +21,9 @@ Per run (``figures``, from the timestamps; pure):
   in seconds after the signal (where in the drain they were lost), and ``lost_examples``: the
   first ``LOST_EXAMPLES`` of them (status, details, sent and ended after the signal).
 - ``statuses``: every call's final status, counted.
-- ``exit_s``: SIGTERM to the process's exit (None: it did not exit in ``grace + EXIT_MARGIN_S``
-  and was killed).
+- ``exit_s``: SIGTERM to the process's exit (None: it did not exit in grace + 1 s (its
+  watchdog) + ``EXIT_MARGIN_S`` and was killed then: ``killed_after_s``, which the verdict takes
+  as its time to exit, a lower bound).
 - ``readiness_flip_ms``: SIGTERM to the first NOT_SERVING the poller saw (None: never seen,
   the server went away first); its resolution is the poll interval plus one health call.
 - ``in_flight_at_signal``, ``served_after_signal``: calls sent before the signal and not yet
@@ -79,7 +80,7 @@ EXIT_MARGIN_S = 5.0
 #: The keys of results.json's ``drain``, one value per repeat each.
 FIGURES = ("repeat", "rate_rps", "grace_s", "calls", "lost_calls", "lost_before_signal", "statuses",
            "lost_window_s", "lost_examples", "in_flight_at_signal", "served_after_signal", "send_lag_p99_ms",
-           "readiness_flip_ms", "exit_s", "exit_code")  # fmt: skip
+           "readiness_flip_ms", "exit_s", "killed_after_s", "exit_code")  # fmt: skip
 
 
 # ---------------------------------------------------------------- the figures (pure)
@@ -304,6 +305,7 @@ def drain_run(
     connections: int = 1, steady_s: float = STEADY_S, poll_s: float = POLL_S, seed: int = 0,
 ) -> dict[str, Any]:  # fmt: skip
     """One drain run against a started ``server`` (which it ends): ``figures`` plus the rate, grace and exit code."""
+    limit_s = grace_s + 1.0 + EXIT_MARGIN_S
     poller = _HealthPoller(server.target, poll_s)
     poller.start()
     try:
@@ -316,7 +318,7 @@ def drain_run(
                 batch_size=batch_size,
                 connections=connections,
                 steady_s=steady_s,
-                limit_s=grace_s + 1.0 + EXIT_MARGIN_S,
+                limit_s=limit_s,
                 poller=poller,
                 seed=seed,
             )
@@ -324,7 +326,9 @@ def drain_run(
     finally:
         poller.halt.set()
     assert server.process is not None
-    return {"rate_rps": rate, "grace_s": grace_s, **figures(arrivals, timeline),
+    found = figures(arrivals, timeline)
+    killed = None if found["exit_s"] is not None else limit_s
+    return {"rate_rps": rate, "grace_s": grace_s, **found, "killed_after_s": killed,
             "exit_code": server.process.returncode}  # fmt: skip
 
 

@@ -79,6 +79,7 @@ def _run(repeat: int, lost: int, flip: float | None, exit_s: float | None, **sta
             "lost_before_signal": 0, "lost_window_s": [1.5, 1.5] if lost else None, "lost_examples": [],
             "statuses": dict(sorted(statuses.items())), "in_flight_at_signal": 3, "served_after_signal": 3,
             "send_lag_p99_ms": 0.5, "readiness_flip_ms": flip, "exit_s": exit_s,
+            "killed_after_s": None if exit_s is not None else 16.0,
             "exit_code": 0 if exit_s is not None else -9}  # fmt: skip
 
 
@@ -124,7 +125,7 @@ def _with_drain(results: dict[str, Any]) -> dict[str, Any]:
         [
             _run(0, 3, 9.0, 2.5, OK=400, CANCELLED=3),
             _run(1, 1, 8.0, 2.6, OK=400, UNKNOWN=1),
-            _run(2, 2, None, 2.7, OK=400, INTERNAL=2),
+            _run(2, 2, None, None, OK=400, INTERNAL=2),
         ]
     )
     return results
@@ -139,6 +140,7 @@ def test_the_verdict_judges_calls_lost_time_to_exit_and_readiness_flip(tmp_path:
     assert (lost["better"], lost["winner"]) == ("lower", "torch")
     exit_row = rows["time to exit after SIGTERM, under load"]
     assert exit_row["winner"] == "torch"
+    assert exit_row["values"]["tensorflow"] == [2.5, 2.6, 16.0]  # the killed run at the time it was killed
     flip = rows["readiness flip after SIGTERM (NOT_SERVING seen)"]
     assert flip["values"]["tensorflow"] == [9.0, 8.0]  # the run that never saw NOT_SERVING gives no value
     assert flip["verdict"].startswith("too few values")
@@ -150,7 +152,7 @@ def test_the_verdict_judges_calls_lost_time_to_exit_and_readiness_flip(tmp_path:
         in section
     )
     assert (
-        "| tf_server | 3 | 250 | 0.5 | 10 | 402 | INTERNAL 2, OK 400 | 2 | 1.500 | 0 | 3 | 3 | not seen | 2.70 | 0 |"
+        "| tf_server | 3 | 250 | 0.5 | 10 | 402 | INTERNAL 2, OK 400 | 2 | 1.500 | 0 | 3 | 3 | not seen | killed | -9 |"
         in section
     )
     assert "bare (reference)" not in section  # not ours to stop
