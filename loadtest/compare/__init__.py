@@ -1,2 +1,3 @@
 """The comparison: the plan of steps (``plan``), the run that starts or targets both servers
-and loads them alike (``run``), parity of their outputs (``parity``) and the report (``report``)."""
+and loads them alike (``run``), parity of their outputs (``parity``) and the fidelity guard on it
+(``fidelity``), SIGTERM under load (``drain``) and the report (``report``)."""

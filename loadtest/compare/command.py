@@ -1,6 +1,7 @@
 """``python -m loadtest compare``: its flags, their validation into ``plan.Options``, and its exit
-status (0 done, 2 bad flags or an unwritable report folder, 3 refused or a server that did not
-start while preparing). What the comparison does: ``loadtest.compare.run``.
+status (0 done, 2 bad flags or an unwritable report folder, 3 refused (settings differ, or outputs
+differ beyond tolerance without --allow-mismatch) or a server that did not start while preparing).
+What the comparison does: ``loadtest.compare.run``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     arg("--parity-atol", type=float, help="outputs must agree within this absolute tolerance (default: the "
         "precision's, e.g. 1e-5 for fp32)")  # fmt: skip
     arg("--parity-rtol", type=float, help="... plus this relative one (default: the precision's, e.g. 1e-4 for fp32)")
+    arg("--allow-mismatch", action="store_true", help="compare even when the outputs differ beyond the tolerance "
+        "(the report says so at its head); without it such a comparison stops with exit status 3")  # fmt: skip
+    arg("--drain", choices=["on", "off"], default=defaults.drain, help="after the open loop, per repeat: SIGTERM "
+        "to each server under steady load at half the lower peak; calls lost, time to exit, readiness flip "
+        "(%(default)s)")  # fmt: skip
     arg("--concurrency", default="1,4,16,32", help="closed-loop users per step, comma-separated (default: %(default)s)")
     arg("--rates", default="", help="open-loop arrival rates, req/s, comma-separated (default: the grid below)")
     arg("--rate-fractions", default="0.25,0.5,0.9", help="open-loop rates as fractions of the LOWER valid "

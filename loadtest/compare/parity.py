@@ -18,6 +18,7 @@ import numpy as np
 from client import InferenceClient
 from contract import codec
 from contract.datatypes import bf16_to_float32
+from loadtest.compare.fidelity import top1
 from loadtest.workload import InputPool, LoadSettings
 from serving.backend import Tolerance
 
@@ -74,19 +75,23 @@ def differences(
     output_datatypes: Mapping[str, str],
     tolerance: Tolerance,
 ) -> list[dict[str, Any]]:
-    """Per batch and output: the largest difference, absolute and relative to the largest value, and
-    whether it is within ``tolerance`` (a missing output or another shape never is)."""
+    """Per batch and output: the largest difference, absolute and relative to the largest value,
+    whether it is within ``tolerance`` (a missing output or another shape never is), and the rows whose
+    argmax over the last axis agrees (``top1_agree`` of ``top1_rows``; None without a class axis)."""
     found = []
     for batch, (want, got) in enumerate(zip(expected, actual, strict=True)):
         for name in sorted(set(want) | set(got)):
             entry: dict[str, Any] = {"batch": batch, "output": name}
             if name not in want or name not in got or want[name].shape != got[name].shape:
                 shapes = [list(side[name].shape) if name in side else None for side in (want, got)]
-                found.append(entry | {"max_abs": None, "max_rel": None, "within": False, "shapes": shapes})
+                found.append(entry | {"max_abs": None, "max_rel": None, "within": False, "shapes": shapes,
+                                  "top1_agree": None, "top1_rows": None})  # fmt: skip
                 continue
             a, b = _values(want[name], output_datatypes.get(name)), _values(got[name], output_datatypes.get(name))
             error, relative = tolerance.errors(b, a)
-            found.append(entry | {"max_abs": error, "max_rel": relative, "within": tolerance.holds(b, a)})
+            agree, rows = top1(a, b) or (None, None)
+            found.append(entry | {"max_abs": error, "max_rel": relative, "within": tolerance.holds(b, a),
+                                  "top1_agree": agree, "top1_rows": rows})  # fmt: skip
     return found
 
 

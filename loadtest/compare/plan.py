@@ -101,6 +101,10 @@ class Options:
     tf_repository: Path | None = None
     parity_atol: float | None = None
     parity_rtol: float | None = None
+    #: Go on when the servers' outputs differ beyond tolerance (``loadtest.compare.fidelity``).
+    allow_mismatch: bool = False
+    #: ``on``: the drain scenario after the open loop (``loadtest.compare.drain``); ``off``: none.
+    drain: str = "on"
     cpu_split: str = "auto"
 
     @property

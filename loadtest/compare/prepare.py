@@ -80,7 +80,8 @@ def check_parity(
 ) -> list[dict[str, Any]]:
     """Per variant, torch's outputs against tensorflow's on the parity inputs (``taken`` by ``prepare``);
     ``ParityFailed`` (with the numbers) beyond the tolerance: the precision's (``serving.backend.TOLERANCES``)
-    unless --parity-atol/rtol, or when a server could not answer them."""
+    unless --parity-atol/rtol (with --allow-mismatch: a warning, and the findings say so), or when a server
+    could not answer them (even with --allow-mismatch: nothing was compared)."""
     outputs, errors = taken["outputs"], taken["errors"]
     checked, problems = [], []
     problems += [f"{name}: no outputs for the parity inputs ({error})" for name, error in errors.items()]
@@ -109,14 +110,18 @@ def check_parity(
                         f"{where}: max |diff| {entry['max_abs']:.3g}, {entry['max_rel']:.3g} of the largest value, "
                         f"beyond atol {tolerance.atol:g} + rtol {tolerance.rtol:g}"
                     )
-    if problems:
+    if problems and (errors or not opts.allow_mismatch):
         raise ParityFailed(
             "refusing to compare: the servers' outputs differ on the same inputs, so they do not serve the same "
-            "model:\n  " + "\n  ".join(problems)
+            "model:\n  " + "\n  ".join(problems) + ("" if errors else "\n(--allow-mismatch compares them anyway)")
         )
+    if problems:
+        progress("WARNING: the servers' outputs differ on the same inputs; comparing anyway (--allow-mismatch):\n  "
+                 + "\n  ".join(problems))  # fmt: skip
     for entry in checked:
-        worst = max((item["max_abs"] for item in entry["outputs"] if item["max_abs"] is not None), default=0.0)
-        progress(f"parity ({entry['variant']}): outputs agree, max |diff| {worst:.3g}")
+        if all(item["within"] for item in entry["outputs"]):
+            worst = max((item["max_abs"] for item in entry["outputs"] if item["max_abs"] is not None), default=0.0)
+            progress(f"parity ({entry['variant']}): outputs agree, max |diff| {worst:.3g}")
     return checked
 
 

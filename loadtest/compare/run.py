@@ -14,6 +14,13 @@ server beside them) with the same scenarios, in this order:
    valid closed-loop peak (``--rate-fractions`` of it) up past the higher one
    (``--overload`` times it); per repeat each server is started fresh again and swept
    over the grid (latency from the scheduled send time).
+4. *Drain* (``--drain on``, the default): per repeat each server started fresh again gets SIGTERM
+   under steady open-loop load at half the lower peak; calls lost, time to exit and readiness
+   flip (``loadtest.compare.drain``).
+
+Between preparation and the first timed step, the fidelity guard (``loadtest.compare.fidelity``):
+both servers' outputs on the same inputs, largest difference and top-1 agreement; beyond tolerance
+the comparison stops (exit status 3) unless ``--allow-mismatch``.
 
 In each phase the order alternates ABBA over repeats (forward, reversed, forward...),
 and is recorded in results.json (``order``). Default: 3 repeats.
@@ -64,6 +71,7 @@ from typing import Any
 import grpc
 
 from loadtest.cli import progress
+from loadtest.compare import drain, fidelity
 from loadtest.compare.plan import (
     GENERATOR_CPU_LIMIT,
     MIN_WINDOW_FRACTION,
@@ -195,6 +203,8 @@ def run_comparison(opts: Options, command: Sequence[str] = ()) -> dict[str, Any]
         if grid["rates"]:
             opened = [Scenario("open", rate) for rate in grid["rates"]]
             phase(run, arms, records, "open", opened, model_dirs, order, failures)
+        if opts.drain == "on":
+            drain.phase(run, arms, records, model_dirs, order, failures)
     settings = {
         key: str(value) if isinstance(value, Path) else value for key, value in dataclasses.asdict(opts).items()
     }
@@ -228,6 +238,7 @@ def run_comparison(opts: Options, command: Sequence[str] = ()) -> dict[str, Any]
         "variants": groups,
         "grid": grid,
         "parity": parity_checked,
+        "fidelity": fidelity.record(parity_checked, opts.allow_mismatch),
         "order": order,
         "failures": failures,
     }

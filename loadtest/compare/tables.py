@@ -1,9 +1,10 @@
 """The comparison report's tables, as (head, rows) of strings that the Markdown and HTML renderers
 share: the verdict per variant, every server side by side, the servers' settings, each loop's steps
 (mean and min-max range over repeats, valid repeats counted, failures by status), where the time goes,
-failed requests by status and reason, requests per worker, invalid steps,
-failed runs, the parity gate, and the run's settings and environment. Also the warnings that head
-the report (a pinning that makes workers share cores, steps unbalanced across workers).
+failed requests by status and reason, requests per worker, invalid steps, failed runs, the fidelity gate
+(``loadtest.compare.fidelity``), the drain runs (``loadtest.compare.drain``), and the run's settings and
+environment. Also the warnings that head the report (outputs that differ beyond tolerance, a pinning that
+makes workers share cores, steps unbalanced across workers).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import statistics
 from typing import Any
 
+from loadtest.compare import drain, fidelity
 from loadtest.compare.exports import server_breakdown
 from loadtest.compare.verdict import MIB, Point, Step, characteristics, number, series, server_label, variants, x_of
 from loadtest.stats import UNBALANCED_SHARE, errors_text, worker_balance
@@ -273,8 +275,9 @@ def worker_table(results: dict[str, Any]) -> Table:
 
 
 def run_warnings(results: dict[str, Any]) -> list[str]:
-    """What the reader must know before the figures: a pinning that makes workers share cores, unbalanced steps."""
-    warnings = []
+    """What the reader must know before the figures: outputs that differ beyond tolerance (compared anyway),
+    a pinning that makes workers share cores, unbalanced steps."""
+    warnings = fidelity.warnings(results)
     if pinned := (results["settings"].get("pinning") or {}).get("warning"):
         warnings.append(f"Pinning: {pinned}.")
     for name, server in results["servers"].items():
@@ -359,29 +362,20 @@ def settings_table(results: dict[str, Any]) -> Table:
     return ["setting", "value"], [[key, str(value)] for key, value in rows.items()]
 
 
-def parity_table(results: dict[str, Any]) -> Table:
-    """The parity gate: per variant and output, the largest difference between the servers' outputs on
-    the same inputs, before anything was timed (results from before the gate have none)."""
-    body = []
-    for entry in results.get("parity", []):
-        outputs: dict[str, list[float]] = {}
-        for item in entry["outputs"]:
-            outputs.setdefault(item["output"], []).append(item["max_abs"])
-        tolerance = f"atol {entry['atol']:g} + rtol {entry['rtol']:g}"
-        body += [[entry["variant"], name, f"{max(errors):.3g}", tolerance] for name, errors in outputs.items()]
-    return ["variant", "output", "largest difference, torch vs tf", "tolerance"], body
-
-
 def sections(results: dict[str, Any]) -> list[tuple[str, Table]]:
     return [
         *verdict_tables(results),
-        ("Parity (same inputs, same outputs, checked before timing)", parity_table(results)),
+        (
+            "Fidelity (same inputs to both servers before timing: largest difference, top-1 agreement)",
+            fidelity.table(results),
+        ),
         ("Every server", summary_table(results)),
         ("Servers", server_table(results)),
         ("Closed loop (concurrency sweep)", step_table(results, "closed")),
         ("Open loop (arrival-rate sweep, the same rates for every server)", step_table(results, "open")),
         ("Where the time goes (mean ms per successful request)", breakdown_table(results)),
         ("Failed requests by status", failures_by_status_table(results)),
+        ("Drain (SIGTERM under steady open-loop load at half the lower peak)", drain.table(results)),
         ("Requests per worker", worker_table(results)),
         ("Invalid steps", invalid_table(results)),
         ("Failed runs", failure_table(results)),

@@ -146,6 +146,25 @@ def memory_under_load(server: dict[str, Any], settings: dict[str, Any]) -> Readi
     return list(per_run.values()), ""
 
 
+def drain_figure(key: str) -> Reader:
+    """A figure of the server's drain runs (``loadtest.compare.drain``), one value per run that gave one."""
+
+    def read(server: dict[str, Any], settings: dict[str, Any]) -> Reading:
+        return [v for v in (server.get("drain") or {}).get(key, []) if v is not None], ""
+
+    return read
+
+
+def drain_exit(server: dict[str, Any], settings: dict[str, Any]) -> Reading:
+    """Time to exit per drain run; a run killed for outliving its grace period counts at the time it was
+    killed (``killed_after_s``: its exit would have come later still)."""
+    found = server.get("drain") or {}
+    exits = found.get("exit_s", [])
+    killed = found.get("killed_after_s") or [None] * len(exits)
+    return [value for exited, kill in zip(exits, killed, strict=True) if (value := kill if exited is None else exited)
+            is not None], ""  # fmt: skip
+
+
 @dataclass
 class Characteristic:
     """A verdict row: how to read a server's values of it, and which direction is better."""
@@ -174,6 +193,21 @@ def characteristics(settings: dict[str, Any]) -> list[Characteristic]:
         Characteristic("idle memory (RSS)", "MiB", False, start_figure("idle_rss_bytes", MIB), from_steps=False),
         Characteristic("memory under load (max RSS)", "MiB", False, memory_under_load),
         Characteristic(f"server CPU per request @ {ref} users", "ms", False, _cpu_per_request),
+        Characteristic(
+            "calls lost in a drain (SIGTERM at half the lower peak)",
+            "calls",
+            False,
+            drain_figure("lost_calls"),
+            from_steps=False,
+        ),
+        Characteristic("time to exit after SIGTERM, under load", "s", False, drain_exit, from_steps=False),
+        Characteristic(
+            "readiness flip after SIGTERM (NOT_SERVING seen)",
+            "ms",
+            False,
+            drain_figure("readiness_flip_ms"),
+            from_steps=False,
+        ),
     ]
 
 

@@ -106,7 +106,8 @@ def test_compare_end_to_end_on_mlp_with_a_reference_server(tmp_path: Path) -> No
     assert set(results["servers"]) == {"torch", "tensorflow", "bare"}
     assert results["failures"] == []
     forward, backward = ["torch", "tensorflow", "bare"], ["bare", "tensorflow", "torch"]
-    assert [entry["arm"] for entry in results["order"]] == (forward + backward) * 2  # closed, then open: ABBA
+    drained = ["torch", "tensorflow", "tensorflow", "torch"]  # the servers it started, not the reference
+    assert [entry["arm"] for entry in results["order"]] == (forward + backward) * 2 + drained  # closed, open, drain
     views = [plan.settings_view(results["servers"][fw]["model_config"]) for fw in ("torch", "tensorflow")]
     assert views[0] == views[1]
     assert views[0]["device"] == "cpu"
@@ -147,6 +148,20 @@ def test_compare_end_to_end_on_mlp_with_a_reference_server(tmp_path: Path) -> No
             assert step["offered_rps"] == 150.0
             if not any(reason.startswith("generator behind schedule") for reason in step["invalid_reasons"]):
                 assert step["sent_rps"] == pytest.approx(150.0, rel=0.35), name
+    # SIGTERM under steady load: readiness off before the process is gone, a clean exit, and no call lost
+    # but to the one known race (tests/integration/test_drain.py): CANCELLED as the transport closes.
+    for name in ("torch", "tensorflow"):
+        found = results["servers"][name]["drain"]
+        assert found["repeat"] == [0, 1], name
+        assert found["lost_before_signal"] == [0, 0], (name, found["statuses"])
+        for exit_s, window, lost in zip(found["exit_s"], found["lost_window_s"], found["lost_examples"], strict=True):
+            assert window is None or window[0] >= exit_s - 0.2, (name, window, exit_s)
+            assert all(call["status"] == "CANCELLED" for call in lost), (name, lost)
+        assert found["exit_code"] == [0, 0], name
+        assert all(0 <= flip < 1000 * exit_s for flip, exit_s in zip(found["readiness_flip_ms"], found["exit_s"],
+                                                                       strict=True)), name  # fmt: skip
+    assert "drain" not in results["servers"]["bare"]
+    assert results["fidelity"]["verdict"] == "agree"
     rows = results["verdict"]
     assert {row["variant"] for row in rows} == {"as set"}
     assert all(set(row["values"]) == {"torch", "tensorflow"} for row in rows)
