@@ -1,0 +1,218 @@
+"""The SLO capacity search (``loadtest.compare.capacity``) over fake probes, and its interval."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+
+from loadtest import stats
+from loadtest.compare import capacity
+from loadtest.compare.capacity import ProbeResult, Search
+
+SLO = Search(slo_ms=50.0, error_limit=0.01, precision=0.05)
+
+
+def queue_probe(saturation: float, service_ms: float = 5.0) -> Callable[[float], ProbeResult]:
+    """A server whose p99 grows as an M/M/1 queue's towards ``saturation``: p99 = service / (1 - rate / saturation),
+    so with a 50 ms SLO and 5 ms service its true capacity is 0.9 x saturation."""
+
+    def probe(rate: float) -> ProbeResult:
+        if rate >= saturation:
+            return ProbeResult(rate, 1000.0, 0.3, True)
+        return ProbeResult(rate, service_ms / (1 - rate / saturation), 0.0, True)
+
+    return probe
+
+
+def recorded(probe: Callable[[float], ProbeResult]) -> tuple[Callable[[float], ProbeResult], list[float]]:
+    rates: list[float] = []
+
+    def wrapped(rate: float) -> ProbeResult:
+        rates.append(rate)
+        return probe(rate)
+
+    return wrapped, rates
+
+
+# ---------------------------------------------------------------- the search
+
+
+@pytest.mark.parametrize("precision", [0.01, 0.05, 0.1])
+@pytest.mark.parametrize("start", [30.0, 850.0, 1000.0, 2000.0, 45000.0])
+def test_search_finds_a_known_capacity_within_its_precision(start: float, precision: float) -> None:
+    true = 900.0  # saturation 1000
+    rules = Search(slo_ms=50.0, error_limit=0.01, precision=precision, max_probes=30)
+    outcome = capacity.search(queue_probe(1000.0), start, rules)
+    assert outcome.status == capacity.FOUND
+    assert outcome.found == outcome.low
+    assert outcome.low is not None
+    assert outcome.high is not None
+    assert outcome.low <= true < outcome.high  # the highest passing rate and the lowest failing one
+    assert outcome.high / outcome.low <= 1 + precision
+    assert outcome.low >= true / (1 + precision)
+    # Every probe judged as the objective says, and the bracket's ends are probes that passed and failed.
+    judged = {result.rate: passed for result, passed in outcome.probes}
+    assert all(passed == (rate <= true) for rate, passed in judged.items())
+    assert judged[outcome.low] is True
+    assert judged[outcome.high] is False
+
+
+def test_bracket_grows_by_the_factor_from_a_passing_start_until_a_probe_fails() -> None:
+    probe, rates = recorded(queue_probe(1000.0))  # capacity 900
+    outcome = capacity.search(probe, 100.0, SLO)
+    assert rates[:5] == [100.0, 200.0, 400.0, 800.0, 1600.0]
+    assert outcome.low is not None
+    assert outcome.low >= 800.0
+
+
+def test_bracket_shrinks_by_the_factor_from_a_failing_start_until_a_probe_passes() -> None:
+    probe, rates = recorded(queue_probe(1000.0))
+    outcome = capacity.search(probe, 8000.0, SLO)
+    assert rates[:4] == [8000.0, 4000.0, 2000.0, 1000.0]
+    assert rates[4] == 500.0
+    assert outcome.high is not None
+    assert outcome.high <= 1000.0
+
+
+def test_bisection_probes_geometric_midpoints_and_stops_at_the_precision() -> None:
+    probe, rates = recorded(queue_probe(1000.0))  # capacity 900: bracket [500, 1000] from a start of 1000
+    rules = Search(slo_ms=50.0, error_limit=0.01, precision=0.1)
+    outcome = capacity.search(probe, 1000.0, rules)
+    low, high = 500.0, 1000.0
+    for rate in rates[2:]:
+        assert rate == pytest.approx(math.sqrt(low * high))
+        low, high = (rate, high) if rate <= 900.0 else (low, rate)
+    # Three halvings of log(2) bring the ratio to 2^(1/8) = 1.09 <= 1.1; two (1.19) would not.
+    assert len(rates) == 2 + 3 == capacity.expected_probes(rules)
+    assert (outcome.low, outcome.high) == (pytest.approx(low), pytest.approx(high))
+    # 707 and 841 pass, 917 fails: the capacity is the highest passing rate, 1000 x 2^(-1/4).
+    assert outcome.found == pytest.approx(1000.0 * 2 ** (-1 / 4))
+    assert outcome.high == pytest.approx(1000.0 * 2 ** (-1 / 8))
+
+
+def test_errors_above_the_limit_fail_a_probe_whose_p99_meets_the_slo() -> None:
+    assert SLO.passes(ProbeResult(10.0, 49.0, 0.01, True))
+    assert not SLO.passes(ProbeResult(10.0, 49.0, 0.0101, True))
+    assert not SLO.passes(ProbeResult(10.0, 50.1, 0.0, True))
+    assert not SLO.passes(ProbeResult(10.0, None, None, True))
+
+    def erroring(rate: float) -> ProbeResult:  # fast, but from 600/s on 2 % of requests fail
+        return ProbeResult(rate, 1.0, 0.02 if rate >= 600.0 else 0.0, True)
+
+    outcome = capacity.search(erroring, 1000.0, SLO)
+    assert outcome.low is not None
+    assert outcome.low < 600.0 <= (outcome.high or 0.0)
+
+
+def test_an_invalid_probe_is_neither_pass_nor_fail_and_is_run_once_more() -> None:
+    calls: dict[float, int] = {}
+
+    def flaky(rate: float) -> ProbeResult:
+        calls[rate] = calls.get(rate, 0) + 1
+        if rate == 1000.0 and calls[rate] == 1:  # would pass if it were judged: p99 1 ms
+            return ProbeResult(rate, 1.0, 0.0, False, ("generator CPU 95% > 90%",))
+        return queue_probe(1000.0)(rate)
+
+    outcome = capacity.search(flaky, 1000.0, SLO)
+    assert calls[1000.0] == 2
+    assert [(result.rate, passed) for result, passed in outcome.probes[:3]] == [
+        (1000.0, None),
+        (1000.0, False),
+        (500.0, True),
+    ]
+    assert outcome.status == capacity.FOUND
+    assert outcome.low is not None
+    assert outcome.low <= 900.0 < (outcome.high or 0.0)
+    record = outcome.as_dict()["probes"][0]
+    assert (record["valid"], record["pass"], record["invalid_reasons"]) == (False, None, ["generator CPU 95% > 90%"])
+
+
+@pytest.mark.parametrize("p99_ms", [1.0, 5000.0])  # an invalid probe that would pass, or fail, if judged
+def test_a_probe_invalid_twice_makes_the_search_inconclusive(p99_ms: float) -> None:
+    def probe(rate: float) -> ProbeResult:
+        if rate == 500.0:
+            return ProbeResult(rate, p99_ms, 0.0, False, ("generator send lag p99 30 ms > 10 ms",))
+        return queue_probe(1000.0)(rate)
+
+    outcome = capacity.search(probe, 1000.0, SLO)
+    assert outcome.status == capacity.INCONCLUSIVE
+    assert outcome.found is None
+    assert [(r.rate, passed) for r, passed in outcome.probes] == [(1000.0, False), (500.0, None), (500.0, None)]
+    assert outcome.reason is not None
+    assert "500/s was invalid twice" in outcome.reason
+    assert "send lag" in outcome.reason
+
+
+def test_a_search_stops_at_its_probe_budget_without_a_capacity() -> None:
+    rules = Search(slo_ms=50.0, error_limit=0.01, precision=0.001, max_probes=4)
+    outcome = capacity.search(queue_probe(1000.0), 1000.0, rules)
+    assert (outcome.status, outcome.found, len(outcome.probes)) == (capacity.BUDGET_EXHAUSTED, None, 4)
+
+
+def test_a_server_that_fails_at_every_rate_has_capacity_zero() -> None:
+    rules = Search(slo_ms=50.0, error_limit=0.01, min_rate=10.0, max_probes=30)
+    outcome = capacity.search(lambda rate: ProbeResult(rate, 80.0, 0.0, True), 100.0, rules)
+    assert (outcome.status, outcome.found) == (capacity.NONE_PASSES, 0.0)
+    assert [r.rate for r, _ in outcome.probes] == [100.0, 50.0, 25.0, 12.5]
+
+
+def test_search_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="precision"):
+        Search(slo_ms=50.0, error_limit=0.01, precision=0.0)
+    with pytest.raises(ValueError, match="positive rate"):
+        capacity.search(queue_probe(1000.0), 0.0, SLO)
+
+
+# ---------------------------------------------------------------- the interval over repeats
+
+
+def test_student_t_interval_over_repeats() -> None:
+    interval = stats.mean_interval([100.0, 110.0, 120.0])
+    half = 4.303 * 10.0 / math.sqrt(3)  # t(0.975, 2 df) x s / sqrt(n)
+    assert interval["mean"] == pytest.approx(110.0)
+    assert interval["interval"] == [pytest.approx(110.0 - half), pytest.approx(110.0 + half)]
+    assert interval["half_width_pct"] == pytest.approx(100.0 * half / 110.0)
+    assert stats.mean_interval([5.0, 5.0])["interval"] == [5.0, 5.0]
+    assert stats.mean_interval([7.0]) == {"mean": 7.0, "interval": None, "half_width": None, "half_width_pct": None,
+                                          "n": 1}  # fmt: skip
+    assert stats.mean_interval([])["mean"] is None
+
+
+@pytest.mark.parametrize(("df", "exact"), [(1, 12.7062), (2, 4.3027), (10, 2.2281), (30, 2.0423), (31, 2.0395),
+                                           (60, 2.0003), (120, 1.9799), (1000, 1.9623)])  # fmt: skip
+def test_t_quantiles(df: int, exact: float) -> None:
+    assert stats.t_975(df) == pytest.approx(exact, abs=1e-3)
+
+
+def _outcome(found: float | None, status: str = capacity.FOUND) -> capacity.Outcome:
+    probes: list[tuple[ProbeResult, bool | None]] = [(ProbeResult(found or 100.0, 10.0, 0.0, True), True)]
+    return capacity.Outcome(status, found, found, None, probes)
+
+
+def test_summary_keeps_every_repeat_and_averages_the_conclusive_ones() -> None:
+    outcomes = [(0, _outcome(100.0)), (1, _outcome(None, capacity.INCONCLUSIVE)), (2, _outcome(120.0))]
+    summary = capacity.summarize(outcomes, SLO, 800.0)
+    assert summary["values"] == [100.0, 120.0]
+    assert summary["mean"] == pytest.approx(110.0)
+    half = 12.706 * statistics_stdev([100.0, 120.0]) / math.sqrt(2)
+    assert summary["interval"] == [pytest.approx(110.0 - half), pytest.approx(110.0 + half)]
+    assert [entry["repeat"] for entry in summary["repeats"]] == [0, 1, 2]
+    assert summary["repeats"][1]["status"] == capacity.INCONCLUSIVE
+    assert summary["repeats"][0]["probes"][0] | {} == {"rate": 100.0, "p99_ms": 10.0, "error_rate": 0.0, "valid": True,
+                                                      "pass": True, "invalid_reasons": []}  # fmt: skip
+    assert (summary["slo_ms"], summary["error_limit"], summary["precision"], summary["start_rps"]) == (
+        50.0,
+        0.01,
+        0.05,
+        800.0,
+    )
+    values, where = capacity.capacity_reading({"capacity": summary}, {})
+    assert (values, where) == ([100.0, 120.0], "1 of 3 searches inconclusive")
+    assert capacity.capacity_reading({}, {}) == ([], "")
+
+
+def statistics_stdev(values: list[float]) -> float:
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
