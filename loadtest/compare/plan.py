@@ -102,6 +102,13 @@ class Options:
     parity_atol: float | None = None
     parity_rtol: float | None = None
     cpu_split: str = "auto"
+    #: The SLO capacity search (``loadtest.compare.capacity``): on or off, and its settings.
+    capacity: str = "on"
+    capacity_precision: float = 0.1
+    capacity_step_seconds: float = 2.0
+    capacity_warmup_seconds: float = 0.5
+    capacity_start: float | None = None
+    capacity_max_probes: int = 10
 
     @property
     def remote(self) -> bool:

@@ -1,14 +1,19 @@
-"""The SLO capacity search (``loadtest.compare.capacity``) over fake probes, and its interval."""
+"""The SLO capacity search (``loadtest.compare.capacity``) over fake probes, its interval, and its place in
+the comparison: the phase (servers and steps faked) and its flags."""
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from loadtest import stats
-from loadtest.compare import capacity
+from loadtest.compare import capacity, capacity_phase, command, plan, steps
 from loadtest.compare.capacity import ProbeResult, Search
 
 SLO = Search(slo_ms=50.0, error_limit=0.01, precision=0.05)
@@ -216,3 +221,72 @@ def test_summary_keeps_every_repeat_and_averages_the_conclusive_ones() -> None:
 def statistics_stdev(values: list[float]) -> float:
     mean = sum(values) / len(values)
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+# ---------------------------------------------------------------- in the comparison
+
+
+def test_capacity_flags() -> None:
+    from loadtest.__main__ import build_parser
+
+    parser = build_parser()
+    opts = command.options_from(parser.parse_args(["compare"]))
+    assert (opts.capacity, opts.capacity_precision, opts.capacity_start) == ("on", 0.1, None)
+    opts = command.options_from(parser.parse_args(["compare", "--capacity", "off", "--capacity-precision", "0.05",
+                                                   "--capacity-start", "800"]))  # fmt: skip
+    assert (opts.capacity, opts.capacity_precision, opts.capacity_start) == ("off", 0.05, 800.0)
+    for bad in (["--capacity-precision", "0"], ["--capacity-start", "-1"], ["--capacity-step-seconds", "0"]):
+        with pytest.raises(ValueError):  # noqa: PT011 - each names its own problem
+            command.options_from(parser.parse_args(["compare", *bad]))
+
+
+def test_capacity_phase_searches_each_server_in_abba_order_from_the_lower_peak(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    saturation = {"torch": 1000.0, "tensorflow": 600.0}
+    served: list[tuple[str, int]] = []
+    probed: list[tuple[str, str, float, float, float]] = []
+
+    @contextmanager
+    def fake_serving(run: Any, arm: Any, record: Any, phase: str, repeat: int, model_dir: Any) -> Iterator[Any]:
+        served.append((arm.name, repeat))
+        yield None, True
+
+    def fake_step(run: Any, arm: Any, endpoint: Any, scenario: Any, phase: str, repeat: int, **_: Any) -> Any:
+        probed.append((arm.name, phase, scenario.value, run.opts.step_seconds, run.opts.warmup_seconds))
+        result = queue_probe(saturation[arm.name])(scenario.value)
+        return {"throughput_rps": scenario.value, "sent_rps": scenario.value, "errors": 0, "valid": result.valid,
+                "invalid_reasons": [], "latency_ms": {"p50": 1.0, "p99": result.p99_ms},
+                "error_rate": result.error_rate, "server_cpu_pct": {"mean": 50.0},
+                "generator_cpu_pct": {"mean": 20.0}}  # fmt: skip
+
+    monkeypatch.setattr(capacity_phase, "serving", fake_serving)
+    monkeypatch.setattr(capacity_phase, "measure_step", fake_step)
+    opts = plan.Options(repeats=2, capacity_precision=0.1)
+    arms, _ = plan.plan_arms(opts)
+    closed = {"torch": 900.0, "tensorflow": 700.0}  # closed-loop peaks: the search starts at the lower one
+    records: dict[str, Any] = {
+        arm.name: {"steps": [{"mode": "closed", "concurrency": 4, "throughput_rps": closed[arm.name], "valid": True}],
+                   "starts": []}
+        for arm in arms
+    }  # fmt: skip
+    order: list[dict[str, Any]] = []
+    run = steps.Run(opts, tmp_path, tmp_path, None, None)
+    capacity_phase.capacity_phase(run, arms, records, {}, order, [])
+    assert served == [("torch", 0), ("tensorflow", 0), ("tensorflow", 1), ("torch", 1)]
+    assert [(entry["arm"], entry["repeat"], entry["phase"]) for entry in order] == [
+        (name, repeat, "capacity") for name, repeat in served
+    ]
+    firsts = {(name, rate) for name, phase, rate, *_ in probed if phase == "capacity-p1"}
+    assert firsts == {("torch", 700.0), ("tensorflow", 700.0)}
+    # Each probe of a search has a phase name of its own (its latency files), with the probes' window.
+    torch_first = [phase for name, phase, *_ in probed[: len(records["torch"]["capacity"]["repeats"][0]["probes"])]]
+    assert torch_first == [f"capacity-p{i}" for i in range(1, len(torch_first) + 1)]
+    assert {(step, warmup) for *_, step, warmup in probed} == {(2.0, 0.5)}
+    for name, saturated in saturation.items():
+        found = records[name]["capacity"]
+        assert len(found["values"]) == 2
+        for value in found["values"]:
+            assert 0.9 * saturated / 1.1 <= value <= 0.9 * saturated
+        assert found["start_rps"] == 700.0
+    assert json.dumps(records)  # results.json can hold it
