@@ -1,5 +1,5 @@
 """The SLO capacity search (``loadtest.compare.capacity``) over fake probes, its interval, and its place in
-the comparison: the phase (servers and steps faked) and its flags."""
+the comparison: the phase (servers and steps faked), the verdict row, the report's table and plot."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 from loadtest import stats
-from loadtest.compare import capacity, capacity_phase, command, plan, steps
+from loadtest.compare import capacity, capacity_phase, command, plan, plots, report, steps
 from loadtest.compare.capacity import ProbeResult, Search
+from tests.helpers.synthetic import check_report_folder, synthetic_results
 
 SLO = Search(slo_ms=50.0, error_limit=0.01, precision=0.05)
 
@@ -224,6 +225,52 @@ def statistics_stdev(values: list[float]) -> float:
 
 
 # ---------------------------------------------------------------- in the comparison
+
+
+def _with_capacity(results: dict[str, Any], found: dict[str, list[float]]) -> dict[str, Any]:
+    for name, values in found.items():
+        outcomes = []
+        for repeat, value in enumerate(values):
+            probes: list[tuple[ProbeResult, bool | None]] = [
+                (ProbeResult(2 * value, 900.0, 0.2, True), False),
+                (ProbeResult(value, 20.0, 0.0, True), True),
+                (ProbeResult(1.05 * value, 70.0, 0.0, False, ("generator CPU 95% > 90%",)), None),
+                (ProbeResult(1.05 * value, 60.0, 0.0, True), False),
+            ]
+            outcomes.append((repeat, capacity.Outcome(capacity.FOUND, value, value, 1.05 * value, probes)))
+        results["servers"][name]["capacity"] = capacity.summarize(outcomes, SLO, 400.0)
+    return results
+
+
+def test_capacity_heads_the_verdict_and_the_report(tmp_path: Path) -> None:
+    results = _with_capacity(synthetic_results(), {"torch": [300.0, 310.0, 305.0], "tensorflow": [250.0, 255.0, 252.0],
+                                                   "bare": [600.0, 600.0, 600.0]})  # fmt: skip
+    report.write_report(results, tmp_path)
+    written = check_report_folder(tmp_path)
+    first = written["verdict"][0]
+    assert first["characteristic"] == "SLO capacity (p99 ≤ 50 ms, errors ≤ 1%)"
+    assert (first["better"], first["winner"]) == ("higher", "torch")
+    assert first["values"] == {"torch": [300.0, 310.0, 305.0], "tensorflow": [250.0, 255.0, 252.0]}
+    assert written["servers"]["torch"]["capacity"]["half_width_pct"] == pytest.approx(
+        100 * 4.303 * 5.0 / math.sqrt(3) / 305.0, rel=1e-3
+    )
+    markdown = (tmp_path / "report.md").read_text()
+    assert markdown.index("## SLO capacity (p99 ≤ 50 ms") < markdown.index("## Every server")
+    assert "| torch_server | 305 | 293–317 | ±4.1% | 3/3 | 300, 310, 305 | 4, 4, 4 |" in markdown
+    assert "| tf_server | 1 | 3 | 262.5 | n/a | 70 | 0.00% | INVALID: generator CPU 95% > 90% |  |" in markdown
+    assert "slo_capacity.png" in plots.PLOT_NAMES
+    assert (tmp_path / "slo_capacity.png").stat().st_size > 0
+
+
+def test_overlapping_capacities_give_no_winner_and_no_search_gives_no_row() -> None:
+    from loadtest.compare.verdict import verdict
+
+    results = _with_capacity(synthetic_results(), {"torch": [300.0, 250.0, 305.0], "tensorflow": [250.0, 301.0, 252.0]})
+    first = verdict(results)[0]
+    assert first["characteristic"].startswith("SLO capacity")
+    assert (first["winner"], first["verdict"]) == (None, "no difference beyond noise")
+    results["settings"]["capacity"] = "off"
+    assert not any(row["characteristic"].startswith("SLO capacity") for row in verdict(results))
 
 
 def test_capacity_flags() -> None:
