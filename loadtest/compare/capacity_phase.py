@@ -44,16 +44,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     arg = group.add_argument
     arg("--capacity", choices=["on", "off"], default=defaults.capacity, help="run the search (%(default)s)")
-    arg("--capacity-precision", type=float, default=defaults.capacity_precision,
+    arg("--capacity-precision", metavar="FRACTION", type=float, default=defaults.capacity_precision,
         help="stop when the lowest failing rate is within this fraction above the highest passing one "
         "(%(default)s)")  # fmt: skip
-    arg("--capacity-step-seconds", type=float, default=defaults.capacity_step_seconds,
+    arg("--capacity-step-seconds", metavar="SECONDS", type=float, default=defaults.capacity_step_seconds,
         help="measured window per probe (%(default)s)")  # fmt: skip
-    arg("--capacity-warmup-seconds", type=float, default=defaults.capacity_warmup_seconds,
+    arg("--capacity-warmup-seconds", metavar="SECONDS", type=float, default=defaults.capacity_warmup_seconds,
         help="discarded load before each probe's window (%(default)s)")  # fmt: skip
-    arg("--capacity-start", type=float, default=defaults.capacity_start,
+    arg("--capacity-start", metavar="RATE", type=float, default=defaults.capacity_start,
         help="first rate probed, req/s (default: the lower valid closed-loop peak)")  # fmt: skip
-    arg("--capacity-max-probes", type=int, default=defaults.capacity_max_probes,
+    arg("--capacity-max-probes", metavar="N", type=int, default=defaults.capacity_max_probes,
         help="most probes per search, repeated invalid ones included (%(default)s)")  # fmt: skip
 
 
