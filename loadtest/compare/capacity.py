@@ -16,6 +16,8 @@ gives it one that measures a Poisson open-loop step against a server), so it is 
   the found rates' mean with its Student-t 95 % interval (``loadtest.stats.mean_interval``), each repeat's
   probes, and the search's settings.
 - ``capacity_reading``: the verdict's reading of it (one value per conclusive repeat).
+- ``dithered_start``: each repeat starts a fraction of the search's ``resolution`` higher, so that the
+  repeats do not agree by construction.
 - ``expected_probes``, ``budget_text``: what a search costs, told before it starts.
 """
 
@@ -163,10 +165,33 @@ def search(probe: Probe, start: float, settings: Search) -> Outcome:
     return Outcome(FOUND, low, low, high, probes)
 
 
+def bisections(settings: Search) -> int:
+    """Bisections that narrow a bracket of ``factor`` to ``1 + precision`` (each halves its log-width)."""
+    return max(0, math.ceil(math.log2(math.log(settings.factor) / math.log1p(settings.precision))))
+
+
+def resolution(settings: Search) -> float:
+    """The ratio of the final bracket: every rate a search probes is ``start x factor^(m / 2^k)`` (k:
+    ``bisections``), so the rates it can find are this ratio apart."""
+    return float(settings.factor ** (1 / 2 ** bisections(settings)))
+
+
+def dithered_start(start: float, repeat: int, repeats: int, settings: Search) -> float:
+    """Where repeat ``repeat`` of ``repeats`` starts: ``start x resolution^(repeat / repeats)``.
+
+    Searches from one start end on one lattice of rates, so repeats would find the same rate by
+    construction whenever the noise is smaller than a lattice cell: an interval of zero width, and a
+    "winner beyond noise" from one cell's difference. Shifting each repeat's lattice by a fraction of
+    a cell (the same shift for every server in that repeat) spreads the found rates over the
+    search's resolution: the interval then covers it, and the mean resolves finer than one search.
+    """
+    return start * resolution(settings) ** ((repeat % repeats) / repeats)
+
+
 def expected_probes(settings: Search) -> int:
     """Probes of a search whose first bracket takes one step (the start and one rate ``factor`` away), no
-    probe repeated: two, then the bisections that narrow ``factor`` to ``1 + precision``."""
-    return 2 + max(0, math.ceil(math.log2(math.log(settings.factor) / math.log1p(settings.precision))))
+    probe repeated: two, then ``bisections``."""
+    return 2 + bisections(settings)
 
 
 def budget_text(settings: Search, searches: int, probe_seconds: float, start_seconds: float) -> str:
@@ -182,7 +207,8 @@ def budget_text(settings: Search, searches: int, probe_seconds: float, start_sec
 
 
 def summarize(outcomes: Sequence[tuple[int, Outcome]], settings: Search, start: float) -> dict[str, Any]:
-    """One server's ``capacity`` in results.json from its searches (``(repeat, outcome)``, in run order)."""
+    """One server's ``capacity`` in results.json from its searches (``(repeat, outcome)``, in run order;
+    ``start``: the rate the repeats' starts were dithered from)."""
     values = [outcome.found for _, outcome in outcomes if outcome.found is not None]
     interval = mean_interval(values)
     return {
@@ -194,6 +220,7 @@ def summarize(outcomes: Sequence[tuple[int, Outcome]], settings: Search, start: 
         "slo_ms": settings.slo_ms,
         "error_limit": settings.error_limit,
         "precision": settings.precision,
+        "resolution_pct": 100.0 * (resolution(settings) - 1),
         "factor": settings.factor,
         "max_probes": settings.max_probes,
         "start_rps": start,

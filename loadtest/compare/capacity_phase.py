@@ -4,7 +4,8 @@ After the closed loop, per repeat and in ABBA order over the servers, each serve
 (``steps.serving``) and searched: every probe is one open-loop step (Poisson arrivals, ``--arrival``) of
 ``--capacity-warmup-seconds`` + ``--capacity-step-seconds`` at the probed rate, measured and judged valid
 as any other step (``steps.measure_step``). The start rate is ``--capacity-start`` or the lower valid
-closed-loop peak of the compared servers, the same for every server. Probes are kept in the server's
+closed-loop peak of the compared servers, the same for every server (each repeat's start shifted by a
+fraction of the search's resolution: ``capacity.dithered_start``). Probes are kept in the server's
 ``capacity`` (not among its ``steps``: the open-loop curves keep their own grid). Also here: the
 ``--capacity*`` flags (``add_arguments``, checked by ``check_options``).
 """
@@ -22,7 +23,7 @@ from typing import Any
 import grpc
 
 from loadtest.cli import progress
-from loadtest.compare.capacity import Outcome, ProbeResult, Search, budget_text, search, summarize
+from loadtest.compare.capacity import Outcome, ProbeResult, Search, budget_text, dithered_start, search, summarize
 from loadtest.compare.plan import SLO_ERROR_RATE, Arm, Options, Scenario, abba, peak
 from loadtest.compare.steps import TAIL_S, Run, measure_step, serving
 from loadtest.sampling import Endpoint
@@ -162,7 +163,8 @@ def capacity_phase(
             began = time.monotonic()
             try:
                 with serving(run, arm, records[arm.name], PHASE, repeat, model_dirs.get(arm.name)) as (endpoint, local):
-                    outcome = search_server(prober, arm, endpoint, repeat, start, rules, local=local)
+                    first = round(dithered_start(start, repeat, opts.repeats, rules), 1)
+                    outcome = search_server(prober, arm, endpoint, repeat, first, rules, local=local)
             except (ServerStartError, RuntimeError, grpc.RpcError, grpc.FutureTimeoutError) as err:
                 failures.append({"server": arm.name, "phase": PHASE, "repeat": repeat, "error": str(err)})
                 progress(f"{arm.name} {PHASE} r{repeat + 1}/{opts.repeats}: FAILED, going on: {err}")

@@ -339,8 +339,10 @@ def capacity_table(results: dict[str, Any]) -> Table:
         repeats = capacity["repeats"]
         interval = capacity["interval"]
         found = ", ".join(_rate(r["found"]) if r["found"] is not None else r["status"] for r in repeats)
+        resolution = capacity.get("resolution_pct")
+        lattice = "" if resolution is None else f" (rates {resolution:.1f}% apart, each repeat's start shifted)"
         search = (f"from {capacity['start_rps']:g} req/s, x{capacity['factor']:g} bracket, bisection to "
-                  f"{capacity['precision']:.0%}, at most {capacity['max_probes']} probes")  # fmt: skip
+                  f"{capacity['precision']:.0%}{lattice}, at most {capacity['max_probes']} probes")  # fmt: skip
         body.append(
             [
                 server_label(results, name),

@@ -98,6 +98,23 @@ def test_bisection_probes_geometric_midpoints_and_stops_at_the_precision() -> No
     assert outcome.high == pytest.approx(1000.0 * 2 ** (-1 / 8))
 
 
+def test_dithered_starts_spread_the_repeats_over_the_resolution_instead_of_one_lattice_point() -> None:
+    rules = Search(slo_ms=50.0, error_limit=0.01, precision=0.1)
+    cell = 2 ** (1 / 8)  # three bisections of a x2 bracket
+    assert capacity.resolution(rules) == pytest.approx(cell)
+    starts = [capacity.dithered_start(1000.0, repeat, 3, rules) for repeat in range(3)]
+    assert starts == [pytest.approx(1000.0 * cell ** (j / 3)) for j in range(3)]
+    assert capacity.dithered_start(1000.0, 3, 3, rules) == pytest.approx(1000.0)
+    # A noiseless server: from one start every repeat finds the same rate; dithered, three rates a third
+    # of a cell apart, all within one cell below the true capacity.
+    same = {capacity.search(queue_probe(1000.0), 1000.0, rules).found for _ in range(3)}
+    assert len(same) == 1
+    found = sorted(capacity.search(queue_probe(1000.0), start, rules).found or 0.0 for start in starts)
+    assert all(900.0 / cell <= value <= 900.0 for value in found)
+    assert found[1] / found[0] == pytest.approx(cell ** (1 / 3))
+    assert found[2] / found[1] == pytest.approx(cell ** (1 / 3))
+
+
 def test_errors_above_the_limit_fail_a_probe_whose_p99_meets_the_slo() -> None:
     assert SLO.passes(ProbeResult(10.0, 49.0, 0.01, True))
     assert not SLO.passes(ProbeResult(10.0, 49.0, 0.0101, True))
@@ -324,8 +341,10 @@ def test_capacity_phase_searches_each_server_in_abba_order_from_the_lower_peak(
     assert [(entry["arm"], entry["repeat"], entry["phase"]) for entry in order] == [
         (name, repeat, "capacity") for name, repeat in served
     ]
-    firsts = {(name, rate) for name, phase, rate, *_ in probed if phase == "capacity-p1"}
-    assert firsts == {("torch", 700.0), ("tensorflow", 700.0)}
+    # Repeat 1 starts half a resolution cell above repeat 0 (dithered), the same for both servers.
+    firsts = [(name, rate) for name, phase, rate, *_ in probed if phase == "capacity-p1"]
+    shifted = round(700.0 * 2 ** (1 / 16), 1)  # half of a 2^(1/8) cell
+    assert firsts == [("torch", 700.0), ("tensorflow", 700.0), ("tensorflow", shifted), ("torch", shifted)]
     # Each probe of a search has a phase name of its own (its latency files), with the probes' window.
     torch_first = [phase for name, phase, *_ in probed[: len(records["torch"]["capacity"]["repeats"][0]["probes"])]]
     assert torch_first == [f"capacity-p{i}" for i in range(1, len(torch_first) + 1)]
