@@ -266,7 +266,7 @@ def _order_text(results: dict[str, Any]) -> str:
 
 def _capacity_text(settings: dict[str, Any]) -> str:
     if settings.get("capacity") != "on":
-        return "off"
+        return "off" if settings.get("capacity") == "off" else "not run (a comparison from before the search)"
     start = settings.get("capacity_start")
     return (
         f"from {'the lower valid closed-loop peak' if start is None else f'{start:g} req/s'}, precision "
