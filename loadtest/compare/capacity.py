@@ -15,6 +15,7 @@ gives it one that measures a Poisson open-loop step against a server), so it is 
 - ``summarize``: the searches of one server over the repeats as results.json keeps them (``capacity``):
   the found rates' mean with its Student-t 95 % interval (``loadtest.stats.mean_interval``), each repeat's
   probes, and the search's settings.
+- ``judged``: a probe with its judgement (also for the replays of a found rate, ``--capacity-replays``).
 - ``capacity_reading``: the verdict's reading of it (one value per conclusive repeat).
 - ``dithered_start``: each repeat starts a fraction of the search's ``resolution`` higher, so that the
   repeats do not agree by construction.
@@ -77,11 +78,24 @@ class Search:
         return result.p99_ms <= self.slo_ms and result.error_rate <= self.error_limit
 
 
+def _probe_dict(result: ProbeResult, judged: bool | None) -> dict[str, Any]:
+    return {
+        "rate": result.rate,
+        "p99_ms": result.p99_ms,
+        "error_rate": result.error_rate,
+        "valid": result.valid,
+        "pass": judged,
+        "invalid_reasons": list(result.reasons),
+        **result.extra,
+    }
+
+
 @dataclass
 class Outcome:
     """One search: the capacity found (None unless ``status`` is found, or 0 when no rate passes), the
     final bracket (highest passing, lowest failing rate; None where none was seen) and every probe run,
-    with its judgement (None for an invalid one)."""
+    with its judgement (None for an invalid one). ``replays``: steps at the found rate run after the
+    search (``--capacity-replays``), judged alike."""
 
     status: str
     found: float | None
@@ -89,6 +103,7 @@ class Outcome:
     high: float | None
     probes: list[tuple[ProbeResult, bool | None]]
     reason: str | None = None
+    replays: list[tuple[ProbeResult, bool | None]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -96,19 +111,14 @@ class Outcome:
             "status": self.status,
             "reason": self.reason,
             "bracket": [self.low, self.high],
-            "probes": [
-                {
-                    "rate": result.rate,
-                    "p99_ms": result.p99_ms,
-                    "error_rate": result.error_rate,
-                    "valid": result.valid,
-                    "pass": judged,
-                    "invalid_reasons": list(result.reasons),
-                    **result.extra,
-                }
-                for result, judged in self.probes
-            ],
+            "probes": [_probe_dict(result, judged) for result, judged in self.probes],
+            "replays": [_probe_dict(result, judged) for result, judged in self.replays],
         }
+
+
+def judged(result: ProbeResult, settings: Search) -> tuple[ProbeResult, bool | None]:
+    """A probe with its judgement: pass or fail when valid, None when invalid."""
+    return result, settings.passes(result) if result.valid else None
 
 
 class _Stop(Exception):
@@ -211,12 +221,15 @@ def summarize(outcomes: Sequence[tuple[int, Outcome]], settings: Search, start: 
     ``start``: the rate the repeats' starts were dithered from)."""
     values = [outcome.found for _, outcome in outcomes if outcome.found is not None]
     interval = mean_interval(values)
+    replays = [passed for _, outcome in outcomes for _, passed in outcome.replays]
     return {
         "mean": interval["mean"],
         "interval": interval["interval"],
         "half_width_pct": interval["half_width_pct"],
         "values": values,
         "repeats": [{"repeat": repeat, **outcome.as_dict()} for repeat, outcome in outcomes],
+        # Replays of each repeat's found rate: how many met the objective, of the valid ones, of all run.
+        "replays": {"passed": replays.count(True), "valid": len(replays) - replays.count(None), "run": len(replays)},
         "slo_ms": settings.slo_ms,
         "error_limit": settings.error_limit,
         "precision": settings.precision,

@@ -6,7 +6,9 @@ After the closed loop, per repeat and in ABBA order over the servers, each serve
 as any other step (``steps.measure_step``). The start rate is ``--capacity-start`` or the lower valid
 closed-loop peak of the compared servers, the same for every server (each repeat's start shifted by a
 fraction of the search's resolution: ``capacity.dithered_start``). Probes are kept in the server's
-``capacity`` (not among its ``steps``: the open-loop curves keep their own grid). Also here: the
+``capacity`` (not among its ``steps``: the open-loop curves keep their own grid). With
+``--capacity-replays N``, each search is followed by N open-loop steps of the sweep's length at the rate
+it found, on the same server, judged alike (does the capacity hold?). Also here: the
 ``--capacity*`` flags (``add_arguments``, checked by ``check_options``).
 """
 
@@ -23,6 +25,7 @@ from typing import Any
 import grpc
 
 from loadtest.cli import progress
+from loadtest.compare import capacity
 from loadtest.compare.capacity import Outcome, ProbeResult, Search, budget_text, dithered_start, search, summarize
 from loadtest.compare.plan import SLO_ERROR_RATE, Arm, Options, Scenario, abba, peak
 from loadtest.compare.steps import TAIL_S, Run, measure_step, serving
@@ -56,12 +59,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="first rate probed, req/s (default: the lower valid closed-loop peak)")  # fmt: skip
     arg("--capacity-max-probes", metavar="N", type=int, default=defaults.capacity_max_probes,
         help="most probes per search, repeated invalid ones included (%(default)s)")  # fmt: skip
+    arg("--capacity-replays", metavar="N", type=int, default=defaults.capacity_replays,
+        help="after each search, N open-loop steps (--step-seconds) at the rate found, to show it holds "
+        "(%(default)s)")  # fmt: skip
 
 
 def check_options(opts: Options) -> None:
     """``ValueError`` for ``--capacity*`` values a search cannot run with."""
     if opts.capacity_step_seconds <= 0 or opts.capacity_warmup_seconds < 0:
         raise ValueError("--capacity-step-seconds > 0 and --capacity-warmup-seconds >= 0 are required")
+    if opts.capacity_replays < 0:
+        raise ValueError("--capacity-replays must be >= 0")
     if opts.capacity_start is not None and opts.capacity_start <= 0:
         raise ValueError("--capacity-start must be a positive rate")
     settings(opts)  # precision > 0, max probes >= 1
@@ -117,18 +125,39 @@ def search_server(
         rate = round(rate, 1)
         # A phase name per probe: a repeated rate must not find the latency files of the earlier probe.
         step = measure_step(run, arm, endpoint, Scenario("open", rate), f"{PHASE}-p{count}", repeat, local=local)
-        result = _probe_result(rate, step)
-        judged = "INVALID: " + "; ".join(result.reasons) if not result.valid else (
-            "pass" if rules.passes(result) else "fail")  # fmt: skip
-        p99 = "n/a" if result.p99_ms is None else f"{result.p99_ms:.1f} ms"
-        errors = "n/a" if result.error_rate is None else f"{result.error_rate:.2%}"
+        result, passed = capacity.judged(_probe_result(rate, step), rules)
+        verdict = {True: "pass", False: "fail", None: "INVALID: " + "; ".join(result.reasons)}[passed]
         progress(
             f"{arm.name} {PHASE} r{repeat + 1}/{run.opts.repeats} probe {count}: rate={rate:g}/s "
-            f"(sent {step['sent_rps']:.0f}/s): p99 {p99}, errors {errors} - {judged}"
+            f"(sent {step['sent_rps']:.0f}/s): p99 {_fmt_ms(result.p99_ms)}, errors {_fmt_pct(result.error_rate)} "
+            f"- {verdict}"
         )
         return result
 
     return search(probe, start, rules)
+
+
+def replay(
+    run: Run, arm: Arm, endpoint: Endpoint, repeat: int, rate: float, rules: Search, *, local: bool
+) -> list[tuple[ProbeResult, bool | None]]:
+    """``--capacity-replays`` open-loop steps at the rate a search found, as the sweep's steps (``--step-seconds``)."""
+    replays = []
+    for i in range(run.opts.capacity_replays):
+        step = measure_step(run, arm, endpoint, Scenario("open", rate), f"{PHASE}-replay{i + 1}", repeat, local=local)
+        result, passed = capacity.judged(_probe_result(rate, step), rules)
+        replays.append((result, passed))
+        verdict = {True: "pass", False: "fail", None: "INVALID: " + "; ".join(result.reasons)}[passed]
+        progress(f"{arm.name} {PHASE} r{repeat + 1}/{run.opts.repeats} replay {i + 1} at {rate:g}/s: "
+                 f"p99 {_fmt_ms(result.p99_ms)}, errors {_fmt_pct(result.error_rate)} - {verdict}")  # fmt: skip
+    return replays
+
+
+def _fmt_ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f} ms"
+
+
+def _fmt_pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2%}"
 
 
 def capacity_phase(
@@ -165,6 +194,8 @@ def capacity_phase(
                 with serving(run, arm, records[arm.name], PHASE, repeat, model_dirs.get(arm.name)) as (endpoint, local):
                     first = round(dithered_start(start, repeat, opts.repeats, rules), 1)
                     outcome = search_server(prober, arm, endpoint, repeat, first, rules, local=local)
+                    if outcome.found:
+                        outcome.replays = replay(run, arm, endpoint, repeat, outcome.found, rules, local=local)
             except (ServerStartError, RuntimeError, grpc.RpcError, grpc.FutureTimeoutError) as err:
                 failures.append({"server": arm.name, "phase": PHASE, "repeat": repeat, "error": str(err)})
                 progress(f"{arm.name} {PHASE} r{repeat + 1}/{opts.repeats}: FAILED, going on: {err}")

@@ -109,6 +109,7 @@ class Options:
     capacity_warmup_seconds: float = 0.5
     capacity_start: float | None = None
     capacity_max_probes: int = 10
+    capacity_replays: int = 0
 
     @property
     def remote(self) -> bool:

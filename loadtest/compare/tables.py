@@ -330,7 +330,7 @@ def capacity_table(results: dict[str, Any]) -> Table:
     """The SLO capacity per server (``loadtest.compare.capacity``): mean over the conclusive searches, its 95 %
     Student-t interval and half-width, each repeat's found rate, and the search's settings."""
     head = ["server", "capacity (req/s, mean)", "95% interval (Student t)", "half-width", "conclusive searches",
-            "found per repeat (req/s)", "probes per repeat", "search"]  # fmt: skip
+            "found per repeat (req/s)", "probes per repeat", "replays at the found rate", "search"]  # fmt: skip
     body = []
     for name, server in results["servers"].items():
         capacity = server.get("capacity")
@@ -352,26 +352,36 @@ def capacity_table(results: dict[str, Any]) -> Table:
                 f"{len(capacity['values'])}/{len(repeats)}",
                 found or "none",
                 ", ".join(str(len(r["probes"])) for r in repeats) or "none",
+                _replays_text(capacity.get("replays")),
                 search,
             ]
         )
     return head, body
 
 
+def _replays_text(replays: dict[str, int] | None) -> str:
+    if not replays or not replays["run"]:
+        return "none run"
+    invalid = replays["run"] - replays["valid"]
+    return f"{replays['passed']} of {replays['valid']} met the SLO" + (f" ({invalid} invalid)" if invalid else "")
+
+
 def capacity_probe_table(results: dict[str, Any]) -> Table:
-    """Every probe of every capacity search: its rate, p99, error rate, and pass, fail or why it was invalid."""
+    """Every probe of every capacity search (then its replays at the rate found): its rate, p99, error rate, and
+    pass, fail or why it was invalid."""
     head = ["server", "repeat", "probe", "rate (req/s)", "sent (req/s)", "p99 (ms)", "error rate", "judged",
             "search"]  # fmt: skip
     body = []
     for name, server in results["servers"].items():
         for entry in (server.get("capacity") or {}).get("repeats", []):
-            for i, probe in enumerate(entry["probes"]):
+            replays = [(f"replay {i + 1}", probe) for i, probe in enumerate(entry.get("replays", []))]
+            for i, (label, probe) in enumerate([*((str(j + 1), p) for j, p in enumerate(entry["probes"])), *replays]):
                 judged = {True: "pass", False: "fail"}.get(probe["pass"]) or "INVALID: " + "; ".join(
                     probe["invalid_reasons"]
                 )
                 last = i == len(entry["probes"]) - 1
                 outcome = entry["status"] + (f": {entry['reason']}" if entry["reason"] else "")
-                body.append([server_label(results, name), str(entry["repeat"] + 1), str(i + 1), f"{probe['rate']:g}",
+                body.append([server_label(results, name), str(entry["repeat"] + 1), label, f"{probe['rate']:g}",
                              _rate(probe.get("sent_rps")), number(probe["p99_ms"]),
                              "n/a" if probe["error_rate"] is None else f"{probe['error_rate']:.2%}", judged,
                              outcome if last else ""])  # fmt: skip

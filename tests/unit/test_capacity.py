@@ -254,7 +254,9 @@ def _with_capacity(results: dict[str, Any], found: dict[str, list[float]]) -> di
                 (ProbeResult(1.05 * value, 70.0, 0.0, False, ("generator CPU 95% > 90%",)), None),
                 (ProbeResult(1.05 * value, 60.0, 0.0, True), False),
             ]
-            outcomes.append((repeat, capacity.Outcome(capacity.FOUND, value, value, 1.05 * value, probes)))
+            outcome = capacity.Outcome(capacity.FOUND, value, value, 1.05 * value, probes)
+            outcome.replays = [capacity.judged(ProbeResult(value, 40.0 + 6 * repeat, 0.0, True), SLO)]
+            outcomes.append((repeat, outcome))
         results["servers"][name]["capacity"] = capacity.summarize(outcomes, SLO, 400.0)
     return results
 
@@ -273,7 +275,9 @@ def test_capacity_heads_the_verdict_and_the_report(tmp_path: Path) -> None:
     )
     markdown = (tmp_path / "report.md").read_text()
     assert markdown.index("## SLO capacity (p99 ≤ 50 ms") < markdown.index("## Every server")
-    assert "| torch_server | 305 | 293–317 | ±4.1% | 3/3 | 300, 310, 305 | 4, 4, 4 |" in markdown
+    assert "| torch_server | 305 | 293–317 | ±4.1% | 3/3 | 300, 310, 305 | 4, 4, 4 | 2 of 3 met the SLO |" in markdown
+    assert "| torch_server | 3 | replay 1 | 305 | n/a | 52 | 0.00% | fail |  |" in markdown
+    assert written["servers"]["torch"]["capacity"]["replays"] == {"passed": 2, "valid": 3, "run": 3}
     assert "| tf_server | 1 | 3 | 262.5 | n/a | 70 | 0.00% | INVALID: generator CPU 95% > 90% |  |" in markdown
     assert "slo_capacity.png" in plots.PLOT_NAMES
     assert (tmp_path / "slo_capacity.png").stat().st_size > 0
@@ -299,7 +303,8 @@ def test_capacity_flags() -> None:
     opts = command.options_from(parser.parse_args(["compare", "--capacity", "off", "--capacity-precision", "0.05",
                                                    "--capacity-start", "800"]))  # fmt: skip
     assert (opts.capacity, opts.capacity_precision, opts.capacity_start) == ("off", 0.05, 800.0)
-    for bad in (["--capacity-precision", "0"], ["--capacity-start", "-1"], ["--capacity-step-seconds", "0"]):
+    for bad in (["--capacity-precision", "0"], ["--capacity-start", "-1"], ["--capacity-step-seconds", "0"],
+                ["--capacity-replays", "-1"]):  # fmt: skip
         with pytest.raises(ValueError):  # noqa: PT011 - each names its own problem
             command.options_from(parser.parse_args(["compare", *bad]))
 
@@ -326,7 +331,7 @@ def test_capacity_phase_searches_each_server_in_abba_order_from_the_lower_peak(
 
     monkeypatch.setattr(capacity_phase, "serving", fake_serving)
     monkeypatch.setattr(capacity_phase, "measure_step", fake_step)
-    opts = plan.Options(repeats=2, capacity_precision=0.1)
+    opts = plan.Options(repeats=2, capacity_precision=0.1, capacity_replays=1)
     arms, _ = plan.plan_arms(opts)
     closed = {"torch": 900.0, "tensorflow": 700.0}  # closed-loop peaks: the search starts at the lower one
     records: dict[str, Any] = {
@@ -348,7 +353,19 @@ def test_capacity_phase_searches_each_server_in_abba_order_from_the_lower_peak(
     # Each probe of a search has a phase name of its own (its latency files), with the probes' window.
     torch_first = [phase for name, phase, *_ in probed[: len(records["torch"]["capacity"]["repeats"][0]["probes"])]]
     assert torch_first == [f"capacity-p{i}" for i in range(1, len(torch_first) + 1)]
-    assert {(step, warmup) for *_, step, warmup in probed} == {(2.0, 0.5)}
+    # Probes have the capacity window; the replay of each found rate is a sweep step, named apart.
+    assert {(step, warmup) for _, phase, _, step, warmup in probed if "replay" not in phase} == {(2.0, 0.5)}
+    replays = [(name, phase, rate, step, warmup) for name, phase, rate, step, warmup in probed if "replay" in phase]
+    assert [(name, phase, step, warmup) for name, phase, _, step, warmup in replays] == [
+        (name, "capacity-replay1", 4.0, 1.5) for name, _ in served
+    ]
+    assert [rate for *_, rate, _, _ in replays] == [
+        entry["found"]
+        for name, repeat in served
+        for entry in records[name]["capacity"]["repeats"]
+        if entry["repeat"] == repeat
+    ]
+    assert records["torch"]["capacity"]["replays"]["run"] == 2
     for name, saturated in saturation.items():
         found = records[name]["capacity"]
         assert len(found["values"]) == 2
