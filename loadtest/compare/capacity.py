@@ -11,7 +11,9 @@ gives it one that measures a Poisson open-loop step against a server), so it is 
   capacity is the highest rate measured to pass (``low``). A probe whose measurement is invalid
   (``loadtest.compare.plan.invalid_reasons``) is neither a pass nor a fail: it is run once more, and when
   that one is invalid too the search stops, inconclusive. A search that would need more than ``max_probes``
-  probes stops too (``budget exhausted``); neither gives a capacity.
+  probes stops too (``budget exhausted``); neither gives a capacity. The bracket never grows past
+  ``Search.max_rate``, the most the load generator can offer validly; a server that passes there has a
+  capacity beyond what this host can measure (``above the generator's ceiling``, no value).
 - ``summarize``: the searches of one server over the repeats as results.json keeps them (``capacity``):
   the found rates' mean with its Student-t 95 % interval (``loadtest.stats.mean_interval``), each repeat's
   probes, and the search's settings.
@@ -36,6 +38,7 @@ FOUND = "found"
 NONE_PASSES = "no rate passes"
 INCONCLUSIVE = "inconclusive"
 BUDGET_EXHAUSTED = "budget exhausted"
+ABOVE_CEILING = "above the generator's ceiling"
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,9 @@ class Search:
     max_probes: int = 12
     #: Below this rate (req/s) no rate is tried: the server meets the objective at none.
     min_rate: float = 1.0
+    #: The highest rate the load generator can offer validly (req/s; None: no limit): the bracket grows up
+    #: to it, never past it, and a server that passes there has a capacity this host cannot measure.
+    max_rate: float | None = None
 
     def __post_init__(self) -> None:
         if self.precision <= 0 or self.factor <= 1 or self.max_probes < 1 or self.min_rate <= 0:
@@ -153,11 +159,15 @@ def search(probe: Probe, start: float, settings: Search) -> Outcome:
     low: float | None = None
     high: float | None = None
     try:
-        rate, passed = judge(start)
+        ceiling = settings.max_rate or math.inf
+        rate, passed = judge(min(start, ceiling))
         if passed:
             low = rate
             while high is None:
-                rate, passed = judge(rate * settings.factor)
+                if rate >= ceiling:
+                    reason = f"passes at {rate:g}/s, the most this load generator can offer validly"
+                    return Outcome(ABOVE_CEILING, None, low, None, probes, reason)
+                rate, passed = judge(min(rate * settings.factor, ceiling))
                 low, high = (rate, high) if passed else (low, rate)
         else:
             high = rate
@@ -236,6 +246,7 @@ def summarize(outcomes: Sequence[tuple[int, Outcome]], settings: Search, start: 
         "resolution_pct": 100.0 * (resolution(settings) - 1),
         "factor": settings.factor,
         "max_probes": settings.max_probes,
+        "max_rps": settings.max_rate,
         "start_rps": start,
     }
 

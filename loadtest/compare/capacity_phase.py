@@ -27,7 +27,7 @@ import grpc
 from loadtest.cli import progress
 from loadtest.compare import capacity
 from loadtest.compare.capacity import Outcome, ProbeResult, Search, budget_text, dithered_start, search, summarize
-from loadtest.compare.plan import SLO_ERROR_RATE, Arm, Options, Scenario, abba, peak
+from loadtest.compare.plan import GENERATOR_CPU_LIMIT, SLO_ERROR_RATE, Arm, Options, Scenario, abba, peak
 from loadtest.compare.steps import TAIL_S, Run, measure_step, serving
 from loadtest.sampling import Endpoint
 from loadtest.servers import ServerStartError
@@ -75,13 +75,25 @@ def check_options(opts: Options) -> None:
     settings(opts)  # precision > 0, max probes >= 1
 
 
-def settings(opts: Options) -> Search:
+def settings(opts: Options, max_rate: float | None = None) -> Search:
     return Search(
         slo_ms=opts.slo_ms,
         error_limit=SLO_ERROR_RATE,
         precision=opts.capacity_precision,
         max_probes=opts.capacity_max_probes,
+        max_rate=max_rate,
     )
+
+
+#: Share of its CPU limit the generator is planned to use at the search's highest rate: an overloaded
+#: server costs the generator more per request (timeouts, backlog) than the closed loop measured.
+CEILING_SHARE = 0.8
+
+
+def generator_ceiling(run: Run) -> float:
+    """The most requests/s the generator can offer validly: ``CEILING_SHARE`` of its CPU limit over its cores,
+    at the CPU per request the steps so far measured."""
+    return round(CEILING_SHARE * GENERATOR_CPU_LIMIT * run.generator_cores * 1e6 / run.us_per_request, 1)
 
 
 def probe_seconds(opts: Options) -> float:
@@ -176,13 +188,14 @@ def capacity_phase(
         error = "no closed-loop step measured: no rate to start the capacity search from"
         failures.append({"server": "all", "phase": PHASE, "repeat": 0, "error": error})
         return
-    rules = settings(opts)
+    rules = settings(opts, generator_ceiling(run))
     probing = dataclasses.replace(opts, step_seconds=opts.capacity_step_seconds,
                                   warmup_seconds=opts.capacity_warmup_seconds)  # fmt: skip
     prober = dataclasses.replace(run, opts=probing)
     progress(
         f"capacity search (p99 <= {opts.slo_ms:g} ms, errors <= {SLO_ERROR_RATE:.0%}, precision "
-        f"{opts.capacity_precision:g}), from {start:g} req/s: "
+        f"{opts.capacity_precision:g}), from {start:g} req/s, at most {rules.max_rate:g} req/s (the generator's "
+        "ceiling): "
         f"{budget_text(rules, len(arms) * opts.repeats, probe_seconds(opts), START_S)}"
     )
     outcomes: dict[str, list[tuple[int, Outcome]]] = {arm.name: [] for arm in arms}

@@ -115,6 +115,33 @@ def test_dithered_starts_spread_the_repeats_over_the_resolution_instead_of_one_l
     assert found[2] / found[1] == pytest.approx(cell ** (1 / 3))
 
 
+def test_the_bracket_grows_up_to_the_generators_ceiling_and_never_past_it() -> None:
+    probe, rates = recorded(queue_probe(1000.0))  # capacity 900
+    capped = Search(slo_ms=50.0, error_limit=0.01, precision=0.05, max_rate=300.0)
+    outcome = capacity.search(probe, 100.0, capped)
+    assert rates == [100.0, 200.0, 300.0]
+    assert (outcome.status, outcome.found, outcome.low) == (capacity.ABOVE_CEILING, None, 300.0)
+    # A ceiling above the capacity fails there: a valid bracket, bisected as ever.
+    probe, rates = recorded(queue_probe(1000.0))
+    outcome = capacity.search(probe, 600.0, Search(slo_ms=50.0, error_limit=0.01, precision=0.05, max_rate=950.0))
+    assert rates[:2] == [600.0, 950.0]
+    assert max(rates) == 950.0
+    assert outcome.status == capacity.FOUND
+    assert outcome.low is not None
+    assert outcome.low <= 900.0 < (outcome.high or 0.0) <= 1.05 * outcome.low
+    # A start above the ceiling starts at the ceiling.
+    probe, rates = recorded(queue_probe(1000.0))
+    capacity.search(probe, 5000.0, Search(slo_ms=50.0, error_limit=0.01, max_rate=2000.0))
+    assert rates[:2] == [2000.0, 1000.0]
+
+
+def test_the_generators_ceiling_follows_its_measured_cost_per_request(tmp_path: Path) -> None:
+    run = steps.Run(plan.Options(), tmp_path, tmp_path, [0], [1], us_per_request=180.0)
+    assert capacity_phase.generator_ceiling(run) == pytest.approx(0.8 * 0.9 * 1e6 / 180.0)
+    run = steps.Run(plan.Options(), tmp_path, tmp_path, [0], [1, 2], us_per_request=180.0)
+    assert capacity_phase.generator_ceiling(run) == pytest.approx(2 * 0.8 * 0.9 * 1e6 / 180.0)
+
+
 def test_errors_above_the_limit_fail_a_probe_whose_p99_meets_the_slo() -> None:
     assert SLO.passes(ProbeResult(10.0, 49.0, 0.01, True))
     assert not SLO.passes(ProbeResult(10.0, 49.0, 0.0101, True))
