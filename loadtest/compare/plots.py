@@ -177,15 +177,16 @@ def plot_capacity(results: dict[str, Any], ax: Axes) -> None:
             continue
         color, label = palette[name], server_label(results, name)
         probes = [probe for entry in capacity["repeats"] for probe in entry["probes"] if probe["p99_ms"] is not None]
+        named = False
         for judged, marker, face in ((True, "o", color), (False, "o", "white"), (None, "x", color)):
             chosen = [probe for probe in probes if probe["pass"] is judged]
             if chosen:
                 xs, ys = [p["rate"] for p in chosen], [p["p99_ms"] for p in chosen]
                 edges = None if judged is None else color  # an x has no edge
-                ax.scatter(xs, ys, marker=marker, c=face, edgecolors=edges, zorder=3)
-                drawn = True
+                ax.scatter(xs, ys, marker=marker, c=face, edgecolors=edges, zorder=3, label=None if named else label)
+                drawn = named = True
         if capacity["mean"] is not None:
-            found = f"{label}: {number(capacity['mean'])} req/s"
+            found = f"{label} capacity: {number(capacity['mean'])} req/s"
             ax.axvline(capacity["mean"], color=color, linestyle="--", label=found)
             if capacity["interval"]:
                 ax.axvspan(*capacity["interval"], color=color, alpha=0.12)

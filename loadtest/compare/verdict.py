@@ -209,6 +209,9 @@ def verdict(results: dict[str, Any]) -> list[dict[str, Any]]:
             decision = decide(values, item.higher_is_better)
             if decision["verdict"] == "not measured" and measured and item.from_steps:
                 decision["verdict"] = "no valid step to judge by (see Invalid steps)"
+            searched = any(servers[name].get("capacity") for name in names)
+            if decision["verdict"] == "not measured" and item.read is capacity_reading and searched:
+                decision["verdict"] = "no conclusive search (see SLO capacity)"
             rows.append(
                 {
                     "variant": group["name"],

@@ -317,6 +317,13 @@ def test_overlapping_capacities_give_no_winner_and_no_search_gives_no_row() -> N
     first = verdict(results)[0]
     assert first["characteristic"].startswith("SLO capacity")
     assert (first["winner"], first["verdict"]) == (None, "no difference beyond noise")
+    for name in ("torch", "tensorflow"):  # every search inconclusive: said so, in that row only
+        results["servers"][name]["capacity"] = capacity.summarize(
+            [(0, _outcome(None, capacity.INCONCLUSIVE))], SLO, 1.0
+        )
+    rows = verdict(results)
+    assert rows[0]["verdict"] == "no conclusive search (see SLO capacity)"
+    assert all(row["verdict"] != rows[0]["verdict"] for row in rows[1:])
     results["settings"]["capacity"] = "off"
     assert not any(row["characteristic"].startswith("SLO capacity") for row in verdict(results))
 
