@@ -1,8 +1,9 @@
 """Load tests and the torch_server / tf_server comparison: ``python -m loadtest --help``.
 
 Rooms: ``users`` (Locust: the gRPC user, the locustfile, shapes, TLS, latency files, the
-``locust`` launcher), ``compare`` (plan, prepare, steps, run, command, parity, fidelity, drain;
-the report: verdict, tables, plots, report), ``tools`` (bench, stages, bare, coldstart, overhead, overload,
+``locust`` launcher), ``compare`` (plan, prepare, steps, run, command, parity, fidelity, drain,
+capacity and capacity_phase (the SLO capacity search); the report: verdict, tables, plots, report),
+``tools`` (bench, stages, bare, coldstart, overhead, overload,
 scaling, soak, fuzz). Shared at the top: ``cli`` (the options and output convention every
 command shares), ``servers`` (starting servers), ``workload`` (what a request carries),
 ``driver`` (asyncio load: grpc.aio, no Locust), ``openloop`` (Locust's constant-arrival-rate

@@ -10,6 +10,7 @@
 - ``requests_per_worker``: a scrape's ``inference_worker_requests_total`` by worker (the
   comparison and ``loadtest.tools.scaling`` share it); ``worker_balance``: how a step's
   requests spread over the workers, and whether one got too few (``UNBALANCED_SHARE``).
+- ``mean_interval``: a mean over repeats with its Student-t 95 % confidence interval (``t_975``).
 - ``decide``: whether one server beats another on values over repeats, by a stated rule
   (``DECISION_RULE``), else "no difference beyond noise".
 
@@ -314,6 +315,72 @@ def resource_stats(ticks: Sequence[Tick], start: float, end: float) -> dict[str,
 def separation_p_value(n: int, m: int) -> float:
     """Two-sided chance that n and m exchangeable values fall into non-overlapping ranges: 2 / C(n+m, n)."""
     return min(1.0, 2.0 / math.comb(n + m, n))
+
+
+#: Two-sided 95 % quantiles of Student's t (its 0.975 quantile) by degrees of freedom, 1 to 30.
+T_975 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
+
+
+def t_975(df: int) -> float:
+    """Student's t 0.975 quantile for ``df`` degrees of freedom: the table to 30, then the Cornish-Fisher
+    expansion around the normal quantile (within 0.001 of the exact value beyond 30)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, not {df}")
+    if df <= len(T_975):
+        return T_975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def mean_interval(values: Sequence[float]) -> dict[str, Any]:
+    """Mean of ``values`` (one per repeat) with its 95 % Student-t confidence interval:
+    ``mean ± t_975(n-1) · s / √n``; ``half_width_pct`` is the half-width relative to the mean.
+    With fewer than two values there is no interval (None)."""
+    n = len(values)
+    if n == 0:
+        return {"mean": None, "interval": None, "half_width": None, "half_width_pct": None, "n": 0}
+    mean = statistics.fmean(values)
+    if n < 2:
+        return {"mean": mean, "interval": None, "half_width": None, "half_width_pct": None, "n": n}
+    half = t_975(n - 1) * statistics.stdev(values) / math.sqrt(n)
+    return {
+        "mean": mean,
+        "interval": [mean - half, mean + half],
+        "half_width": half,
+        "half_width_pct": 100.0 * half / mean if mean else None,
+        "n": n,
+    }
 
 
 def decide(values: Mapping[str, Sequence[float]], higher_is_better: bool) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from loadtest.cli import add_cpu_split_option, progress
+from loadtest.compare import capacity_phase
 from loadtest.compare.plan import (
     CONNECTIONS_PER_WORKER,
     MATRIX_KEYS,
@@ -96,6 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"--workers N, {CONNECTIONS_PER_WORKER} per worker, so the kernel spreads them) (%(default)s)")  # fmt: skip
     arg("--out", type=Path, help="report folder (default: <--out-root>/<timestamp>)")
     arg("--out-root", type=Path, help="folder for timestamped report folders (default: reports)")
+    capacity_phase.add_arguments(parser)
     add_cpu_split_option(parser, "auto: pin the server to the first half of the cores (with --workers N: N cores, "
                          "one at least left) and Locust to the rest (%(default)s)")  # fmt: skip
 
@@ -128,6 +130,7 @@ def options_from(args: argparse.Namespace) -> Options:
     server_workers(opts.server_args)  # validates --server-arg=--workers=N
     connections(opts.connections, 1)  # validates --connections
     plan_arms(opts)  # validates --matrix and --target
+    capacity_phase.check_options(opts)
     return opts
 
 

@@ -106,6 +106,14 @@ class Options:
     #: ``on``: the drain scenario after the open loop (``loadtest.compare.drain``); ``off``: none.
     drain: str = "on"
     cpu_split: str = "auto"
+    #: The SLO capacity search (``loadtest.compare.capacity``): on or off, and its settings.
+    capacity: str = "on"
+    capacity_precision: float = 0.1
+    capacity_step_seconds: float = 2.0
+    capacity_warmup_seconds: float = 0.5
+    capacity_start: float | None = None
+    capacity_max_probes: int = 10
+    capacity_replays: int = 0
 
     @property
     def remote(self) -> bool:

@@ -1,8 +1,8 @@
-"""The comparison report's PNG plots (matplotlib, headless): throughput and latency against
-concurrency and offered rate, the latency distribution, the SLO throughput, cold start and memory,
-queue vs compute time, the mean batch size, where the time goes (a stacked bar per server and
-concurrency) and the failed requests by status against the offered rate. Each server keeps one
-colour in every plot: shades of orange for torch, of blue for tensorflow, others for reference
+"""The comparison report's PNG plots (matplotlib, headless): the SLO capacity search's probes,
+throughput and latency against concurrency and offered rate, the latency distribution, the SLO
+throughput, cold start and memory, queue vs compute time, the mean batch size, where the time goes (a
+stacked bar per server and concurrency) and the failed requests by status against the offered rate. Each
+server keeps one colour in every plot: shades of orange for torch, of blue for tensorflow, others for reference
 servers. Hollow markers: no repeat of that scenario was valid.
 """
 
@@ -169,6 +169,41 @@ def plot_slo(results: dict[str, Any], ax: Axes) -> None:
     ax.set_title(f"Max throughput with p99 ≤ {results['settings']['slo_ms']:g} ms (valid steps, both loops)")
 
 
+def plot_capacity(results: dict[str, Any], ax: Axes) -> None:
+    """Per server, every capacity probe's p99 against its rate (filled: pass, hollow: fail, x: invalid), the
+    SLO, and the capacity found (dashed, its 95 % interval shaded)."""
+    palette = colors(results)
+    slo = results["settings"]["slo_ms"]
+    drawn = False
+    for name, server in results["servers"].items():
+        capacity = server.get("capacity")
+        if not capacity:
+            continue
+        color, label = palette[name], server_label(results, name)
+        probes = [probe for entry in capacity["repeats"] for probe in entry["probes"] if probe["p99_ms"] is not None]
+        named = False
+        for judged, marker, face in ((True, "o", color), (False, "o", "white"), (None, "x", color)):
+            chosen = [probe for probe in probes if probe["pass"] is judged]
+            if chosen:
+                xs, ys = [p["rate"] for p in chosen], [p["p99_ms"] for p in chosen]
+                edges = None if judged is None else color  # an x has no edge
+                ax.scatter(xs, ys, marker=marker, c=face, edgecolors=edges, zorder=3, label=None if named else label)
+                drawn = named = True
+        if capacity["mean"] is not None:
+            found = f"{label} capacity: {number(capacity['mean'])} req/s"
+            ax.axvline(capacity["mean"], color=color, linestyle="--", label=found)
+            if capacity["interval"]:
+                ax.axvspan(*capacity["interval"], color=color, alpha=0.12)
+    title = "SLO capacity search: filled pass, hollow fail, x invalid; dashed: capacity (95% interval)"
+    ax.set(xlabel="probed rate (req/s, open loop)", ylabel="p99 latency (ms, failures included)", title=title)
+    ax.title.set_fontsize(10)
+    if not drawn:
+        ax.text(0.5, 0.5, "capacity not searched", ha="center", transform=ax.transAxes)
+        return
+    ax.axhline(slo, color="grey", linewidth=0.8, linestyle="-.", label=f"p99 SLO {slo:g} ms")
+    _log_axis(ax, "y")
+
+
 def plot_cold_start_memory(results: dict[str, Any], fig: Figure) -> None:
     left, right = fig.subplots(1, 2)
     cold = _per_server(results, start_figure("cold_start_s"))
@@ -292,6 +327,7 @@ def plot_errors_by_status(results: dict[str, Any], fig: Figure) -> None:
 
 
 AX_PLOTS: dict[str, Callable[[dict[str, Any], Axes], None]] = {
+    "slo_capacity.png": plot_capacity,
     "throughput_vs_concurrency.png": plot_throughput,
     "latency_vs_concurrency.png": plot_latency_concurrency,
     "latency_vs_rate.png": plot_latency_rate,

@@ -10,7 +10,10 @@ server beside them) with the same scenarios, in this order:
    Every server flag is passed explicitly and identically (``server_args_for_all``).
 2. *Closed loop*: per repeat, each server is started fresh (cold start = spawn to
    SERVING with the artifacts already there; idle RSS) and swept over ``--concurrency``.
-3. *Open loop*: one grid of absolute arrival rates for every server, from the lower
+3. *Capacity* (``--capacity on``, the default): per repeat, each server started fresh is searched
+   for the highest open-loop rate whose p99 meets ``--slo-ms`` with at most ``SLO_ERROR_RATE``
+   errors, from the lower valid closed-loop peak (``loadtest.compare.capacity_phase``).
+4. *Open loop*: one grid of absolute arrival rates for every server, from the lower
    valid closed-loop peak (``--rate-fractions`` of it) up past the higher one
    (``--overload`` times it); per repeat each server is started fresh again and swept
    over the grid (latency from the scheduled send time).
@@ -72,6 +75,7 @@ import grpc
 
 from loadtest.cli import progress
 from loadtest.compare import drain, fidelity
+from loadtest.compare.capacity_phase import capacity_phase
 from loadtest.compare.plan import (
     GENERATOR_CPU_LIMIT,
     MIN_WINDOW_FRACTION,
@@ -189,6 +193,8 @@ def run_comparison(opts: Options, command: Sequence[str] = ()) -> dict[str, Any]
         check_fairness(opts, groups, records)
         parity_checked = check_parity(opts, groups, records, taken)
         phase(run, arms, records, "closed", closed, model_dirs, order, failures)
+        if opts.capacity == "on":
+            capacity_phase(run, arms, records, model_dirs, order, failures)
         if opts.rates:
             grid: dict[str, Any] = {"rates": sorted(opts.rates), "fixed": True}
         else:

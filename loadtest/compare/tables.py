@@ -1,10 +1,10 @@
 """The comparison report's tables, as (head, rows) of strings that the Markdown and HTML renderers
-share: the verdict per variant, every server side by side, the servers' settings, each loop's steps
-(mean and min-max range over repeats, valid repeats counted, failures by status), where the time goes,
-failed requests by status and reason, requests per worker, invalid steps, failed runs, the fidelity gate
-(``loadtest.compare.fidelity``), the drain runs (``loadtest.compare.drain``), and the run's settings and
-environment. Also the warnings that head the report (outputs that differ beyond tolerance, a pinning that
-makes workers share cores, steps unbalanced across workers).
+share: the verdict per variant, the SLO capacity and its probes, every server side by side, the
+servers' settings, each loop's steps (mean and min-max range over repeats, valid repeats counted, failures
+by status), where the time goes, failed requests by status and reason, requests per worker, invalid steps,
+failed runs, the fidelity gate (``loadtest.compare.fidelity``), the drain runs (``loadtest.compare.drain``),
+and the run's settings and environment. Also the warnings that head the report (outputs that differ beyond
+tolerance, a pinning that makes workers share cores, steps unbalanced across workers).
 """
 
 from __future__ import annotations
@@ -333,6 +333,17 @@ def _order_text(results: dict[str, Any]) -> str:
     return "; ".join(f"{phase} r{repeat + 1}: {', '.join(names)}" for (phase, repeat), names in runs.items())
 
 
+def _capacity_text(settings: dict[str, Any]) -> str:
+    if settings.get("capacity") != "on":
+        return "off" if settings.get("capacity") == "off" else "not run (a comparison from before the search)"
+    start = settings.get("capacity_start")
+    return (
+        f"from {'the lower valid closed-loop peak' if start is None else f'{start:g} req/s'}, precision "
+        f"{settings['capacity_precision']:g}, probes of {settings['capacity_warmup_seconds']:g} s warm-up + "
+        f"{settings['capacity_step_seconds']:g} s window, at most {settings['capacity_max_probes']} per search"
+    )
+
+
 def settings_table(results: dict[str, Any]) -> Table:
     settings, env = results["settings"], results["environment"]
     rows = {
@@ -350,6 +361,7 @@ def settings_table(results: dict[str, Any]) -> Table:
         "repeats": str(settings["repeats"]),
         "batch size / encoding": f"{settings['batch_size']} / {settings['encoding']}",
         "p99 SLO": f"{settings['slo_ms']:g} ms",
+        "capacity search": _capacity_text(settings),
         "validity limits": json.dumps(settings["limits"]),
         "latency": settings.get("latency_note", ""),
         "verdict rule": settings.get("decision_rule", ""),
@@ -362,9 +374,81 @@ def settings_table(results: dict[str, Any]) -> Table:
     return ["setting", "value"], [[key, str(value)] for key, value in rows.items()]
 
 
+def _searched(results: dict[str, Any]) -> bool:
+    return any(server.get("capacity") for server in results["servers"].values())
+
+
+def _rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
+
+
+def capacity_table(results: dict[str, Any]) -> Table:
+    """The SLO capacity per server (``loadtest.compare.capacity``): mean over the conclusive searches, its 95 %
+    Student-t interval and half-width, each repeat's found rate, and the search's settings."""
+    head = ["server", "capacity (req/s, mean)", "95% interval (Student t)", "half-width", "conclusive searches",
+            "found per repeat (req/s)", "probes per repeat", "replays at the found rate", "search"]  # fmt: skip
+    body = []
+    for name, server in results["servers"].items():
+        capacity = server.get("capacity")
+        if not capacity:
+            continue
+        repeats = capacity["repeats"]
+        interval = capacity["interval"]
+        found = ", ".join(_rate(r["found"]) if r["found"] is not None else r["status"] for r in repeats)
+        resolution = capacity.get("resolution_pct")
+        lattice = "" if resolution is None else f" (rates {resolution:.1f}% apart, each repeat's start shifted)"
+        search = (f"from {capacity['start_rps']:g} req/s, x{capacity['factor']:g} bracket, bisection to "
+                  f"{capacity['precision']:.0%}{lattice}, at most {capacity['max_probes']} probes")  # fmt: skip
+        body.append(
+            [
+                server_label(results, name),
+                _rate(capacity["mean"]),
+                "n/a (fewer than 2 values)" if interval is None else f"{_rate(interval[0])}–{_rate(interval[1])}",
+                "n/a" if capacity["half_width_pct"] is None else f"±{capacity['half_width_pct']:.1f}%",
+                f"{len(capacity['values'])}/{len(repeats)}",
+                found or "none",
+                ", ".join(str(len(r["probes"])) for r in repeats) or "none",
+                _replays_text(capacity.get("replays")),
+                search,
+            ]
+        )
+    return head, body
+
+
+def _replays_text(replays: dict[str, int] | None) -> str:
+    if not replays or not replays["run"]:
+        return "none run"
+    invalid = replays["run"] - replays["valid"]
+    return f"{replays['passed']} of {replays['valid']} met the SLO" + (f" ({invalid} invalid)" if invalid else "")
+
+
+def capacity_probe_table(results: dict[str, Any]) -> Table:
+    """Every probe of every capacity search (then its replays at the rate found): its rate, p99, error rate, and
+    pass, fail or why it was invalid."""
+    head = ["server", "repeat", "probe", "rate (req/s)", "sent (req/s)", "p99 (ms)", "error rate", "judged",
+            "search"]  # fmt: skip
+    body = []
+    for name, server in results["servers"].items():
+        for entry in (server.get("capacity") or {}).get("repeats", []):
+            replays = [(f"replay {i + 1}", probe) for i, probe in enumerate(entry.get("replays", []))]
+            for i, (label, probe) in enumerate([*((str(j + 1), p) for j, p in enumerate(entry["probes"])), *replays]):
+                judged = {True: "pass", False: "fail"}.get(probe["pass"]) or "INVALID: " + "; ".join(
+                    probe["invalid_reasons"]
+                )
+                last = i == len(entry["probes"]) - 1
+                outcome = entry["status"] + (f": {entry['reason']}" if entry["reason"] else "")
+                body.append([server_label(results, name), str(entry["repeat"] + 1), label, f"{probe['rate']:g}",
+                             _rate(probe.get("sent_rps")), number(probe["p99_ms"]),
+                             "n/a" if probe["error_rate"] is None else f"{probe['error_rate']:.2%}", judged,
+                             outcome if last else ""])  # fmt: skip
+    return head, body
+
+
 def sections(results: dict[str, Any]) -> list[tuple[str, Table]]:
+    slo = f"p99 ≤ {results['settings']['slo_ms']:g} ms"
     return [
         *verdict_tables(results),
+        *([(f"SLO capacity ({slo}; open loop, Poisson)", capacity_table(results))] if _searched(results) else []),
         (
             "Fidelity (same inputs to both servers before timing: largest difference, top-1 agreement)",
             fidelity.table(results),
@@ -376,6 +460,7 @@ def sections(results: dict[str, Any]) -> list[tuple[str, Table]]:
         ("Where the time goes (mean ms per successful request)", breakdown_table(results)),
         ("Failed requests by status", failures_by_status_table(results)),
         ("Drain (SIGTERM under steady open-loop load at half the lower peak)", drain.table(results)),
+        *([("Capacity search probes", capacity_probe_table(results))] if _searched(results) else []),
         ("Requests per worker", worker_table(results)),
         ("Invalid steps", invalid_table(results)),
         ("Failed runs", failure_table(results)),

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from loadtest.compare.capacity import capacity_reading
 from loadtest.stats import decide
 
 MIB = 2**20
@@ -177,9 +178,18 @@ class Characteristic:
     from_steps: bool = True
 
 
+def capacity_characteristic(settings: dict[str, Any]) -> list[Characteristic]:
+    """The headline row, when the comparison searched capacity (``--capacity on``; a server's ``capacity``)."""
+    if settings.get("capacity") != "on":
+        return []
+    name = f"SLO capacity (p99 ≤ {settings['slo_ms']:g} ms, errors ≤ {_slo_errors(settings):.0%})"
+    return [Characteristic(name, "req/s", True, capacity_reading, from_steps=False)]
+
+
 def characteristics(settings: dict[str, Any]) -> list[Characteristic]:
     ref = settings["reference_concurrency"]
     return [
+        *capacity_characteristic(settings),
         Characteristic("peak throughput (closed loop)", "req/s", True, _peak),
         Characteristic(
             f"max throughput with p99 ≤ {settings['slo_ms']:g} ms, errors ≤ {_slo_errors(settings):.0%}",
@@ -233,6 +243,9 @@ def verdict(results: dict[str, Any]) -> list[dict[str, Any]]:
             decision = decide(values, item.higher_is_better)
             if decision["verdict"] == "not measured" and measured and item.from_steps:
                 decision["verdict"] = "no valid step to judge by (see Invalid steps)"
+            searched = any(servers[name].get("capacity") for name in names)
+            if decision["verdict"] == "not measured" and item.read is capacity_reading and searched:
+                decision["verdict"] = "no conclusive search (see SLO capacity)"
             rows.append(
                 {
                     "variant": group["name"],
