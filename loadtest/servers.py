@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -22,12 +23,26 @@ MODULES = {"torch": "torch_server", "tensorflow": "tf_server", "tf": "tf_server"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def pin_to(cpus: Sequence[int] | None) -> Callable[[], None] | None:
-    """A ``preexec_fn`` that pins the child process to ``cpus`` (None: no pinning)."""
+#: Pins itself to the cores in argv[1], then becomes the command after them (when taskset is missing).
+_PIN_SHIM = (
+    "import os, sys; os.sched_setaffinity(0, map(int, sys.argv[1].split(','))); os.execvp(sys.argv[2], sys.argv[2:])"
+)
+
+
+def pinned(command: Sequence[str], cpus: Sequence[int] | None) -> list[str]:
+    """``command`` started on ``cpus`` only (None: as it is).
+
+    Pinned by ``taskset`` (or a Python shim) that execs the command, not by a ``preexec_fn``: that
+    makes subprocess fork instead of vfork, and a fork while this process has gRPC threads running (a
+    channel open in a sampler or a health poller) let gRPC's fork handlers abort the child before its
+    exec ("epoll_wait error: Bad file descriptor", exit -6)."""
     if not cpus:
-        return None
-    chosen = list(cpus)
-    return lambda: os.sched_setaffinity(0, chosen)
+        return list(command)
+    cores = ",".join(str(cpu) for cpu in cpus)
+    taskset = shutil.which("taskset")
+    if taskset:
+        return [taskset, "-c", cores, *command]
+    return [sys.executable, "-c", _PIN_SHIM, cores, *command]
 
 
 class ServerStartError(RuntimeError):
@@ -101,12 +116,11 @@ class ServerProcess:
         log = self.log_path.open("wb")
         started = time.perf_counter()
         self.process = subprocess.Popen(
-            self.command,
+            pinned(self.command, self.cpus),
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
             cwd=ROOT,
-            preexec_fn=pin_to(self.cpus),  # noqa: PLW1509 - only sched_setaffinity
         )
         log.close()
         deadline = started + timeout

@@ -29,7 +29,7 @@ from loadtest.breakdown import step_breakdown
 from loadtest.cli import progress
 from loadtest.compare.plan import Arm, Options, Scenario, invalid_reasons, locust_processes
 from loadtest.sampling import Endpoint, Sampler, StatisticsReader, interval_for, listener_pid
-from loadtest.servers import ROOT, ServerProcess, pin_to
+from loadtest.servers import ROOT, ServerProcess, pinned
 from loadtest.stats import errors_text, resource_stats, window_stats
 from loadtest.users.latency_file import Samples, read_latencies
 
@@ -107,11 +107,10 @@ def run_locust(
         log_path.open("wb") as log,
     ):
         process = subprocess.Popen(
-            command,
+            pinned(command, cpus),
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
-            preexec_fn=pin_to(cpus),  # noqa: PLW1509 - only sched_setaffinity
         )
         with contextlib.suppress(psutil.Error):
             sampler.generator = psutil.Process(process.pid)

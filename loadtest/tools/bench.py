@@ -49,7 +49,7 @@ from loadtest.cli import (
     write_result,
 )
 from loadtest.sampling import scrape
-from loadtest.servers import MODULES, ROOT, ServerProcess, pin_to
+from loadtest.servers import MODULES, ROOT, ServerProcess, pinned
 from loadtest.stats import metric_deltas
 
 GENERATOR_LIMIT = 0.9
@@ -100,13 +100,12 @@ def _run(command: list[str], cpus: list[int] | None, timeout: float) -> str:
     """Run ``command`` (pinned to ``cpus``); its stdout, or RuntimeError with its stderr's tail."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
-        command,
+        pinned(command, cpus),
         capture_output=True,
         text=True,
         timeout=timeout,
         env=env,
         cwd=ROOT,
-        preexec_fn=pin_to(cpus),
         check=False,
     )
     if done.returncode != 0:

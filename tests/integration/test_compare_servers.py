@@ -18,7 +18,8 @@ import pytest
 from contract.protocol import inference_pb2 as pb
 from loadtest import sampling
 from loadtest.cli import available_cpus
-from loadtest.compare import plan, prepare
+from loadtest.compare import capacity as capacity_search
+from loadtest.compare import drain, plan, prepare
 from loadtest.compare import run as compare
 from loadtest.servers import ServerProcess
 from tests.helpers.fakes import FAKE_DEFAULT_THREADS, FakeFramework
@@ -26,6 +27,14 @@ from tests.helpers.servers import BackgroundServer
 from tests.helpers.synthetic import check_report_folder
 
 ROOT = Path(__file__).resolve().parents[2]
+#: How a capacity search may end.
+ENDINGS = {
+    capacity_search.FOUND,
+    capacity_search.NONE_PASSES,
+    capacity_search.INCONCLUSIVE,
+    capacity_search.BUDGET_EXHAUSTED,
+    capacity_search.ABOVE_CEILING,
+}
 
 
 class ConfigOnly:
@@ -89,7 +98,7 @@ def test_compare_end_to_end_on_mlp_with_a_reference_server(tmp_path: Path) -> No
         command = [
             sys.executable, "-m", "loadtest", "compare", "--model", "mlp", "--concurrency", "2",
             "--rates", "150", "--step-seconds", "1.5", "--warmup-seconds", "0.5", "--repeats", "2",
-            "--target", f"bare={bare.target}", "--out", str(out),
+            "--capacity-max-probes", "3", "--target", f"bare={bare.target}", "--out", str(out),
         ]  # fmt: skip
         # Its own process group: if it overruns, the servers it started go down with it.
         process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -107,7 +116,20 @@ def test_compare_end_to_end_on_mlp_with_a_reference_server(tmp_path: Path) -> No
     assert results["failures"] == []
     forward, backward = ["torch", "tensorflow", "bare"], ["bare", "tensorflow", "torch"]
     drained = ["torch", "tensorflow", "tensorflow", "torch"]  # the servers it started, not the reference
-    assert [entry["arm"] for entry in results["order"]] == (forward + backward) * 2 + drained  # closed, open, drain
+    # closed, capacity search, open, drain
+    assert [entry["arm"] for entry in results["order"]] == (forward + backward) * 3 + drained
+    for name in ("torch", "tensorflow", "bare"):
+        capacity = results["servers"][name]["capacity"]
+        assert capacity["slo_ms"] == results["settings"]["slo_ms"]
+        assert len(capacity["repeats"]) == 2, name
+        for entry in capacity["repeats"]:
+            assert entry["status"] in ENDINGS, (name, entry)
+            assert 1 <= len(entry["probes"]) <= 3, (name, entry)
+            assert all(probe["rate"] > 0 and probe["pass"] in (True, False, None) for probe in entry["probes"])
+            if entry["status"] == capacity_search.FOUND:  # the highest rate that passed, of those probed
+                passed = [probe["rate"] for probe in entry["probes"] if probe["pass"]]
+                assert entry["found"] == max(passed), (name, entry)
+        assert capacity["values"] == [e["found"] for e in capacity["repeats"] if e["found"] is not None], name
     views = [plan.settings_view(results["servers"][fw]["model_config"]) for fw in ("torch", "tensorflow")]
     assert views[0] == views[1]
     assert views[0]["device"] == "cpu"
@@ -117,7 +139,7 @@ def test_compare_end_to_end_on_mlp_with_a_reference_server(tmp_path: Path) -> No
         server = results["servers"][name]
         assert server["prepare"]["first_start_s"] > 0
         assert server["prepare"]["export_s"] is not None
-        assert [(s["phase"], s["repeat"]) for s in server["starts"]] == [(p, r) for p in ("closed", "open")
+        assert [(s["phase"], s["repeat"]) for s in server["starts"]] == [(p, r) for p in ("closed", "capacity", "open")
                                                                          for r in (0, 1)]  # fmt: skip
         assert all(start["cold_start_s"] > 0 and start["idle_rss_bytes"] > 0 for start in server["starts"])
     # At 2 users and 150 req/s nothing should strain the generator or the servers: every step is valid
@@ -148,15 +170,16 @@ def test_compare_end_to_end_on_mlp_with_a_reference_server(tmp_path: Path) -> No
             assert step["offered_rps"] == 150.0
             if not any(reason.startswith("generator behind schedule") for reason in step["invalid_reasons"]):
                 assert step["sent_rps"] == pytest.approx(150.0, rel=0.35), name
-    # SIGTERM under steady load: readiness off before the process is gone, a clean exit, and no call lost
-    # but to the one known race (tests/integration/test_drain.py): CANCELLED as the transport closes.
+    # SIGTERM under steady load: readiness off before the process is gone, a clean exit, and every call
+    # accounted for. Whether the server loses calls is what the drain row measures, not what this test
+    # asserts: the servers can lose a few (CANCELLED as the transport closes; tests/integration/test_drain.py).
     for name in ("torch", "tensorflow"):
         found = results["servers"][name]["drain"]
         assert found["repeat"] == [0, 1], name
         assert found["lost_before_signal"] == [0, 0], (name, found["statuses"])
-        for exit_s, window, lost in zip(found["exit_s"], found["lost_window_s"], found["lost_examples"], strict=True):
-            assert window is None or window[0] >= exit_s - 0.2, (name, window, exit_s)
-            assert all(call["status"] == "CANCELLED" for call in lost), (name, lost)
+        for calls, statuses, lost in zip(found["calls"], found["statuses"], found["lost_calls"], strict=True):
+            assert sum(statuses.values()) == calls > 0, (name, statuses)
+            assert sum(n for status, n in statuses.items() if drain.classify(status) == "lost") == lost, statuses
         assert found["exit_code"] == [0, 0], name
         assert all(0 <= flip < 1000 * exit_s for flip, exit_s in zip(found["readiness_flip_ms"], found["exit_s"],
                                                                        strict=True)), name  # fmt: skip

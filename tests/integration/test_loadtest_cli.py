@@ -15,7 +15,7 @@ import pytest
 import loadtest.tools
 from loadtest import cli
 from loadtest.__main__ import LOCUST, TOOLS
-from loadtest.cli import CpuSplit, add_server_option, parse_servers, split_cpus, write_result
+from loadtest.cli import CpuSplit, add_server_option, available_cpus, parse_servers, split_cpus, write_result
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -133,3 +133,16 @@ def test_report_refuses_a_missing_or_foreign_results_file_in_one_line(
         assert why in stderr
         assert len(stderr.strip().splitlines()) == 1
         assert not (tmp_path / "report.html").exists()
+
+
+@pytest.mark.parametrize("taskset", [True, False], ids=["taskset", "shim"])
+def test_pinned_children_run_on_the_given_core_only(monkeypatch: pytest.MonkeyPatch, taskset: bool) -> None:
+    from loadtest import servers
+
+    if not taskset:
+        monkeypatch.setattr(servers.shutil, "which", lambda name: None)
+    core = available_cpus()[-1]
+    probe = [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"]
+    done = subprocess.run(servers.pinned(probe, [core]), capture_output=True, text=True, timeout=60, check=True)
+    assert json.loads(done.stdout) == [core]
+    assert servers.pinned(probe, None) == probe
