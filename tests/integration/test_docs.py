@@ -49,14 +49,9 @@ WITH_SUBCOMMANDS = {"loadtest", "torch_server", "tf_server", "client", "gpucheck
 LOCUSTFILE = "loadtest/locustfile.py"
 #: One of our options on Locust's parser: absent from a help text that lacks them all.
 OUR_LOCUST_OPTION = "--load-shape"
-#: Prints Locust's parser as Locust builds it for a run, with the options our locustfile adds
-#: (``locust -f ... --help`` prints it before loading the locustfile, without them).
-LOCUST_PARSER_HELP = (
-    "import loadtest.locustfile  # registers our options on init_command_line_parser\n"
-    "from locust.argument_parser import get_parser\n"
-    "get_parser().print_help()\n"
-)
-LOCUST_PARSER = ("locust-parser",)  # the Helps key of LOCUST_PARSER_HELP
+#: Locust with our options registered first (``python -m loadtest locust``): its ``--help`` lists
+#: them, which ``locust -f ... --help`` cannot (Locust prints it before loading the locustfile).
+LOCUST_PARSER = (sys.executable, "-m", "loadtest", "locust")
 #: Placeholders a runnable block may use, and the fixture that fills each.
 RUN_PLACEHOLDERS = {"reports/<timestamp>": "report_folder"}
 FLAG = re.compile(r"^(--[A-Za-z0-9][\w-]*|-[A-Za-z])$")
@@ -235,7 +230,7 @@ class Helps:
 
     @staticmethod
     def _run(argv: tuple[str, ...]) -> tuple[int, str]:
-        command = [sys.executable, "-c", LOCUST_PARSER_HELP] if argv == LOCUST_PARSER else [*argv, "--help"]
+        command = [*argv, "--help"]
         done = subprocess.run(
             command, capture_output=True, text=True, cwd=ROOT, env=child_env(), timeout=HELP_TIMEOUT_S, check=False
         )
