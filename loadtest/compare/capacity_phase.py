@@ -112,6 +112,14 @@ def start_rate(opts: Options, records: dict[str, Any], arms: Sequence[Arm]) -> f
     return round(min(known), 1) if known else None
 
 
+def probing(run: Run) -> Run:
+    """``run`` with the probes' window and warm-up (``--capacity-step-seconds``, ``--capacity-warmup-seconds``)."""
+    opts = run.opts
+    short = dataclasses.replace(opts, step_seconds=opts.capacity_step_seconds,
+                                warmup_seconds=opts.capacity_warmup_seconds)  # fmt: skip
+    return dataclasses.replace(run, opts=short)
+
+
 def _probe_result(rate: float, step: dict[str, Any]) -> ProbeResult:
     extra = {
         "throughput_rps": step["throughput_rps"],
@@ -126,10 +134,20 @@ def _probe_result(rate: float, step: dict[str, Any]) -> ProbeResult:
 
 
 def search_server(
-    run: Run, arm: Arm, endpoint: Endpoint, repeat: int, start: float, rules: Search, *, local: bool
+    run: Run,
+    arm: Arm,
+    endpoint: Endpoint,
+    repeat: int,
+    start: float,
+    rules: Search,
+    *,
+    local: bool,
+    stage: str | None = None,
 ) -> Outcome:
-    """One search against a running server: each probe a measured open-loop step, a progress line each."""
+    """One search against a running server: each probe a measured open-loop step, a progress line each
+    (``stage`` names the search in it; default: the phase and repeat)."""
     count = 0
+    stage = stage or f"{PHASE} r{repeat + 1}/{run.opts.repeats}"
 
     def probe(rate: float) -> ProbeResult:
         nonlocal count
@@ -140,7 +158,7 @@ def search_server(
         result, passed = capacity.judged(_probe_result(rate, step), rules)
         verdict = {True: "pass", False: "fail", None: "INVALID: " + "; ".join(result.reasons)}[passed]
         progress(
-            f"{arm.name} {PHASE} r{repeat + 1}/{run.opts.repeats} probe {count}: rate={rate:g}/s "
+            f"{arm.name} {stage} probe {count}: rate={rate:g}/s "
             f"(sent {step['sent_rps']:.0f}/s): p99 {_fmt_ms(result.p99_ms)}, errors {_fmt_pct(result.error_rate)} "
             f"- {verdict}"
         )
@@ -189,9 +207,7 @@ def capacity_phase(
         failures.append({"server": "all", "phase": PHASE, "repeat": 0, "error": error})
         return
     rules = settings(opts, generator_ceiling(run))
-    probing = dataclasses.replace(opts, step_seconds=opts.capacity_step_seconds,
-                                  warmup_seconds=opts.capacity_warmup_seconds)  # fmt: skip
-    prober = dataclasses.replace(run, opts=probing)
+    prober = probing(run)
     progress(
         f"capacity search (p99 <= {opts.slo_ms:g} ms, errors <= {SLO_ERROR_RATE:.0%}, precision "
         f"{opts.capacity_precision:g}), from {start:g} req/s, at most {rules.max_rate:g} req/s (the generator's "

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from loadtest.cli import add_cpu_split_option, progress
-from loadtest.compare import capacity_phase
+from loadtest.compare import capacity_phase, sweep_phase
 from loadtest.compare.plan import (
     CONNECTIONS_PER_WORKER,
     MATRIX_KEYS,
@@ -98,6 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     arg("--out", type=Path, help="report folder (default: <--out-root>/<timestamp>)")
     arg("--out-root", type=Path, help="folder for timestamped report folders (default: reports)")
     capacity_phase.add_arguments(parser)
+    sweep_phase.add_arguments(parser)
     add_cpu_split_option(parser, "auto: pin the server to the first half of the cores (with --workers N: N cores, "
                          "one at least left) and Locust to the rest (%(default)s)")  # fmt: skip
 
@@ -131,6 +132,7 @@ def options_from(args: argparse.Namespace) -> Options:
     connections(opts.connections, 1)  # validates --connections
     plan_arms(opts)  # validates --matrix and --target
     capacity_phase.check_options(opts)
+    sweep_phase.check_options(opts)
     return opts
 
 

@@ -114,6 +114,9 @@ class Options:
     capacity_start: float | None = None
     capacity_max_probes: int = 10
     capacity_replays: int = 0
+    #: Each server at its best (``loadtest.compare.sweep``): on or off, and the values each setting may take.
+    sweep: bool = False
+    sweep_space: list[str] = field(default_factory=list)
 
     @property
     def remote(self) -> bool:

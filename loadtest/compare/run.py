@@ -13,11 +13,13 @@ server beside them) with the same scenarios, in this order:
 3. *Capacity* (``--capacity on``, the default): per repeat, each server started fresh is searched
    for the highest open-loop rate whose p99 meets ``--slo-ms`` with at most ``SLO_ERROR_RATE``
    errors, from the lower valid closed-loop peak (``loadtest.compare.capacity_phase``).
-4. *Open loop*: one grid of absolute arrival rates for every server, from the lower
+4. *Sweep* (``--sweep``): each server searched over its configurations for its best, then the two
+   bests searched in every repeat for the "each at its best" verdict (``loadtest.compare.sweep_phase``).
+5. *Open loop*: one grid of absolute arrival rates for every server, from the lower
    valid closed-loop peak (``--rate-fractions`` of it) up past the higher one
    (``--overload`` times it); per repeat each server is started fresh again and swept
    over the grid (latency from the scheduled send time).
-4. *Drain* (``--drain on``, the default): per repeat each server started fresh again gets SIGTERM
+6. *Drain* (``--drain on``, the default): per repeat each server started fresh again gets SIGTERM
    under steady open-loop load at half the lower peak; calls lost, time to exit and readiness
    flip (``loadtest.compare.drain``).
 
@@ -74,7 +76,7 @@ from typing import Any
 import grpc
 
 from loadtest.cli import progress
-from loadtest.compare import drain, fidelity
+from loadtest.compare import drain, fidelity, sweep_phase
 from loadtest.compare.capacity_phase import capacity_phase
 from loadtest.compare.plan import (
     GENERATOR_CPU_LIMIT,
@@ -195,6 +197,7 @@ def run_comparison(opts: Options, command: Sequence[str] = ()) -> dict[str, Any]
         phase(run, arms, records, "closed", closed, model_dirs, order, failures)
         if opts.capacity == "on":
             capacity_phase(run, arms, records, model_dirs, order, failures)
+        swept = sweep_phase.sweep_phase(run, arms, records, model_dirs, order, failures) if opts.sweep else None
         if opts.rates:
             grid: dict[str, Any] = {"rates": sorted(opts.rates), "fixed": True}
         else:
@@ -245,6 +248,7 @@ def run_comparison(opts: Options, command: Sequence[str] = ()) -> dict[str, Any]
         "grid": grid,
         "parity": parity_checked,
         "fidelity": fidelity.record(parity_checked, opts.allow_mismatch),
+        "sweep": swept,
         "order": order,
         "failures": failures,
     }

@@ -13,9 +13,20 @@ import json
 import statistics
 from typing import Any
 
-from loadtest.compare import drain, fidelity
+from loadtest.compare import drain, fidelity, sweep_tables
 from loadtest.compare.exports import server_breakdown
-from loadtest.compare.verdict import MIB, Point, Step, characteristics, number, series, server_label, variants, x_of
+from loadtest.compare.verdict import (
+    MIB,
+    SAME_SETTINGS,
+    Point,
+    Step,
+    characteristics,
+    number,
+    series,
+    server_label,
+    verdict_groups,
+    x_of,
+)
 from loadtest.stats import UNBALANCED_SHARE, errors_text, worker_balance
 from loadtest.users.latency_file import NOT_RECORDED, status_code
 
@@ -43,7 +54,8 @@ def _verdict_cell(row: dict[str, Any], name: str) -> str:
 def verdict_tables(results: dict[str, Any]) -> list[tuple[str, Table]]:
     """One verdict table per variant: characteristic, each server, the difference, the verdict."""
     tables = []
-    for group in variants(results):
+    groups = verdict_groups(results)
+    for group in groups:
         rows = [row for row in results["verdict"] if row["variant"] == group["name"]]
         if not rows:
             continue
@@ -69,7 +81,8 @@ def verdict_tables(results: dict[str, Any]) -> list[tuple[str, Table]]:
                 ]
             )
         head = ["characteristic", *(server_label(results, name) for name in names), "difference of means", "verdict"]
-        title = "Verdict" if len(variants(results)) == 1 else f"Verdict: {group['name']}"
+        name = SAME_SETTINGS if group["name"] == "as set" and len(groups) > 1 else group["name"]
+        title = "Verdict" if len(groups) == 1 else f"Verdict: {name}"
         tables.append((title, (head, body)))
     return tables
 
@@ -449,6 +462,7 @@ def sections(results: dict[str, Any]) -> list[tuple[str, Table]]:
     return [
         *verdict_tables(results),
         *([(f"SLO capacity ({slo}; open loop, Poisson)", capacity_table(results))] if _searched(results) else []),
+        *sweep_tables.sections(results),
         (
             "Fidelity (same inputs to both servers before timing: largest difference, top-1 agreement)",
             fidelity.table(results),

@@ -228,8 +228,62 @@ def variants(results: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+#: The variant name of the second verdict a sweep (``--sweep``) adds: each server in its best configuration.
+AT_ITS_BEST = "each at its best"
+#: How the comparison's own variant is named beside it.
+SAME_SETTINGS = "same settings"
+
+
+def best_group(results: dict[str, Any]) -> dict[str, Any] | None:
+    """The sweep's pair (``--sweep``: ``results['sweep']``), as a variant of its own; None without a sweep."""
+    swept = (results.get("sweep") or {}).get("servers") or {}
+    if len(swept) != 2:
+        return None
+    return {"name": AT_ITS_BEST, "values": {}, "arms": {name: name for name in swept}}
+
+
+def verdict_groups(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every verdict's pair: the variants (``variants``), then each at its best when the comparison swept."""
+    best = best_group(results)
+    return [*variants(results), *([best] if best else [])]
+
+
+def best_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The sweep's verdict: the two bests' SLO capacity, over the repeats that searched them."""
+    group = best_group(results)
+    if group is None:
+        return []
+    swept = results["sweep"]["servers"]
+    item = capacity_characteristic(results["settings"] | {"capacity": "on"})[0]
+    values = {name: capacity_reading(swept[name], results["settings"])[0] for name in group["arms"]}
+    where = {name: (swept[name].get("best") or {}).get("name", "") for name in group["arms"]}
+    return [_row(AT_ITS_BEST, item, values, where, higher_is_better=True)]
+
+
+def _row(
+    variant: str,
+    item: Characteristic,
+    values: dict[str, list[float]],
+    where: dict[str, str],
+    *,
+    higher_is_better: bool,
+    decision: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return {
+        "variant": variant,
+        "characteristic": item.name,
+        "unit": item.unit,
+        "better": "higher" if higher_is_better else "lower",
+        "values": values,
+        "where": where,
+        "means": {name: statistics.fmean(v) if v else None for name, v in values.items()},
+        **(decision or decide(values, higher_is_better)),
+    }
+
+
 def verdict(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per variant and characteristic: each server's values and mean, the leader, margin, and the decision."""
+    """Per variant and characteristic: each server's values and mean, the leader, margin, and the decision
+    (then the sweep's row, ``best_rows``)."""
     settings, servers = results["settings"], results["servers"]
     rows = []
     for group in variants(results):
@@ -246,19 +300,10 @@ def verdict(results: dict[str, Any]) -> list[dict[str, Any]]:
             searched = any(servers[name].get("capacity") for name in names)
             if decision["verdict"] == "not measured" and item.read is capacity_reading and searched:
                 decision["verdict"] = "no conclusive search (see SLO capacity)"
-            rows.append(
-                {
-                    "variant": group["name"],
-                    "characteristic": item.name,
-                    "unit": item.unit,
-                    "better": "higher" if item.higher_is_better else "lower",
-                    "values": values,
-                    "where": {name: reading[1] for name, reading in readings.items()},
-                    "means": {name: statistics.fmean(v) if v else None for name, v in values.items()},
-                    **decision,
-                }
-            )
-    return rows
+            where = {name: reading[1] for name, reading in readings.items()}
+            rows.append(_row(group["name"], item, values, where, higher_is_better=item.higher_is_better,
+                             decision=decision))  # fmt: skip
+    return rows + best_rows(results)
 
 
 # ---------------------------------------------------------------- naming and numbers
