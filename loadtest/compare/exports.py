@@ -160,9 +160,19 @@ def _step_summary(step: Step) -> dict[str, Any]:
     }
 
 
+def _capacity_summary(capacity: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A ``capacity`` of results.json as summary.json keeps it: mean, 95 % interval, values, objective."""
+    if not capacity:
+        return None
+    keys = ("mean", "interval", "half_width_pct", "values", "slo_ms", "error_limit")
+    return {"unit": "req/s", **{key: capacity.get(key) for key in keys}}
+
+
 def summary(results: dict[str, Any]) -> dict[str, Any]:
-    """summary.json: every server's steps with their units (``UNITS``), percentiles and breakdown."""
+    """summary.json: every server's steps with their units (``UNITS``), percentiles and breakdown, its SLO
+    capacity, and (``--sweep``) its best configuration with the command that serves it and its capacity."""
     settings = results["settings"]
+    swept = (results.get("sweep") or {}).get("servers") or {}
     return {
         "units": UNITS,
         "model": settings.get("model"),
@@ -174,6 +184,14 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
                 "label": server.get("label"),
                 "framework": server.get("framework"),
                 "steps": [_step_summary(step) for step in server["steps"]],
+                "capacity": _capacity_summary(server.get("capacity")),
+                "at_its_best": None
+                if name not in swept
+                else {
+                    "config": (swept[name].get("best") or {}).get("config"),
+                    "command": swept[name].get("command"),
+                    "capacity": _capacity_summary(swept[name].get("capacity")),
+                },
             }
             for name, server in results["servers"].items()
         },
