@@ -48,9 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     arg("--drain", choices=["on", "off"], default=defaults.drain, help="after the open loop, per repeat: SIGTERM "
         "to each server under steady load at half the lower peak; calls lost, time to exit, readiness flip "
         "(%(default)s)")  # fmt: skip
-    arg("--concurrency", default="1,4,16,32", help="closed-loop users per step, comma-separated (default: %(default)s)")
+    users, fractions = ",".join(map(str, defaults.concurrency)), ",".join(f"{f:g}" for f in defaults.rate_fractions)
+    arg("--concurrency", default=users, help="closed-loop users per step, comma-separated (default: %(default)s)")
     arg("--rates", default="", help="open-loop arrival rates, req/s, comma-separated (default: the grid below)")
-    arg("--rate-fractions", default="0.25,0.5,0.9", help="open-loop rates as fractions of the LOWER valid "
+    arg("--rate-fractions", default=fractions, help="open-loop rates as fractions of the LOWER valid "
         "closed-loop peak of the two servers, the same rates for both (default: %(default)s)")  # fmt: skip
     arg("--overload", type=float, default=defaults.overload,
         help="one more open-loop rate at this multiple of the HIGHER peak; 0: none (default: %(default)s)")  # fmt: skip

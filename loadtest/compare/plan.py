@@ -63,15 +63,15 @@ class Options:
     """The comparison's settings (the CLI flags)."""
 
     model: str = "mlp"
-    concurrency: list[int] = field(default_factory=lambda: [1, 4, 16, 32])
+    concurrency: list[int] = field(default_factory=lambda: [1, 8, 32])
     rates: list[float] = field(default_factory=list)
-    rate_fractions: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.9])
+    rate_fractions: list[float] = field(default_factory=lambda: [0.5, 0.9])
     overload: float = 1.1
     arrival: str = "poisson"
     arrival_users: int = 4
     deadline_ms: float = 1000.0
-    step_seconds: float = 4.0
-    warmup_seconds: float = 1.5
+    step_seconds: float = 3.0
+    warmup_seconds: float = 0.5
     repeats: int = 3
     slo_ms: float = 50.0
     batch_size: int = 1

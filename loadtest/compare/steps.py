@@ -36,6 +36,8 @@ from loadtest.users.latency_file import Samples, read_latencies
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
 TAIL_S = 0.5
 LOCUST_GRACE_S = 30.0
+#: Seconds a fresh server idles after SERVING before its idle RSS is read (warm-up is done by then).
+IDLE_S = 0.5
 #: Generator CPU per request assumed until a step has measured it (µs; see loadtest.tools.overhead).
 GENERATOR_US_PER_REQUEST = 300.0
 
@@ -240,7 +242,7 @@ def serving(
         server.start()
         endpoint = Endpoint(arm.name, server.target, server.metrics_url, opts.model, pid=server.pid)
         if phase != "prepare":
-            time.sleep(1.0)
+            time.sleep(IDLE_S)
             idle_rss = endpoint.sample(None).server_rss
             record["starts"].append(
                 {"phase": phase, "repeat": repeat, "cold_start_s": server.cold_start_s, "idle_rss_bytes": idle_rss}

@@ -391,7 +391,7 @@ def test_capacity_phase_searches_each_server_in_abba_order_from_the_lower_peak(
     assert {(step, warmup) for _, phase, _, step, warmup in probed if "replay" not in phase} == {(2.0, 0.5)}
     replays = [(name, phase, rate, step, warmup) for name, phase, rate, step, warmup in probed if "replay" in phase]
     assert [(name, phase, step, warmup) for name, phase, _, step, warmup in replays] == [
-        (name, "capacity-replay1", 4.0, 1.5) for name, _ in served
+        (name, "capacity-replay1", opts.step_seconds, opts.warmup_seconds) for name, _ in served
     ]
     assert [rate for *_, rate, _, _ in replays] == [
         entry["found"]
