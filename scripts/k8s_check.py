@@ -132,15 +132,14 @@ def merge(base: Any, patch: Any, key: str = "") -> Any:
                 merged[name] = merge(merged[name], value, name) if name in merged else copy.deepcopy(value)
         return merged
     if isinstance(base, list) and isinstance(patch, list) and key in MERGE_KEYS:
+        # As kustomize orders them: the patch's items first (merged into their base item), then the others.
         by = MERGE_KEYS[key]
-        merged_list = list(base)
+        patched = {item.get(by) for item in patch}
+        merged_list = []
         for item in patch:
-            at = next((i for i, old in enumerate(merged_list) if old.get(by) == item.get(by)), None)
-            if at is None:
-                merged_list.append(copy.deepcopy(item))
-            else:
-                merged_list[at] = merge(merged_list[at], item)
-        return merged_list
+            old = next((old for old in base if old.get(by) == item.get(by)), None)
+            merged_list.append(copy.deepcopy(item) if old is None else merge(old, item))
+        return merged_list + [copy.deepcopy(old) for old in base if old.get(by) not in patched]
     return copy.deepcopy(patch)
 
 
@@ -565,6 +564,12 @@ def image_problems(resources: list[Resource]) -> list[str]:
     ]
 
 
+@cache
+def help_texts() -> dict[tuple[str, ...], str]:
+    """``python -m loadtest locust --help`` (Locust's flags with our options) and ``... compare --help``."""
+    return helps([LOCUST_HELP, COMPARE_HELP])
+
+
 def helps(argvs: list[tuple[str, ...]]) -> dict[tuple[str, ...], str]:
     """``argv --help`` of each, run at once in child processes."""
 
@@ -592,7 +597,7 @@ def mentioned(help_text: str, flag: str) -> bool:
 
 def load_problems(resources: list[Resource], everything: list[Resource]) -> list[str]:
     """Locust's and the comparison's commands: flags they know, env vars they read, targets that exist."""
-    texts = helps([LOCUST_HELP, COMPARE_HELP])
+    texts = help_texts()
     problems = []
     for resource in resources:
         for container in containers(resource, init=True):
