@@ -1,11 +1,12 @@
 # Set-up and checks. `make test` is what CI runs (.ci/run); `make compare` is the main job.
 # `make deploy-check` proves the compose deployment on a real Docker engine (CI runs it where one is).
+# `make k8s-check` renders and validates deploy/k8s and ties it to the code (no cluster needed; CI runs it).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast lint typecheck proto-check pytest compare serve-torch serve-tf wheelhouse deploy-check clean
+.PHONY: setup test test-fast lint typecheck proto-check pytest compare serve-torch serve-tf wheelhouse deploy-check k8s-check clean
 
 setup: $(STAMP)
 
@@ -50,6 +51,12 @@ wheelhouse:
 # Build, start, load, scrape, compare, drain and take down the CPU compose stack (scripts/deploy_check.py).
 deploy-check: $(STAMP)
 	$(PY) -m scripts.deploy_check $(DEPLOY_CHECK_ARGS)
+
+# deploy/k8s: every kustomization rendered (in Python), schema-validated, and checked against the servers'
+# settings and CLIs (scripts/k8s_check.py); then the tests that break each check once.
+k8s-check: $(STAMP)
+	$(PY) -m scripts.k8s_check
+	$(PY) -m pytest -q tests/integration/test_k8s.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache reports

@@ -23,6 +23,7 @@ from client import _calls
 from client._calls import HEALTH, INFERENCE, Call
 from client._retry import NO_RETRY, Attempts, RetryPolicy
 from client.security import auth_metadata, channel_credentials
+from client.targets import balancing_options, split_targets
 from contract.protocol import inference_pb2_grpc as pb_grpc
 
 C = TypeVar("C")
@@ -54,6 +55,7 @@ class ClientOptions:
     def __post_init__(self) -> None:
         if not self.target:
             raise ValueError("target must be HOST:PORT")
+        split_targets(self.target)  # raises ValueError for an empty server in a list
         if (self.certificate_chain is None) != (self.private_key is None):
             raise ValueError("a client certificate and its private key go together")
         if self.channels < 1:
@@ -71,11 +73,18 @@ class ClientOptions:
         return channel_credentials(self.root_certificates, self.certificate_chain, self.private_key)
 
     def open_channels(self, secure: Callable[..., C], insecure: Callable[..., C]) -> list[C]:
-        """``channels`` channels to the target, each with a connection of its own."""
-        options = self.channel_options
-        if self.secure:
-            return [secure(self.target, self.credentials(), options=options) for _ in range(self.channels)]
-        return [insecure(self.target, options=options) for _ in range(self.channels)]
+        """``channels`` channels to each server of the target (``client.targets``), each with a
+        connection of its own (a resolver target's: one per address, sent to round-robin), in the
+        order the calls take turns on them: every server once, then again."""
+        opened = []
+        for _ in range(self.channels):
+            for target in split_targets(self.target):
+                options = [*self.channel_options, *balancing_options(target)]
+                if self.secure:
+                    opened.append(secure(target, self.credentials(), options=options))
+                else:
+                    opened.append(insecure(target, options=options))
+        return opened
 
     @property
     def channel_options(self) -> list[tuple[str, Any]]:
@@ -142,7 +151,9 @@ class BaseInferenceClient(ABC, Generic[ChannelT]):
         """A client of the server at ``target``; its channels connect on the first call.
 
         Args:
-            target: ``HOST:PORT``.
+            target: ``HOST:PORT``; or ``dns:///NAME:PORT`` (e.g. a Kubernetes headless Service), every
+                address the name resolves to, round-robin; or ``HOST:PORT,HOST:PORT,...``, the calls
+                taking turns on the servers (``client.targets``).
             timeout: deadline of every call that passes none of its own, seconds (every call has one).
             tls: use TLS (system roots unless ``root_certificates`` is given; giving it implies TLS).
             root_certificates: PEM roots to trust.

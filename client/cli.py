@@ -63,7 +63,12 @@ class UsageError(ValueError):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m client", description="Open Inference Protocol gRPC client.")
-    parser.add_argument("--target", required=True, help="server address, HOST:PORT")
+    parser.add_argument(
+        "--target",
+        required=True,
+        help="server address, HOST:PORT; dns:///NAME:PORT (every address of NAME, round-robin); or "
+        "HOST:PORT,HOST:PORT (the calls take turns)",
+    )
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="deadline per call, seconds")
     parser.add_argument(
         "--attempts",

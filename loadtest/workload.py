@@ -34,10 +34,12 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 
 
 def grpc_target(host: str | None) -> str:
-    """``HOST:PORT`` from Locust's ``--host`` (a ``grpc://`` or ``http://`` prefix is accepted)."""
+    """The gRPC target of Locust's ``--host``: ``HOST:PORT`` (a ``grpc://`` or ``http://`` prefix is
+    accepted), ``dns:///NAME:PORT`` (every address of NAME, round-robin) or ``HOST:PORT,HOST:PORT``
+    (users spread over the servers): ``client.targets``."""
     if not host:
         raise ValueError("no target: pass --host HOST:PORT (e.g. --host 127.0.0.1:8001)")
-    for scheme in ("grpc://", "http://", "dns:///"):
+    for scheme in ("grpc://", "http://"):
         host = host.removeprefix(scheme)
     return host.rstrip("/")
 

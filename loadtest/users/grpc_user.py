@@ -43,6 +43,7 @@ from gevent._waiter import Waiter
 from locust.env import Environment
 from locust.exception import LocustError
 
+from client.targets import split_targets
 from contract.protocol import inference_pb2 as pb
 from loadtest.users import gevent_grpc
 from loadtest.users.latency_file import OK_ID, LatencyRecorder
@@ -341,10 +342,11 @@ class GrpcUser(User):
         super().__init__(environment)
         self.settings = self.load_settings()
         try:
-            self.target = grpc_target(environment.host or self.host)
+            self.targets = split_targets(grpc_target(environment.host or self.host))
             self.security = security_for(environment)
         except ValueError as error:
             raise LocustError(str(error)) from None
+        self.target = self.targets[0]  # this user's server: chosen in on_start
         self.channel: grpc.Channel | None = None
         self.pool: InputPool | None = None
         #: The request event's ``context`` for every call of this user (built once: the hot path stays lean).
@@ -358,7 +360,10 @@ class GrpcUser(User):
         return LoadSettings.from_options(self.environment.parsed_options)
 
     def on_start(self) -> None:
-        index = next(_user_numbers) % self.settings.connections
+        # Users spread over the servers of a list target, then over each one's connections.
+        number = next(_user_numbers)
+        self.target = self.targets[number % len(self.targets)]
+        index = number // len(self.targets) % self.settings.connections
         self.channel = shared_channel(self.target, index, self.connect_timeout_s, self.security)
         self.pool = shared_pool(self.channel, self.target, self.settings, self.security.metadata)
         self._payloads = self.pool.payload_cycle()

@@ -29,6 +29,7 @@ from typing import Any
 import grpc
 
 from client import auth_metadata, channel_credentials
+from client.targets import balancing_options
 from loadtest.workload import CHANNEL_OPTIONS
 
 #: Environment variable that may hold the bearer token itself (instead of --auth-token-file).
@@ -60,11 +61,13 @@ class ChannelSecurity:
         return list(CHANNEL_OPTIONS)
 
     def open_channel(self, target: str) -> grpc.Channel:
-        """A channel to ``target`` with these credentials (not yet connected)."""
+        """A channel to ``target`` with these credentials (not yet connected); a resolver target's
+        (``dns:///NAME:PORT``) sends round-robin over every address (``client.targets``)."""
+        options = [*self.channel_options(), *balancing_options(target)]
         if self.tls:
             credentials = channel_credentials(self.root_certificates, self.certificate_chain, self.private_key)
-            return grpc.secure_channel(target, credentials, options=self.channel_options())
-        return grpc.insecure_channel(target, options=self.channel_options())
+            return grpc.secure_channel(target, credentials, options=options)
+        return grpc.insecure_channel(target, options=options)
 
     @classmethod
     def from_options(cls, options: Any, environ: Mapping[str, str] = os.environ) -> ChannelSecurity:
