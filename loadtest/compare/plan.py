@@ -141,17 +141,24 @@ def parse_list(text: str, kind: Callable[[str], Any]) -> list[Any]:
     return [kind(part.strip()) for part in text.split(",") if part.strip()]
 
 
-def parse_matrix(items: Sequence[str]) -> list[dict[str, str]]:
-    """``["precision=fp32,bf16", "compile=off,on"]`` -> every combination, as ``{key: value}`` dicts."""
+def parse_axes(items: Sequence[str], keys: Sequence[str], flag: str) -> dict[str, list[str]]:
+    """``["precision=fp32,bf16", "compile=off,on"]`` -> ``{"precision": ["fp32", "bf16"], ...}`` (each value
+    once), every key one of ``keys``; ``ValueError`` naming ``flag`` otherwise."""
     axes: dict[str, list[str]] = {}
     for item in items:
         key, sep, values = item.partition("=")
         key = key.strip().replace("-", "_")
-        if not sep or key not in MATRIX_KEYS or not parse_list(values, str):
-            raise ValueError(f"--matrix {item!r}: expected KEY=V1,V2,... with KEY one of {', '.join(MATRIX_KEYS)}")
+        if not sep or key not in keys or not parse_list(values, str):
+            raise ValueError(f"{flag} {item!r}: expected KEY=V1,V2,... with KEY one of {', '.join(keys)}")
         if key in axes:
-            raise ValueError(f"--matrix names {key} twice")
-        axes[key] = parse_list(values, str)
+            raise ValueError(f"{flag} names {key} twice")
+        axes[key] = list(dict.fromkeys(parse_list(values, str)))
+    return axes
+
+
+def parse_matrix(items: Sequence[str]) -> list[dict[str, str]]:
+    """``["precision=fp32,bf16", "compile=off,on"]`` -> every combination, as ``{key: value}`` dicts."""
+    axes = parse_axes(items, MATRIX_KEYS, "--matrix")
     return [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
 
 

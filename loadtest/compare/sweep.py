@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loadtest.compare.capacity import ABOVE_CEILING, Outcome
-from loadtest.compare.plan import parse_list
+from loadtest.compare.plan import parse_axes
 
 #: Settings the sweep may vary (results.json and ``--sweep-space`` use these names).
 SWEEP_KEYS = ("max_batch_size", "max_queue_delay_us", "instances", "workers", "precision", "compile")
@@ -53,16 +53,7 @@ Config = dict[str, str]
 
 def parse_space(items: Sequence[str]) -> dict[str, list[str]]:
     """``["max_batch_size=8,32,64", "instances=1,2"]`` -> ``{"max_batch_size": ["8", "32", "64"], ...}``."""
-    axes: dict[str, list[str]] = {}
-    for item in items:
-        key, sep, values = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or key not in SWEEP_KEYS or not parse_list(values, str):
-            raise ValueError(f"--sweep-space {item!r}: expected KEY=V1,V2,... with KEY one of {', '.join(SWEEP_KEYS)}")
-        if key in axes:
-            raise ValueError(f"--sweep-space names {key} twice")
-        axes[key] = list(dict.fromkeys(parse_list(values, str)))
-    return axes
+    return parse_axes(items, SWEEP_KEYS, "--sweep-space")
 
 
 def default_space(base: Config, device: str, server_cores: int) -> tuple[dict[str, list[str]], dict[str, str]]:
