@@ -160,7 +160,10 @@ class DynamicBatcher:
         self._max_wait = settings.max_queue_wait_ms / 1e3
         self._filling = 0  # leaders waiting for a batch to fill (max_queue_delay)
         self._accepting = False
-        metrics.bind_queue_depth(lambda: self._queued)
+        #: Requests queued when the latest batch was taken (before taking it): under load the
+        #: depth between batches, where ``queue_depth`` read just after a batch left may be 0.
+        self.depth_at_batch = 0
+        metrics.bind_queue_depth(lambda: self._queued, lambda: self.depth_at_batch)
 
     @property
     def queue_depth(self) -> int:
@@ -261,11 +264,11 @@ class DynamicBatcher:
         with self._lock:
             if not self._accepting:
                 raise Unavailable("server is shutting down; not accepting new requests")
-            if self._queued >= self._max_queue:
-                raise ResourceExhausted(f"queue full ({self._max_queue} requests waiting); retry later")
             now = time.monotonic()
-            if self._cycle is not None and self._queued:
-                self._admit(request, now)
+            refused = self.refusal(request.rows, request.deadline, now)
+            if refused is not None:
+                self._metrics.refused(refused[0])
+                raise ResourceExhausted(refused[1])
             request.enqueued = now
             self._queue.append(request)
             self._queued += 1
@@ -278,22 +281,35 @@ class DynamicBatcher:
                 return True
             return False
 
-    def _admit(self, request: Request, now: float) -> None:
-        """Refuse at once a request that would wait past its deadline, or past
-        ``max_queue_wait``, at the measured batch cycle (under the lock)."""
-        assert self._cycle is not None
-        batches_ahead = math.ceil((self._queued_rows + request.rows) / max(self._limit, 1))
-        wait = batches_ahead * self._cycle
-        if request.deadline is not None and now + wait > request.deadline:
-            raise ResourceExhausted(
+    def refusal(self, rows: int, deadline: float | None, now: float) -> tuple[str, str] | None:
+        """Why a request of ``rows`` rows due at ``deadline`` (time.monotonic(); None: no
+        deadline) is to be refused now, as (reason, message), or None to admit it.
+
+        Reasons: ``queue_full`` (``max_queue_size`` requests wait), ``deadline`` (the full
+        batches queued ahead of it, at the measured batch cycle, would keep it waiting past
+        its deadline), ``max_wait`` (... past ``max_queue_wait``). Decided under the lock
+        when queueing; also read without it (``serving.admission``), before a request is
+        even received, where a stale figure errs by a request or two either way.
+        """
+        queued = self._queued
+        if queued >= self._max_queue:
+            return "queue_full", f"queue full ({self._max_queue} requests waiting); retry later"
+        cycle = self._cycle
+        if cycle is None or not queued:
+            return None
+        batches_ahead = math.ceil((self._queued_rows + rows) / max(self._limit, 1))
+        wait = batches_ahead * cycle
+        if deadline is not None and now + wait > deadline:
+            return "deadline", (
                 f"would wait about {wait * 1e3:.1f} ms for its batch, past its deadline in "
-                f"{max(request.deadline - now, 0.0) * 1e3:.1f} ms; not queued, retry later"
+                f"{max(deadline - now, 0.0) * 1e3:.1f} ms; not queued, retry later"
             )
         if self._max_wait and wait > self._max_wait:
-            raise ResourceExhausted(
+            return "max_wait", (
                 f"would wait about {wait * 1e3:.1f} ms for its batch, over the server's "
                 f"{self._max_wait * 1e3:.0f} ms limit; not queued, retry later"
             )
+        return None
 
     def _measure(self, rows: int, oldest: float, now: float) -> None:
         """Learn the batch cycle as a batch starts (under the lock): when its oldest request
@@ -422,6 +438,7 @@ class DynamicBatcher:
             finally:
                 self._filling -= 1
         now = time.monotonic()
+        self.depth_at_batch = self._queued
         batch: list[Request] = []
         expired: list[Request] = []
         rows = 0

@@ -257,6 +257,11 @@ class ServedModel:
             raise Unavailable(f"model {self.name!r} has no version loaded")
         return latest
 
+    @property
+    def newest(self) -> ModelRuntime | None:
+        """The version requests without one go to; None while none is loaded."""
+        return self._latest
+
     def runtimes(self) -> list[ModelRuntime]:
         return list(self._versions.values())
 
