@@ -23,6 +23,7 @@ is a plain pool: the batcher then refuses in the handler threads, correctly but 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -39,52 +40,79 @@ Refusal = tuple[str, str]
 #: ``refusal(deadline)``: deadline in time.time() seconds (None: none) -> a refusal or None.
 Check = Callable[[float | None], Refusal | None]
 
-_UNARY = getattr(grpc_server, "_unary_response_in_pool", None)
-_ABORT = getattr(grpc_server, "_abort", None)
-SUPPORTED = _UNARY is not None and _ABORT is not None and hasattr(cygrpc, "StatusCode")
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+_HANDLE_CALL: Callable[..., Any] | None = getattr(grpc_server, "_handle_call", None)
+_REJECT: Callable[..., Any] | None = getattr(grpc_server, "_reject_rpc", None)
+_RPC_STATE: Callable[[], Any] | None = getattr(grpc_server, "_RPCState", None)
+
+
+def _expected_hook() -> bool:
+    """Whether this grpcio calls ``_handle_call`` as the one we wrap was written for."""
+    if _HANDLE_CALL is None or _REJECT is None or _RPC_STATE is None or not hasattr(cygrpc, "StatusCode"):
+        return False
+    try:
+        parameters = list(inspect.signature(_HANDLE_CALL).parameters)
+    except (TypeError, ValueError):
+        return False
+    return parameters == ["rpc_event", "method_with_handler", "interceptor_pipeline", "thread_pool",
+                          "concurrency_exceeded"]  # fmt: skip
+
+
+SUPPORTED = _expected_hook()
 
 
 class AdmittingPool(futures.ThreadPoolExecutor):
-    """The gRPC handler pool, with ModelInfer's admission in front of it (module docstring).
-
-    ``behavior``: the (guarded) ModelInfer function registered with the server; ``check``
-    decides. Set both with ``admit`` once the server is built.
-    """
+    """The gRPC handler pool of one server, carrying its ModelInfer admission (module
+    docstring): ``admit(check)`` once the server is built; ``refused`` counts the calls
+    refused before a handler thread."""
 
     def __init__(self, max_workers: int, thread_name_prefix: str = "") -> None:
         super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix)
-        self._behavior: object = None
         self._check: Check | None = None
         self.refused = 0
         if not SUPPORTED:
             log.warning("this grpcio has no hook for early admission: requests are refused in handler threads")
 
-    def admit(self, behavior: object, check: Check) -> None:
-        self._behavior = behavior
+    def admit(self, check: Check) -> None:
         self._check = check
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future[Any]:
-        # grpcio: submit(context.run, _unary_response_in_pool, rpc_event, state, behavior, ...)
-        if len(args) > 3 and args[0] is _UNARY and args[3] is self._behavior and self._check is not None:
-            refused = self._refuse(args[1], args[2])
-            if refused is not None:
-                return refused
-        return super().submit(fn, *args, **kwargs)
-
-    def _refuse(self, rpc_event: Any, state: Any) -> futures.Future[Any] | None:
-        assert self._check is not None
-        assert _ABORT is not None
-        deadline = rpc_event.call_details.deadline
-        refusal = self._check(deadline)
+    def screen(self, rpc_event: Any, method_with_handler: Any) -> Any:
+        """grpcio's polling thread, a call just arrived: its refused state, or None to handle it."""
+        check = self._check
+        if check is None:
+            return None
+        method = method_with_handler.name() or rpc_event.call_details.method.decode()
+        if method != MODEL_INFER:
+            return None
+        refusal = check(rpc_event.call_details.deadline)
         if refusal is None:
             return None
-        # Under the call's condition already (grpcio holds it around submit); reentrant.
-        with state.condition:
-            _ABORT(state, rpc_event.call, cygrpc.StatusCode.resource_exhausted, refusal[1].encode())
+        assert _RPC_STATE is not None
+        assert _REJECT is not None
+        state = _RPC_STATE()
+        _REJECT(rpc_event, state, cygrpc.StatusCode.resource_exhausted, refusal[1].encode())
         self.refused += 1
-        done: futures.Future[Any] = futures.Future()
-        done.set_result(None)
-        return done
+        return state
+
+
+def _handle_call(
+    rpc_event: Any, method_with_handler: Any, interceptor_pipeline: Any, thread_pool: Any, concurrency_exceeded: bool
+) -> tuple[Any, Any]:
+    """grpcio's ``_handle_call``, with an ``AdmittingPool``'s admission first (polling thread)."""
+    if isinstance(thread_pool, AdmittingPool) and rpc_event.success and not concurrency_exceeded:
+        refused = thread_pool.screen(rpc_event, method_with_handler)
+        if refused is not None:
+            return refused, None
+    assert _HANDLE_CALL is not None
+    handled: tuple[Any, Any] = _HANDLE_CALL(
+        rpc_event, method_with_handler, interceptor_pipeline, thread_pool, concurrency_exceeded
+    )
+    return handled
+
+
+if SUPPORTED:
+    grpc_server._handle_call = _handle_call
 
 
 def wall_to_monotonic(deadline: float | None, margin: float, longest: float) -> float | None:

@@ -159,7 +159,7 @@ class InferenceServer:
         server = grpc.server(pool, options=options, maximum_concurrent_rpcs=threads)
         token = settings.token()
         guarded = guard(self.servicer, SERVICE, token)
-        pool.admit(guarded.ModelInfer, self.servicer.refusal)
+        pool.admit(self.servicer.refusal)
         self.pool = pool
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(guarded, server)  # type: ignore[arg-type]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

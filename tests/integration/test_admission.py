@@ -76,6 +76,7 @@ def test_a_burst_below_the_queue_bound_is_served_whole(make_server: Callable[...
     # cap of before: 2 x 4 + 16 = 24 refused the rest), fewer than --max-queue-size.
     server = make_server(max_batch_size=4, max_queue_size=128)
     controls = server.framework.controls
+    controls.entered.clear()  # set by the warm-up
     controls.gate.clear()
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -91,6 +92,7 @@ def test_a_burst_below_the_queue_bound_is_served_whole(make_server: Callable[...
 def test_a_burst_above_the_queue_bound_is_refused_as_queue_full(make_server: Callable[..., BackgroundServer]) -> None:
     server = make_server(max_batch_size=1, max_queue_size=8)
     controls = server.framework.controls
+    controls.entered.clear()  # set by the warm-up
     controls.gate.clear()
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
