@@ -158,6 +158,8 @@ class DynamicBatcher:
         self._cycle: float | None = None
         self._last_batch: tuple[float, int, float] = (0.0, 0, -math.inf)
         self._max_wait = settings.max_queue_wait_ms / 1e3
+        #: Seconds a forward pass takes (moving average of the latest; 0 until measured).
+        self._compute = 0.0
         self._filling = 0  # leaders waiting for a batch to fill (max_queue_delay)
         self._accepting = False
         #: Requests queued when the latest batch was taken (before taking it): under load the
@@ -448,7 +450,9 @@ class DynamicBatcher:
             if request.state != QUEUED:  # cancelled or expired while queued
                 queue.popleft()
                 continue
-            if request.deadline is not None and now >= request.deadline:
+            if request.deadline is not None and now + self._compute > request.deadline:
+                # Expired, or would be before a batch could finish: computing it would only
+                # take the model from requests that can still make their deadline.
                 queue.popleft()
                 self._unqueue(request)
                 request.error = self._expired(request, now)
@@ -476,10 +480,15 @@ class DynamicBatcher:
         """Requests with different variable sizes merge only when the model pads them."""
         return first.shape_key == other.shape_key or self._all_padded
 
-    @staticmethod
-    def _expired(request: Request, now: float) -> DeadlineExceeded:
+    def _expired(self, request: Request, now: float) -> DeadlineExceeded:
         waited_ms = (now - request.enqueued) * 1e3
-        return DeadlineExceeded(f"deadline expired after {waited_ms:.1f} ms in the queue; not computed")
+        assert request.deadline is not None
+        if now >= request.deadline:
+            return DeadlineExceeded(f"deadline expired after {waited_ms:.1f} ms in the queue; not computed")
+        return DeadlineExceeded(
+            f"deadline due in {(request.deadline - now) * 1e3:.1f} ms, before a batch could finish (about "
+            f"{self._compute * 1e3:.1f} ms), after {waited_ms:.1f} ms in the queue; not computed"
+        )
 
     def _run(self, batch: list[Request], started: float) -> None:
         """Merge, forward, split, deliver; one failure reaches every request of the batch."""
@@ -492,6 +501,9 @@ class DynamicBatcher:
             padded = len(batch) > 1 and any(r.shape_key != batch[0].shape_key for r in batch)
             results = split(outputs, batch, self._output_specs, padded)
             t3 = time.perf_counter_ns()
+            forward = (t2 - t1) / 1e9
+            smoothed = self._compute + CYCLE_SMOOTHING * (forward - self._compute)
+            self._compute = smoothed if self._compute else forward
             self._metrics.batch_done(rows, [started - r.enqueued for r in batch], t1 - t0, t2 - t1, t3 - t2)
         except BaseException as err:
             error = err if isinstance(err, Exception) else RuntimeError(f"forward pass aborted by {err!r}")
