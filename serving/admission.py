@@ -1,24 +1,28 @@
 """Admission before a handler thread: refuse ModelInfer calls the queue cannot serve, in
 grpcio's own polling thread, before the request is even received.
 
-grpcio's synchronous server hands every call to its thread pool (``submit``) from the one
-thread that polls the transport. ``AdmittingPool`` is that pool: for a ModelInfer call it
-first asks ``refusal(deadline)`` (the served model's batcher: queue full, or a wait past the
-call's deadline or ``--max-queue-wait-ms``, from the figures it keeps; see
-``serving.batcher.DynamicBatcher.refusal``) and, when refused, answers RESOURCE_EXHAUSTED with
-the reason right there: no handler thread, no message read, no decoding. Admitted calls go to
-the pool as before, and the batcher decides again, under its lock, once the request is
-decoded (a pre-check made without the lock may be off by a request or two either way).
+grpcio's synchronous server takes each new call in the one thread that polls the transport
+(``_handle_call``): it finds the method's handler, refuses the call itself when
+``maximum_concurrent_rpcs`` are in flight (one status batch, nothing read), or hands it to
+the thread pool. For a server whose pool is an ``AdmittingPool``, a ModelInfer call is first
+checked against ``refusal(deadline)`` (the served model's batcher: queue full, or a wait
+past the call's deadline or ``--max-queue-wait-ms``, from the figures it keeps; see
+``serving.batcher.DynamicBatcher.refusal``) and, when refused, answered RESOURCE_EXHAUSTED
+with the reason in that same cheap way: no handler thread, no message read, no decoding.
+Admitted calls go to the pool as before, and the batcher decides again, under its lock,
+once the request is decoded (a check made without the lock may be off by a request or two).
 
 Why not refuse in the handler threads: the handler pool is sized for the whole queue
 (``--max-queue-size``), and at twice the peak a refusal per admitted request then wakes a
 thread that competes for the GIL with the forward pass. Measured (resnet, 1 s deadlines,
-2x the peak): goodput fell to 0.23x (torch) and 0.30x (tensorflow) of the peak, refusals
-took 383 / 990 ms at p99. Refused in the polling thread: docs/serving.md#admission.
+2x the peak, the pool sized so but no early check): goodput fell to 0.23x (torch) and 0.30x
+(tensorflow) of the peak, refusals took 383 / 990 ms at p99.
 
-This leans on two private names of grpcio's ``_server`` module (the pooled unary handler
-and ``_abort``). Where they are missing (another grpcio), ``AdmittingPool`` says so once and
-is a plain pool: the batcher then refuses in the handler threads, correctly but dearer.
+This wraps a private function of grpcio's ``_server`` module (and uses its ``_RPCState``
+and ``_reject_rpc``), only where its signature is the one this was written for (grpcio
+1.81); elsewhere ``AdmittingPool`` says so once and is a plain pool: the batcher then
+refuses in the handler threads, correctly but dearer. ``tests/integration/test_admission.py``
+fails if the early path is not taken.
 """
 
 from __future__ import annotations
