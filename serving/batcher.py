@@ -187,18 +187,20 @@ class DynamicBatcher:
         rows: int,
         timeout: float | None = None,
         on_queued: Callable[[Request], object] | None = None,
+        screened: bool = False,
     ) -> Arrays:
         """Compute one validated request of ``rows`` rows and return its outputs.
 
         ``timeout``: seconds left until the caller's deadline (None: no deadline). The
         calling thread may run batches (its own and others') while it waits.
         ``on_queued(request)`` runs when the request has to wait its turn, e.g. to
-        ``cancel`` it if the client goes away.
+        ``cancel`` it if the client goes away. ``screened``: its wait was already judged
+        (``serving.admission``, as the call arrived); only the queue bound is checked again.
         """
         request = self._request(inputs, rows, timeout, None)
         request.wake = threading.Lock()
         request.wake.acquire()
-        if self._enqueue(request):
+        if self._enqueue(request, screened):
             self._lead(request)
         elif on_queued is not None:
             on_queued(request)
@@ -261,13 +263,17 @@ class DynamicBatcher:
             if axis and self._input_specs[name].shape[axis] == -1
         )
 
-    def _enqueue(self, request: Request) -> bool:
-        """Queue ``request``; True when its caller must lead (an instance was free)."""
+    def _enqueue(self, request: Request, screened: bool = False) -> bool:
+        """Queue ``request``; True when its caller must lead (an instance was free).
+
+        A ``screened`` request's wait was judged as its call arrived: judged again here, a
+        moment later with its deadline that much closer, a request admitted at the margin
+        would be refused in its handler thread after all, the dearest place to refuse it."""
         with self._lock:
             if not self._accepting:
                 raise Unavailable("server is shutting down; not accepting new requests")
             now = time.monotonic()
-            refused = self.refusal(request.rows, request.deadline, now)
+            refused = self.refusal(request.rows, None if screened else request.deadline, now, screened)
             if refused is not None:
                 self._metrics.refused(refused[0])
                 raise ResourceExhausted(refused[1])
@@ -283,7 +289,9 @@ class DynamicBatcher:
                 return True
             return False
 
-    def refusal(self, rows: int, deadline: float | None, now: float) -> tuple[str, str] | None:
+    def refusal(
+        self, rows: int, deadline: float | None, now: float, bound_only: bool = False
+    ) -> tuple[str, str] | None:
         """Why a request of ``rows`` rows due at ``deadline`` (time.monotonic(); None: no
         deadline) is to be refused now, as (reason, message), or None to admit it.
 
@@ -292,12 +300,13 @@ class DynamicBatcher:
         its deadline), ``max_wait`` (... past ``max_queue_wait``). Decided under the lock
         when queueing; also read without it (``serving.admission``), before a request is
         even received, where a stale figure errs by a request or two either way.
+        ``bound_only``: only ``queue_full``.
         """
         queued = self._queued
         if queued >= self._max_queue:
             return "queue_full", f"queue full ({self._max_queue} requests waiting); retry later"
         cycle = self._cycle
-        if cycle is None or not queued:
+        if cycle is None or not queued or bound_only:
             return None
         batches_ahead = math.ceil((self._queued_rows + rows) / max(self._limit, 1))
         wait = batches_ahead * cycle

@@ -37,6 +37,7 @@ import modelzoo
 from contract.protocol import inference_pb2 as pb
 from contract.protocol import inference_pb2_grpc as pb_grpc
 from modelzoo.base import ModelDefinition
+from serving import admission
 from serving.admission import AdmittingPool
 from serving.backend import Framework
 from serving.loader import ModelLoader, model_names
@@ -160,6 +161,7 @@ class InferenceServer:
         token = settings.token()
         guarded = guard(self.servicer, SERVICE, token)
         pool.admit(self.servicer.refusal)
+        self.servicer.screened = admission.SUPPORTED
         self.pool = pool
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(guarded, server)  # type: ignore[arg-type]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

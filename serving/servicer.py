@@ -47,6 +47,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         #: Models whose artifact could not be loaded, and why (UNAVAILABLE, saying so).
         self.failed: dict[str, str] = {}
         self.draining = False
+        #: Whether ModelInfer calls were admitted as they arrived (``refusal``, serving.admission).
+        self.screened = False
         #: Whether the other workers of this server serve too (serving.workers); alone: yes.
         self.peers_ready: Callable[[], bool] = lambda: True
 
@@ -147,7 +149,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             context.add_callback(functools.partial(runtime.batcher.cancel, queued))
 
         try:
-            return runtime.infer(request, time_left(context), on_queued)
+            # With several models the early check refused only what every model would refuse.
+            screened = self.screened and len(self.models) == 1
+            return runtime.infer(request, time_left(context), on_queued, screened)
         finally:
             runtime.release()
 
