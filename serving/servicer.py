@@ -122,14 +122,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         when every served model would refuse a one-row request due at ``deadline`` (time.time()
         seconds; None: none), so that whichever model it names, it would be refused. Lock-free.
         None while any model is not serving (its handler answers UNAVAILABLE, as usual)."""
+        runtimes = []
+        for served in self.models.values():
+            runtime = served.newest
+            # An empty queue admits a request (the common case: decided without a clock).
+            if runtime is None or runtime.unavailable is not None or not runtime.batcher.queue_depth:
+                return None
+            runtimes.append(runtime)
         started = time.perf_counter_ns()
         due = wall_to_monotonic(deadline, DEADLINE_MARGIN_S, MAX_DEADLINE_S)
         now = time.monotonic()
         first: tuple[ModelRuntime, Refusal] | None = None
-        for served in self.models.values():
-            runtime = served.newest
-            if runtime is None or runtime.unavailable is not None:
-                return None
+        for runtime in runtimes:
             refused = runtime.batcher.refusal(1, due, now)
             if refused is None:
                 return None
