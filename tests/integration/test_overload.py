@@ -37,9 +37,11 @@ def test_twice_the_peak_is_refused_quickly_and_served_near_the_peak(tmp_path: Pa
     expired = overload["statuses"].get("DEADLINE_EXCEEDED", 0)
     assert expired < refusals, overload["statuses"]  # mostly refused at once, not after waiting
     assert result["goodput_vs_peak"] >= 0.5  # ...while the model kept serving
-    # Refused at once, not after queueing (measured from the actual send; unpinned on this
-    # 2-core box beside the generator: 20-36 ms, the server's core being saturated on purpose).
-    assert result["refusal_p99_ms"] <= 100.0
+    # Refused, not queued until the deadline (measured from the actual send; unpinned on this
+    # 2-core box beside the generator, the server's core saturated on purpose: 20-36 ms with the
+    # old in-flight cap of 80 calls, 198-223 ms with a queue that admits up to the deadline, whose
+    # polling thread is busier; pinned, docs/benchmarks.md#overload: 10-39 ms).
+    assert result["refusal_p99_ms"] <= DEADLINE_MS / 2
     # Admitted ones made their deadline (a queue admits up to it: give the client's clock 1 %).
     assert overload["admitted_latency_ms"]["p99"] <= DEADLINE_MS * 1.01
     assert result["p99_1s_after_overload_ms"] <= 3 * max(result["p99_at_80pct_ms"], 20.0)
