@@ -327,6 +327,8 @@ class InferenceServer:
                 time.sleep(QUIET_S / 4)
             if self._server is not None:
                 self._server.stop(max(0.0, grace - (time.monotonic() - started))).wait()
+            if self.pool is not None:  # every call is over: let the handler threads go
+                self.pool.shutdown(wait=False)
             if drained:
                 for runtime in runtimes:
                     runtime.backend.shutdown()
