@@ -75,6 +75,7 @@ class AdmittingPool(futures.ThreadPoolExecutor):
     def __init__(self, max_workers: int, thread_name_prefix: str = "") -> None:
         super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix)
         self._check: Check | None = None
+        self._over_cap: Callable[[], None] = lambda: None
         self.refused = 0
         self._wanted = 0  # threads asked of the spawner, not started yet
         self._spawn = threading.Condition()
@@ -82,8 +83,12 @@ class AdmittingPool(futures.ThreadPoolExecutor):
         if not SUPPORTED:
             log.warning("this grpcio has no hook for early admission: requests are refused in handler threads")
 
-    def admit(self, check: Check) -> None:
+    def admit(self, check: Check, over_cap: Callable[[], None] | None = None) -> None:
+        """``check``: the admission rules; ``over_cap()``: told of each ModelInfer call that
+        grpcio refuses for ``maximum_concurrent_rpcs`` (to count it)."""
         self._check = check
+        if over_cap is not None:
+            self._over_cap = over_cap
 
     def _adjust_thread_count(self) -> None:
         """A call was queued for the pool (grpcio's polling thread): with no idle thread, one
@@ -134,10 +139,14 @@ def _handle_call(
     rpc_event: Any, method_with_handler: Any, interceptor_pipeline: Any, thread_pool: Any, concurrency_exceeded: bool
 ) -> tuple[Any, Any]:
     """grpcio's ``_handle_call``, with an ``AdmittingPool``'s admission first (polling thread)."""
-    if isinstance(thread_pool, AdmittingPool) and rpc_event.success and not concurrency_exceeded:
-        refused = thread_pool.screen(rpc_event, method_with_handler)
-        if refused is not None:
-            return refused, None
+    if isinstance(thread_pool, AdmittingPool) and rpc_event.success:
+        if concurrency_exceeded:  # grpcio refuses it below; counted here
+            if (method_with_handler.name() or rpc_event.call_details.method.decode()) == MODEL_INFER:
+                thread_pool._over_cap()
+        else:
+            refused = thread_pool.screen(rpc_event, method_with_handler)
+            if refused is not None:
+                return refused, None
     assert _HANDLE_CALL is not None
     handled: tuple[Any, Any] = _HANDLE_CALL(
         rpc_event, method_with_handler, interceptor_pipeline, thread_pool, concurrency_exceeded

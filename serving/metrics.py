@@ -18,7 +18,8 @@ model), ``inference_executions_total``, ``inference_rows_total``,
 ``inference_queue_depth``, ``inference_queue_depth_at_batch`` (requests queued when the
 latest batch was taken), ``inference_inflight_requests``,
 ``inference_refusals_total{model,reason}`` (RESOURCE_EXHAUSTED by the admission rules:
-``queue_full``, ``deadline``, ``max_wait``; see docs/serving.md), and
+``queue_full``, ``deadline``, ``max_wait``, and grpcio's ``in_flight`` cap; see
+docs/serving.md), and
 ``inference_worker_requests_total{model,worker}`` (with several workers: how the kernel
 spread the load). On a GPU, once per server (a lone server, or the supervisor of several
 workers): ``gpu_utilization_ratio``, ``gpu_memory_used_bytes``, ``gpu_memory_total_bytes``,
@@ -55,7 +56,7 @@ LATENCY_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CODES = tuple(code.name for code in grpc.StatusCode)
 #: Why the admission rules refused a request (``serving.batcher.DynamicBatcher.refusal``).
-REFUSAL_REASONS = ("queue_full", "deadline", "max_wait")
+REFUSAL_REASONS = ("queue_full", "deadline", "max_wait", "in_flight")
 #: How often a worker of several writes its figures into the shared table.
 PUBLISH_INTERVAL_S = 0.1
 #: Largest batch size the standalone ModelMetrics (tests, tools) keeps per-size figures for.
@@ -319,7 +320,8 @@ class _Families:
         self.refusals = CounterMetricFamily(
             "inference_refusals",
             "Requests refused (RESOURCE_EXHAUSTED) by the admission rules, by reason: queue_full, deadline "
-            "(would wait past its deadline), max_wait (past --max-queue-wait-ms).",
+            "(would wait past its deadline), max_wait (past --max-queue-wait-ms), in_flight (--grpc-threads calls "
+            "in flight, refused by grpcio).",
             labels=[*model, "reason"],
         )
         self.worker_requests = CounterMetricFamily(

@@ -160,7 +160,7 @@ class InferenceServer:
         server = grpc.server(pool, options=options, maximum_concurrent_rpcs=threads)
         token = settings.token()
         guarded = guard(self.servicer, SERVICE, token)
-        pool.admit(self.servicer.refusal)
+        pool.admit(self.servicer.refusal, self.servicer.over_cap)
         self.servicer.screened = admission.SUPPORTED
         self.pool = pool
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(guarded, server)  # type: ignore[arg-type]

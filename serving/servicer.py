@@ -145,6 +145,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         runtime.metrics.refused_unseen(refused[0], time.perf_counter_ns() - started)
         return refused
 
+    def over_cap(self) -> None:
+        """grpcio refused a ModelInfer call: ``--grpc-threads`` calls in flight (``serving.admission``).
+        Counted against the model the call most likely named (the first served)."""
+        for served in self.models.values():
+            runtime = served.newest
+            if runtime is not None:
+                runtime.metrics.refused_unseen("in_flight", 0)
+                return
+
     def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
         runtime = self._served(request.model_name).acquire(request.model_version)
 

@@ -145,3 +145,25 @@ def test_a_request_whose_deadline_cannot_be_met_is_refused_at_once(
         controls.gate.set()
         assert all(outcome(call, 30) is None for call in [*held, patient])
         assert len(controls.batches) == computed + 42  # the refused one never reached the model
+
+
+def test_calls_beyond_the_in_flight_bound_are_refused_by_grpcio_and_counted(
+    make_server: Callable[..., BackgroundServer],
+) -> None:
+    server = make_server(max_batch_size=1, max_queue_size=8, grpc_threads=2)  # last-resort bound: 2 calls
+    controls = server.framework.controls
+    controls.entered.clear()
+    controls.gate.clear()
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        held = [stub.ModelInfer.future(ONE, timeout=60)]
+        assert controls.entered.wait(20)
+        held.append(stub.ModelInfer.future(ONE, timeout=60))
+        wait_until(lambda: batcher_of(server).queue_depth == 1)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(ONE, timeout=10)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "Concurrent RPC limit" in (info.value.details() or "")
+        assert refusals(server, "in_flight") == 1
+        controls.gate.set()
+        assert all(outcome(call, 30) is None for call in held)
