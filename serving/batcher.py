@@ -158,9 +158,14 @@ class DynamicBatcher:
         self._cycle: float | None = None
         self._last_batch: tuple[float, int, float] = (0.0, 0, -math.inf)
         self._max_wait = settings.max_queue_wait_ms / 1e3
+        #: Seconds a forward pass takes (moving average of the latest; 0 until measured).
+        self._compute = 0.0
         self._filling = 0  # leaders waiting for a batch to fill (max_queue_delay)
         self._accepting = False
-        metrics.bind_queue_depth(lambda: self._queued)
+        #: Requests queued when the latest batch was taken (before taking it): under load the
+        #: depth between batches, where ``queue_depth`` read just after a batch left may be 0.
+        self.depth_at_batch = 0
+        metrics.bind_queue_depth(lambda: self._queued, lambda: self.depth_at_batch)
 
     @property
     def queue_depth(self) -> int:
@@ -182,18 +187,20 @@ class DynamicBatcher:
         rows: int,
         timeout: float | None = None,
         on_queued: Callable[[Request], object] | None = None,
+        screened: bool = False,
     ) -> Arrays:
         """Compute one validated request of ``rows`` rows and return its outputs.
 
         ``timeout``: seconds left until the caller's deadline (None: no deadline). The
         calling thread may run batches (its own and others') while it waits.
         ``on_queued(request)`` runs when the request has to wait its turn, e.g. to
-        ``cancel`` it if the client goes away.
+        ``cancel`` it if the client goes away. ``screened``: its wait was already judged
+        (``serving.admission``, as the call arrived); only the queue bound is checked again.
         """
         request = self._request(inputs, rows, timeout, None)
         request.wake = threading.Lock()
         request.wake.acquire()
-        if self._enqueue(request):
+        if self._enqueue(request, screened):
             self._lead(request)
         elif on_queued is not None:
             on_queued(request)
@@ -256,16 +263,20 @@ class DynamicBatcher:
             if axis and self._input_specs[name].shape[axis] == -1
         )
 
-    def _enqueue(self, request: Request) -> bool:
-        """Queue ``request``; True when its caller must lead (an instance was free)."""
+    def _enqueue(self, request: Request, screened: bool = False) -> bool:
+        """Queue ``request``; True when its caller must lead (an instance was free).
+
+        A ``screened`` request's wait was judged as its call arrived: judged again here, a
+        moment later with its deadline that much closer, a request admitted at the margin
+        would be refused in its handler thread after all, the dearest place to refuse it."""
         with self._lock:
             if not self._accepting:
                 raise Unavailable("server is shutting down; not accepting new requests")
-            if self._queued >= self._max_queue:
-                raise ResourceExhausted(f"queue full ({self._max_queue} requests waiting); retry later")
             now = time.monotonic()
-            if self._cycle is not None and self._queued:
-                self._admit(request, now)
+            refused = self.refusal(request.rows, None if screened else request.deadline, now, screened)
+            if refused is not None:
+                self._metrics.refused(refused[0])
+                raise ResourceExhausted(refused[1])
             request.enqueued = now
             self._queue.append(request)
             self._queued += 1
@@ -278,22 +289,38 @@ class DynamicBatcher:
                 return True
             return False
 
-    def _admit(self, request: Request, now: float) -> None:
-        """Refuse at once a request that would wait past its deadline, or past
-        ``max_queue_wait``, at the measured batch cycle (under the lock)."""
-        assert self._cycle is not None
-        batches_ahead = math.ceil((self._queued_rows + request.rows) / max(self._limit, 1))
-        wait = batches_ahead * self._cycle
-        if request.deadline is not None and now + wait > request.deadline:
-            raise ResourceExhausted(
+    def refusal(
+        self, rows: int, deadline: float | None, now: float, bound_only: bool = False
+    ) -> tuple[str, str] | None:
+        """Why a request of ``rows`` rows due at ``deadline`` (time.monotonic(); None: no
+        deadline) is to be refused now, as (reason, message), or None to admit it.
+
+        Reasons: ``queue_full`` (``max_queue_size`` requests wait), ``deadline`` (the full
+        batches queued ahead of it, at the measured batch cycle, would keep it waiting past
+        its deadline), ``max_wait`` (... past ``max_queue_wait``). Decided under the lock
+        when queueing; also read without it (``serving.admission``), before a request is
+        even received, where a stale figure errs by a request or two either way.
+        ``bound_only``: only ``queue_full``.
+        """
+        queued = self._queued
+        if queued >= self._max_queue:
+            return "queue_full", f"queue full ({self._max_queue} requests waiting); retry later"
+        cycle = self._cycle
+        if cycle is None or not queued or bound_only:
+            return None
+        batches_ahead = math.ceil((self._queued_rows + rows) / max(self._limit, 1))
+        wait = batches_ahead * cycle
+        if deadline is not None and now + wait > deadline:
+            return "deadline", (
                 f"would wait about {wait * 1e3:.1f} ms for its batch, past its deadline in "
-                f"{max(request.deadline - now, 0.0) * 1e3:.1f} ms; not queued, retry later"
+                f"{max(deadline - now, 0.0) * 1e3:.1f} ms; not queued, retry later"
             )
         if self._max_wait and wait > self._max_wait:
-            raise ResourceExhausted(
+            return "max_wait", (
                 f"would wait about {wait * 1e3:.1f} ms for its batch, over the server's "
                 f"{self._max_wait * 1e3:.0f} ms limit; not queued, retry later"
             )
+        return None
 
     def _measure(self, rows: int, oldest: float, now: float) -> None:
         """Learn the batch cycle as a batch starts (under the lock): when its oldest request
@@ -422,6 +449,7 @@ class DynamicBatcher:
             finally:
                 self._filling -= 1
         now = time.monotonic()
+        self.depth_at_batch = self._queued
         batch: list[Request] = []
         expired: list[Request] = []
         rows = 0
@@ -431,7 +459,9 @@ class DynamicBatcher:
             if request.state != QUEUED:  # cancelled or expired while queued
                 queue.popleft()
                 continue
-            if request.deadline is not None and now >= request.deadline:
+            if request.deadline is not None and now + self._compute > request.deadline:
+                # Expired, or would be before a batch could finish: computing it would only
+                # take the model from requests that can still make their deadline.
                 queue.popleft()
                 self._unqueue(request)
                 request.error = self._expired(request, now)
@@ -459,10 +489,15 @@ class DynamicBatcher:
         """Requests with different variable sizes merge only when the model pads them."""
         return first.shape_key == other.shape_key or self._all_padded
 
-    @staticmethod
-    def _expired(request: Request, now: float) -> DeadlineExceeded:
+    def _expired(self, request: Request, now: float) -> DeadlineExceeded:
         waited_ms = (now - request.enqueued) * 1e3
-        return DeadlineExceeded(f"deadline expired after {waited_ms:.1f} ms in the queue; not computed")
+        assert request.deadline is not None
+        if now >= request.deadline:
+            return DeadlineExceeded(f"deadline expired after {waited_ms:.1f} ms in the queue; not computed")
+        return DeadlineExceeded(
+            f"deadline due in {(request.deadline - now) * 1e3:.1f} ms, before a batch could finish (about "
+            f"{self._compute * 1e3:.1f} ms), after {waited_ms:.1f} ms in the queue; not computed"
+        )
 
     def _run(self, batch: list[Request], started: float) -> None:
         """Merge, forward, split, deliver; one failure reaches every request of the batch."""
@@ -475,6 +510,9 @@ class DynamicBatcher:
             padded = len(batch) > 1 and any(r.shape_key != batch[0].shape_key for r in batch)
             results = split(outputs, batch, self._output_specs, padded)
             t3 = time.perf_counter_ns()
+            forward = (t2 - t1) / 1e9
+            smoothed = self._compute + CYCLE_SMOOTHING * (forward - self._compute)
+            self._compute = smoothed if self._compute else forward
             self._metrics.batch_done(rows, [started - r.enqueued for r in batch], t1 - t0, t2 - t1, t3 - t2)
         except BaseException as err:
             error = err if isinstance(err, Exception) else RuntimeError(f"forward pass aborted by {err!r}")

@@ -15,7 +15,11 @@ Families (same names on both servers): ``inference_requests_total{model,code}``,
 ``inference_request_duration_seconds``, ``inference_queue_duration_seconds``,
 ``inference_compute_duration_seconds``, ``inference_batch_size`` (histograms by
 model), ``inference_executions_total``, ``inference_rows_total``,
-``inference_queue_depth``, ``inference_inflight_requests``, and
+``inference_queue_depth``, ``inference_queue_depth_at_batch`` (requests queued when the
+latest batch was taken), ``inference_inflight_requests``,
+``inference_refusals_total{model,reason}`` (RESOURCE_EXHAUSTED by the admission rules:
+``queue_full``, ``deadline``, ``max_wait``, and grpcio's ``in_flight`` cap; see
+docs/serving.md), and
 ``inference_worker_requests_total{model,worker}`` (with several workers: how the kernel
 spread the load). On a GPU, once per server (a lone server, or the supervisor of several
 workers): ``gpu_utilization_ratio``, ``gpu_memory_used_bytes``, ``gpu_memory_total_bytes``,
@@ -51,6 +55,8 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CODES = tuple(code.name for code in grpc.StatusCode)
+#: Why the admission rules refused a request (``serving.batcher.DynamicBatcher.refusal``).
+REFUSAL_REASONS = ("queue_full", "deadline", "max_wait", "in_flight")
 #: How often a worker of several writes its figures into the shared table.
 PUBLISH_INTERVAL_S = 0.1
 #: Largest batch size the standalone ModelMetrics (tests, tools) keeps per-size figures for.
@@ -104,6 +110,8 @@ class Layout:
         self.codes = take(len(CODES))
         self.inflight = take(1).start
         self.queue_depth = take(1).start
+        self.queue_depth_at_batch = take(1).start
+        self.refusals = take(len(REFUSAL_REASONS))
         self.request_hist = take(len(LATENCY_BUCKETS) + 2)  # counts, +Inf count, sum
         self.queue_hist = take(len(LATENCY_BUCKETS) + 2)
         self.compute_hist = take(len(LATENCY_BUCKETS) + 2)
@@ -152,11 +160,30 @@ class ModelMetrics:
         self._durations = {name: _Duration() for name in Layout.DURATIONS}
         self._batches = np.zeros((self.layout.max_batch_size, 6))
         self._last_inference_ms = 0
+        self._refusals = [0] * len(REFUSAL_REASONS)
+        self._refusal_index = {reason: i for i, reason in enumerate(REFUSAL_REASONS)}
         self._queue_depth: Callable[[], int] = lambda: 0
+        self._queue_depth_at_batch: Callable[[], int] = lambda: 0
 
-    def bind_queue_depth(self, read: Callable[[], int]) -> None:
-        """Where the queue depth is read (the model's batcher)."""
+    def bind_queue_depth(self, read: Callable[[], int], at_batch: Callable[[], int] | None = None) -> None:
+        """Where the queue depth is read (the model's batcher): now, and when the latest batch was taken."""
         self._queue_depth = read
+        if at_batch is not None:
+            self._queue_depth_at_batch = at_batch
+
+    def refused(self, reason: str) -> None:
+        """The admission rules refused a request (its status is counted by ``request_done``)."""
+        with self._lock:
+            self._refusals[self._refusal_index[reason]] += 1
+
+    def refused_unseen(self, reason: str, duration_ns: int) -> None:
+        """A request refused before it reached ``request_started`` (``serving.admission``): its
+        status, duration and reason, counted at once."""
+        with self._lock:
+            self._refusals[self._refusal_index[reason]] += 1
+            self._codes[self._code_index["RESOURCE_EXHAUSTED"]] += 1
+            self._request_duration.observe(duration_ns / 1e9)
+            self._durations["fail"].add(duration_ns)
 
     def request_started(self) -> None:
         with self._lock:
@@ -211,7 +238,9 @@ class ModelMetrics:
                 row[layout.durations[name]] = (duration.count, duration.ns)
             row[layout.last_inference_ms] = self._last_inference_ms
             row[layout.batches] = self._batches.ravel()
+            row[layout.refusals] = self._refusals
         row[layout.queue_depth] = self._queue_depth()
+        row[layout.queue_depth_at_batch] = self._queue_depth_at_batch()
         self.rows[self.index] = row
 
     def totals(self) -> np.ndarray:
@@ -280,8 +309,20 @@ class _Families:
         self.queue_depth = GaugeMetricFamily(
             "inference_queue_depth", "Requests waiting in the batcher's queue.", labels=model
         )
+        self.queue_depth_at_batch = GaugeMetricFamily(
+            "inference_queue_depth_at_batch",
+            "Requests waiting in the batcher's queue when its latest batch was taken (before taking it).",
+            labels=model,
+        )
         self.inflight = GaugeMetricFamily(
             "inference_inflight_requests", "Inference requests being handled.", labels=model
+        )
+        self.refusals = CounterMetricFamily(
+            "inference_refusals",
+            "Requests refused (RESOURCE_EXHAUSTED) by the admission rules, by reason: queue_full, deadline "
+            "(would wait past its deadline), max_wait (past --max-queue-wait-ms), in_flight (--grpc-threads calls "
+            "in flight, refused by grpcio).",
+            labels=[*model, "reason"],
         )
         self.worker_requests = CounterMetricFamily(
             "inference_worker_requests",
@@ -309,7 +350,10 @@ class _Families:
         self.executions.add_metric(labels, total[layout.executions])
         self.rows.add_metric(labels, total[layout.rows])
         self.queue_depth.add_metric(labels, total[layout.queue_depth])
+        self.queue_depth_at_batch.add_metric(labels, total[layout.queue_depth_at_batch])
         self.inflight.add_metric(labels, total[layout.inflight])
+        for reason, count in zip(REFUSAL_REASONS, total[layout.refusals], strict=True):
+            self.refusals.add_metric([name, reason], count)
         # One row per worker (a lone server: one), and with several one more, kept for the
         # workers that were replaced.
         workers = len(rows) - 1 if len(rows) > 1 else 1

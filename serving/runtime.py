@@ -98,9 +98,14 @@ class ModelRuntime:
             return self._idle.wait_for(lambda: not self.active, timeout)
 
     def infer(
-        self, request: pb.ModelInferRequest, timeout: float | None, on_queued: Callable[[Request], object] | None = None
+        self,
+        request: pb.ModelInferRequest,
+        timeout: float | None,
+        on_queued: Callable[[Request], object] | None = None,
+        screened: bool = False,
     ) -> pb.ModelInferResponse:
-        """Answer one request; ``timeout``: seconds left until its deadline (None: none)."""
+        """Answer one request; ``timeout``: seconds left until its deadline (None: none);
+        ``screened``: admitted as it arrived (``DynamicBatcher.infer``)."""
         metrics = self.metrics
         started = time.perf_counter_ns()
         metrics.request_started()
@@ -111,7 +116,7 @@ class ModelRuntime:
                 raise Unavailable(self.unavailable)
             arrays, rows = self.decoder.inputs(request)
             names = self.decoder.outputs(request)
-            outputs = self.batcher.infer(arrays, rows, timeout, on_queued)
+            outputs = self.batcher.infer(arrays, rows, timeout, on_queued, screened)
             response = self.encode(request, outputs, names)
             code = "OK"
             return response
@@ -256,6 +261,11 @@ class ServedModel:
         if latest is None:
             raise Unavailable(f"model {self.name!r} has no version loaded")
         return latest
+
+    @property
+    def newest(self) -> ModelRuntime | None:
+        """The version requests without one go to; None while none is loaded."""
+        return self._latest
 
     def runtimes(self) -> list[ModelRuntime]:
         return list(self._versions.values())

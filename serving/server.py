@@ -37,6 +37,8 @@ import modelzoo
 from contract.protocol import inference_pb2 as pb
 from contract.protocol import inference_pb2_grpc as pb_grpc
 from modelzoo.base import ModelDefinition
+from serving import admission
+from serving.admission import AdmittingPool
 from serving.backend import Framework
 from serving.loader import ModelLoader, model_names
 from serving.metrics import MetricsTable, ServerMetrics, register_gpu_collector
@@ -131,6 +133,8 @@ class InferenceServer:
         self.started_at = time.monotonic()
         self.ready_after_s: float | None = None
         self._server: grpc.Server | None = None
+        #: The handler pool, with ModelInfer's admission in front (serving.admission).
+        self.pool: AdmittingPool | None = None
         self._metrics_http: Any = None
         self._stop_lock = threading.Lock()
         self._stopped = threading.Event()
@@ -146,14 +150,20 @@ class InferenceServer:
             ("grpc.so_reuseport", 1 if self.place else 0),
         ]
         threads = settings.handler_threads()
-        pool = futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc")
-        # Every call in flight holds a handler thread; beyond that many, grpcio refuses new
-        # calls itself (RESOURCE_EXHAUSTED), before any of our work, instead of queueing them
-        # where no deadline is seen. Refusing there is what keeps overload from collapsing
-        # goodput: a refusal in a handler thread costs nearly as much as an answer.
+        # Every call in flight holds a handler thread (a request waiting for its batch too),
+        # so the pool holds a full queue: the batcher's rules (queue bound, deadline, max
+        # wait) decide admission, not a thread count. The pool refuses ModelInfer calls those
+        # rules would refuse before they reach a thread (serving.admission): a refusal in a
+        # handler thread takes the core from the model. Beyond ``threads`` calls in flight
+        # grpcio refuses new ones itself: the last-resort bound, so a flood cannot exhaust memory.
+        pool = AdmittingPool(max_workers=threads, thread_name_prefix="grpc")
         server = grpc.server(pool, options=options, maximum_concurrent_rpcs=threads)
         token = settings.token()
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(guard(self.servicer, SERVICE, token), server)  # type: ignore[arg-type]
+        guarded = guard(self.servicer, SERVICE, token)
+        pool.admit(self.servicer.refusal, self.servicer.over_cap)
+        self.servicer.screened = admission.SUPPORTED
+        self.pool = pool
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(guarded, server)  # type: ignore[arg-type]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -317,6 +327,8 @@ class InferenceServer:
                 time.sleep(QUIET_S / 4)
             if self._server is not None:
                 self._server.stop(max(0.0, grace - (time.monotonic() - started))).wait()
+            if self.pool is not None:  # every call is over: let the handler threads go
+                self.pool.shutdown(wait=False)
             if drained:
                 for runtime in runtimes:
                     runtime.backend.shutdown()

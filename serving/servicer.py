@@ -11,6 +11,7 @@ import functools
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,6 +20,7 @@ import grpc
 from contract.errors import ModelNotFound, ServingError, Unavailable
 from contract.protocol import inference_pb2 as pb
 from contract.protocol import inference_pb2_grpc as pb_grpc
+from serving.admission import Refusal, wall_to_monotonic
 from serving.batcher import FINISHED, Request
 from serving.rpc_boundary import status_of
 from serving.runtime import ModelRuntime, ServedModel
@@ -45,6 +47,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         #: Models whose artifact could not be loaded, and why (UNAVAILABLE, saying so).
         self.failed: dict[str, str] = {}
         self.draining = False
+        #: Whether ModelInfer calls were admitted as they arrived (``refusal``, serving.admission).
+        self.screened = False
         #: Whether the other workers of this server serve too (serving.workers); alone: yes.
         self.peers_ready: Callable[[], bool] = lambda: True
 
@@ -113,6 +117,43 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             runtimes = [served.latest for served in self.models.values()]
         return pb.ModelStatisticsResponse(model_stats=[runtime.metrics.statistics() for runtime in runtimes])
 
+    def refusal(self, deadline: float | None) -> Refusal | None:
+        """Admission before a ModelInfer call is received (``serving.admission``): the refusal
+        when every served model would refuse a one-row request due at ``deadline`` (time.time()
+        seconds; None: none), so that whichever model it names, it would be refused. Lock-free.
+        None while any model is not serving (its handler answers UNAVAILABLE, as usual)."""
+        runtimes = []
+        for served in self.models.values():
+            runtime = served.newest
+            # An empty queue admits a request (the common case: decided without a clock).
+            if runtime is None or runtime.unavailable is not None or not runtime.batcher.queue_depth:
+                return None
+            runtimes.append(runtime)
+        started = time.perf_counter_ns()
+        due = wall_to_monotonic(deadline, DEADLINE_MARGIN_S, MAX_DEADLINE_S)
+        now = time.monotonic()
+        first: tuple[ModelRuntime, Refusal] | None = None
+        for runtime in runtimes:
+            refused = runtime.batcher.refusal(1, due, now)
+            if refused is None:
+                return None
+            if first is None:
+                first = (runtime, refused)
+        if first is None:
+            return None
+        runtime, refused = first
+        runtime.metrics.refused_unseen(refused[0], time.perf_counter_ns() - started)
+        return refused
+
+    def over_cap(self) -> None:
+        """grpcio refused a ModelInfer call: ``--grpc-threads`` calls in flight (``serving.admission``).
+        Counted against the model the call most likely named (the first served)."""
+        for served in self.models.values():
+            runtime = served.newest
+            if runtime is not None:
+                runtime.metrics.refused_unseen("in_flight", 0)
+                return
+
     def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
         runtime = self._served(request.model_name).acquire(request.model_version)
 
@@ -121,7 +162,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             context.add_callback(functools.partial(runtime.batcher.cancel, queued))
 
         try:
-            return runtime.infer(request, time_left(context), on_queued)
+            # With several models the early check refused only what every model would refuse.
+            screened = self.screened and len(self.models) == 1
+            return runtime.infer(request, time_left(context), on_queued, screened)
         finally:
             runtime.release()
 

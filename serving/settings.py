@@ -109,8 +109,9 @@ class ServerSettings(BatchingSettings):
         default="1",
     )
     grpc_threads: int = _doc(
-        "gRPC handler threads, and the most RPCs in flight (a request waiting for its batch holds one); beyond it "
-        "calls are refused with RESOURCE_EXHAUSTED before any work (0: two full batches per instance, plus 16).",
+        "gRPC handler threads, and the most RPCs in flight (a request waiting for its batch holds one): a "
+        "last-resort bound, beyond which grpcio refuses calls (RESOURCE_EXHAUSTED) before any work (0: room for a "
+        "full queue, --max-queue-size, plus a full batch per instance, plus 16).",
         default=0,
     )
     port: int = _doc("gRPC port; 0 picks a free one (printed and written to --port-file).", default=8001)
@@ -214,9 +215,10 @@ class ServerSettings(BatchingSettings):
             raise ValueError("--auth-token: empty")
 
     def handler_threads(self) -> int:
-        """gRPC handler threads (and RPCs in flight): enough for two full batches per
-        instance to queue while one runs, and for health and metadata calls beside them."""
-        return self.grpc_threads or 2 * self.max_batch_size * self.instances + HANDLER_RESERVE
+        """gRPC handler threads (and RPCs in flight): enough for a full queue
+        (``max_queue_size``) to wait while every instance runs a full batch, and for health and
+        metadata calls beside them. Threads start as calls need them, not all at once."""
+        return self.grpc_threads or self.max_queue_size + self.max_batch_size * self.instances + HANDLER_RESERVE
 
     def token(self) -> str | None:
         """The bearer token every RPC but grpc.health.v1 must carry (None: no authentication)."""

@@ -1,10 +1,11 @@
 """Overload without collapse, on a real server process (loopback, bounded: ~20 s).
 
 Open-loop arrivals at twice the measured peak must leave the server serving close to its
-peak, refusing the excess quickly, keeping the admitted requests' latency bounded, and
-back to normal soon after. (Without grpcio's in-flight cap, refusing in handler threads
-took the core from the model: goodput fell to ~0.1x the peak.) The margins are loose:
-CI machines are noisy; ``python -m loadtest overload`` prints the figures.
+peak, refusing the excess quickly, keeping the admitted requests within their deadline, and
+back to normal soon after. (Refusing in handler threads took the core from the model:
+goodput fell to ~0.1x the peak; the servers refuse before a handler thread, see
+docs/serving.md#admission.) The margins are loose: CI machines are noisy; ``python -m
+loadtest overload`` prints the figures.
 """
 
 from __future__ import annotations
@@ -28,11 +29,19 @@ def test_twice_the_peak_is_refused_quickly_and_served_near_the_peak(tmp_path: Pa
     overload = result["phases"]["200%"]
     refusals = sum(count for status, count in overload["statuses"].items() if status.startswith("RESOURCE_EXHAUSTED"))
     assert refusals > 0, overload["statuses"]  # the excess was refused...
-    assert set(overload["statuses"]) <= {"OK", "RESOURCE_EXHAUSTED: Concurrent RPC limit",
-                                         "RESOURCE_EXHAUSTED: would wait about"}, overload["statuses"]  # fmt: skip
+    # Refused by the admission rules (a wait past the deadline, a full queue; grpcio's in-flight
+    # cap as the last resort), or, admitted, failed before computing where it would be late.
+    allowed = ("OK", "RESOURCE_EXHAUSTED: would wait about", "RESOURCE_EXHAUSTED: queue full",
+               "RESOURCE_EXHAUSTED: Concurrent RPC limit", "DEADLINE_EXCEEDED")  # fmt: skip
+    assert all(status.startswith(allowed) for status in overload["statuses"]), overload["statuses"]
+    expired = overload["statuses"].get("DEADLINE_EXCEEDED", 0)
+    assert expired < refusals, overload["statuses"]  # mostly refused at once, not after waiting
     assert result["goodput_vs_peak"] >= 0.5  # ...while the model kept serving
-    # Refused at once, not after queueing (measured from the actual send; unpinned on this
-    # 2-core box beside the generator: 20-36 ms, the server's core being saturated on purpose).
-    assert result["refusal_p99_ms"] <= 100.0
-    assert overload["admitted_latency_ms"]["p99"] <= DEADLINE_MS  # admitted ones made their deadline
+    # Refused, not queued until the deadline (measured from the actual send; unpinned on this
+    # 2-core box beside the generator, the server's core saturated on purpose: 20-36 ms with the
+    # old in-flight cap of 80 calls, 198-223 ms with a queue that admits up to the deadline, whose
+    # polling thread is busier; pinned, docs/benchmarks.md#overload: 10-39 ms).
+    assert result["refusal_p99_ms"] <= DEADLINE_MS / 2
+    # Admitted ones made their deadline (a queue admits up to it: give the client's clock 1 %).
+    assert overload["admitted_latency_ms"]["p99"] <= DEADLINE_MS * 1.01
     assert result["p99_1s_after_overload_ms"] <= 3 * max(result["p99_at_80pct_ms"], 20.0)

@@ -430,3 +430,23 @@ def test_a_leader_failing_outside_a_forward_pass_hands_its_queue_on(
     for i, future in zip((1, 2), queued, strict=True):  # not stranded behind the failed leader
         np.testing.assert_array_equal(future.result(5)["y"], rows(i, 1)["x"] * 2)
     assert batcher.drain(1.0)
+
+
+def test_request_that_cannot_finish_before_its_deadline_is_never_computed() -> None:
+    """At its turn, a request whose deadline is closer than a forward pass takes would be
+    answered late: failed at once (DEADLINE_EXCEEDED), its rows never computed."""
+    model = Model()
+    model.delay_s = 0.2  # every forward pass takes 200 ms
+    batcher = make(model, max_batch_size=8)
+    batcher.infer(rows(0, 1), 1)  # the forward pass's duration is learnt
+    done: list[Request] = []
+    running = threading.Thread(target=batcher.infer, args=(rows(1, 1), 1))
+    model.entered.clear()
+    running.start()
+    assert model.entered.wait(5)
+    batcher.submit(rows(50, 1), 1, 0.3, done.append)  # its turn in ~200 ms: ~100 ms left, < 200 ms
+    wait_until(lambda: bool(done))
+    running.join(5)
+    assert isinstance(done[0].error, DeadlineExceeded), done[0].error
+    assert "before a batch could finish" in str(done[0].error)
+    assert all(100.0 not in batch["x"] for batch in model.batches)
