@@ -52,6 +52,17 @@ def _fmt(value: float | None, spec: str, unit: str = "") -> str:
     return "n/a" if value is None else f"{value:{spec}}{unit}"
 
 
+#: Outstanding requests per open-loop stream the generator allows at least (Locust's own default).
+MIN_IN_FLIGHT = 1000
+
+
+def max_in_flight(rate: float, streams: int, deadline_ms: float) -> int:
+    """Outstanding requests an open-loop stream may hold: every request of one deadline (a server that queues
+    up to the deadline holds ``rate x deadline`` of them), with half as much again for Poisson bursts. Fewer
+    would make the generator drop arrivals where the server is merely slow, and the step invalid."""
+    return max(MIN_IN_FLIGHT, math.ceil(1.5 * rate / streams * deadline_ms / 1000) + 16)
+
+
 def locust_command(
     endpoint: Endpoint,
     scenario: Scenario,
@@ -75,7 +86,8 @@ def locust_command(
     if scenario.mode == "open":
         streams = max(opts.arrival_users, processes)
         command += ["--load-shape", "rate", "--arrival-rate", f"{scenario.value:g}", "--arrival", opts.arrival,
-                    "--arrival-users", str(streams)]  # fmt: skip
+                    "--arrival-users", str(streams),
+                    "--max-in-flight", str(max_in_flight(scenario.value, streams, opts.deadline_ms))]  # fmt: skip
     else:
         users = str(int(scenario.value))
         command += ["--load-shape", "none", "-u", users, "-r", users]

@@ -407,3 +407,21 @@ def test_capacity_phase_searches_each_server_in_abba_order_from_the_lower_peak(
             assert 0.9 * saturated / 1.1 <= value <= 0.9 * saturated
         assert found["start_rps"] == 700.0
     assert json.dumps(records)  # results.json can hold it
+
+
+def test_an_open_loop_step_lets_each_stream_hold_a_deadlines_worth_of_requests() -> None:
+    """A server that queues up to the deadline holds rate x deadline requests: a generator that allowed fewer
+    outstanding would drop arrivals (client backlog) and make every overloaded probe invalid, never a fail."""
+    from loadtest.sampling import Endpoint
+
+    endpoint = Endpoint("torch", "127.0.0.1:1", None, "mlp")
+    opts = plan.Options(deadline_ms=1000.0, arrival_users=4)
+
+    def allowed(rate: float, processes: int = 1) -> int:
+        command = steps.locust_command(endpoint, plan.Scenario("open", rate), opts, 5, processes, Path("l"), Path("s"))
+        return int(command[command.index("--max-in-flight") + 1])
+
+    assert allowed(100.0) == steps.MIN_IN_FLIGHT  # a slow rate keeps Locust's default
+    for rate in (5209.6, 20000.0):
+        assert allowed(rate) >= 1.5 * rate / 4 * 1.0  # per stream: its share of one deadline's arrivals, and more
+    assert allowed(20000.0, processes=8) >= 1.5 * 20000.0 / 8  # more streams share the rate
