@@ -108,7 +108,7 @@ class Options:
     cpu_split: str = "auto"
     #: The SLO capacity search (``loadtest.compare.capacity``): on or off, and its settings.
     capacity: str = "on"
-    capacity_precision: float = 0.1
+    capacity_precision: float = 0.05
     capacity_step_seconds: float = 2.0
     capacity_warmup_seconds: float = 0.5
     capacity_start: float | None = None

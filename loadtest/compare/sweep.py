@@ -42,8 +42,8 @@ FLAGS = {
     "precision": "--precision",
     "compile": "--compile",
 }
-#: Rung 0's search precision: a bracket of 2 narrowed twice (a resolution of about 19 %).
-COARSE_PRECISION = 0.25
+#: Rung 0's search precision: the capacity phase's bracket (x1.5) narrowed twice (rates about 11 % apart).
+COARSE_PRECISION = 0.15
 #: Rung 1's bracket factor: its search starts where rung 0 found the candidate, so it need not reach far.
 FINE_FACTOR = 1.25
 SERVER_MODULES = {"torch": "torch_server", "tensorflow": "tf_server"}

@@ -333,7 +333,7 @@ def test_capacity_flags() -> None:
 
     parser = build_parser()
     opts = command.options_from(parser.parse_args(["compare"]))
-    assert (opts.capacity, opts.capacity_precision, opts.capacity_start) == ("on", 0.1, None)
+    assert (opts.capacity, opts.capacity_precision, opts.capacity_start) == ("on", 0.05, None)
     opts = command.options_from(parser.parse_args(["compare", "--capacity", "off", "--capacity-precision", "0.05",
                                                    "--capacity-start", "800"]))  # fmt: skip
     assert (opts.capacity, opts.capacity_precision, opts.capacity_start) == ("off", 0.05, 800.0)
@@ -382,7 +382,7 @@ def test_capacity_phase_searches_each_server_in_abba_order_from_the_lower_peak(
     ]
     # Repeat 1 starts half a resolution cell above repeat 0 (dithered), the same for both servers.
     firsts = [(name, rate) for name, phase, rate, *_ in probed if phase == "capacity-p1"]
-    shifted = round(700.0 * 2 ** (1 / 16), 1)  # half of a 2^(1/8) cell
+    shifted = round(700.0 * capacity.resolution(capacity_phase.settings(opts)) ** (1 / 2), 1)  # half a lattice cell
     assert firsts == [("torch", 700.0), ("tensorflow", 700.0), ("tensorflow", shifted), ("torch", shifted)]
     # Each probe of a search has a phase name of its own (its latency files), with the probes' window.
     torch_first = [phase for name, phase, *_ in probed[: len(records["torch"]["capacity"]["repeats"][0]["probes"])]]
