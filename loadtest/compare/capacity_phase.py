@@ -22,15 +22,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from loadtest.cli import progress
 from loadtest.compare import capacity
 from loadtest.compare.capacity import Outcome, ProbeResult, Search, budget_text, dithered_start, search, summarize
 from loadtest.compare.plan import GENERATOR_CPU_LIMIT, SLO_ERROR_RATE, Arm, Options, Scenario, abba, peak
-from loadtest.compare.steps import TAIL_S, Run, measure_step, serving
+from loadtest.compare.steps import RUN_FAILURES, TAIL_S, Run, measure_step, serving
 from loadtest.sampling import Endpoint
-from loadtest.servers import ServerStartError
 
 PHASE = "capacity"
 #: Seconds a step costs beyond its Locust run (start-up and exit of Locust; measured: ~0.9 s).
@@ -232,7 +229,7 @@ def capacity_phase(
                     outcome = search_server(prober, arm, endpoint, repeat, first, rules, local=local)
                     if outcome.found:
                         outcome.replays = replay(run, arm, endpoint, repeat, outcome.found, rules, local=local)
-            except (ServerStartError, RuntimeError, grpc.RpcError, grpc.FutureTimeoutError) as err:
+            except RUN_FAILURES as err:
                 failures.append({"server": arm.name, "phase": PHASE, "repeat": repeat, "error": str(err)})
                 progress(f"{arm.name} {PHASE} r{repeat + 1}/{opts.repeats}: FAILED, going on: {err}")
                 continue

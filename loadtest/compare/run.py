@@ -73,8 +73,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from loadtest.cli import progress
 from loadtest.compare import drain, fidelity, sweep_phase
 from loadtest.compare.capacity_phase import capacity_phase
@@ -94,9 +92,8 @@ from loadtest.compare.plan import (
     rate_grid,
 )
 from loadtest.compare.prepare import check_fairness, check_parity, prepare, repository_for
-from loadtest.compare.steps import TAIL_S, Run, measure_step, report_step, serving
+from loadtest.compare.steps import RUN_FAILURES, TAIL_S, Run, measure_step, report_step, serving
 from loadtest.sampling import environment, interval_for
-from loadtest.servers import ServerStartError
 from loadtest.stats import DECISION_RULE
 
 LATENCY_NOTE = (
@@ -141,7 +138,7 @@ def phase(
                         step = measure_step(run, arm, endpoint, scenario, name, repeat, local=local)
                         report_step(arm, name, repeat, opts, scenario, step)
                         records[arm.name]["steps"].append(step)
-            except (ServerStartError, RuntimeError, grpc.RpcError, grpc.FutureTimeoutError) as err:
+            except RUN_FAILURES as err:
                 failures.append({"server": arm.name, "phase": name, "repeat": repeat, "error": str(err)})
                 progress(f"{arm.name} {name} r{repeat + 1}/{opts.repeats}: FAILED, going on: {err}")
 

@@ -23,19 +23,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import psutil
 
 from loadtest.breakdown import step_breakdown
 from loadtest.cli import progress
 from loadtest.compare.plan import Arm, Options, Scenario, invalid_reasons, locust_processes
 from loadtest.sampling import Endpoint, Sampler, StatisticsReader, interval_for, listener_pid
-from loadtest.servers import ROOT, ServerProcess, pinned
+from loadtest.servers import ROOT, ServerProcess, ServerStartError, pinned
 from loadtest.stats import errors_text, resource_stats, window_stats
 from loadtest.users.latency_file import Samples, read_latencies
 
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
 TAIL_S = 0.5
 LOCUST_GRACE_S = 30.0
+#: What a phase catches from one server's run, records as a failure of that (phase, repeat), and goes on after.
+RUN_FAILURES: tuple[type[BaseException], ...] = (ServerStartError, RuntimeError, grpc.RpcError, grpc.FutureTimeoutError)
 #: Seconds a fresh server idles after SERVING before its idle RSS is read (warm-up is done by then).
 IDLE_S = 0.5
 #: Generator CPU per request assumed until a step has measured it (µs; see loadtest.tools.overhead).

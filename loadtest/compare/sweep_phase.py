@@ -20,16 +20,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from loadtest.cli import progress
 from loadtest.compare import capacity_phase as capacity_runs
 from loadtest.compare import sweep
 from loadtest.compare.capacity import bisections, expected_probes
 from loadtest.compare.plan import Arm, Options, abba, server_workers
-from loadtest.compare.steps import Run, serving
+from loadtest.compare.steps import RUN_FAILURES, Run, serving
 from loadtest.compare.sweep import Candidate
-from loadtest.servers import ServerStartError
 
 PHASE = "sweep"
 
@@ -143,7 +140,7 @@ def sweep_phase(
             with serving(run, trial, {"starts": []}, stage, 0, model_dirs.get(arm.name)) as (endpoint, local):
                 outcome = capacity_runs.search_server(prober, trial, endpoint, 0, round(start, 1), search_rules,
                                                       local=local, stage=stage)  # fmt: skip
-        except (ServerStartError, RuntimeError, grpc.RpcError, grpc.FutureTimeoutError) as err:
+        except RUN_FAILURES as err:
             entry["error"] = str(err)
             failures.append({"server": arm.name, "phase": PHASE, "repeat": rung, "error": f"{candidate.name}: {err}"})
             progress(f"{arm.name} {PHASE} rung {rung} {candidate.name}: FAILED, going on: {err}")
