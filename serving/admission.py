@@ -5,8 +5,9 @@ grpcio's synchronous server takes each new call in the one thread that polls the
 (``_handle_call``): it finds the method's handler, refuses the call itself when
 ``maximum_concurrent_rpcs`` are in flight (one status batch, nothing read), or hands it to
 the thread pool. For a server whose pool is an ``AdmittingPool``, a ModelInfer call is first
-checked against ``refusal(deadline)`` (the served model's batcher: queue full, or a wait
-past the call's deadline or ``--max-queue-wait-ms``, from the figures it keeps; see
+checked against ``refusal(deadline, arriving)`` (the served model's batcher: queue full, or a
+wait past the call's deadline or ``--max-queue-wait-ms``, from the figures it keeps, counting
+the calls admitted before it that still wait for a handler thread; see
 ``serving.batcher.DynamicBatcher.refusal``) and, when refused, answered RESOURCE_EXHAUSTED
 with the reason in that same cheap way: no handler thread, no message read, no decoding.
 Admitted calls go to the pool as before, and the batcher decides again, under its lock,
@@ -42,8 +43,10 @@ log = logging.getLogger(__name__)
 
 #: (reason, message) of a refusal; see ``serving.metrics.REFUSAL_REASONS``.
 Refusal = tuple[str, str]
-#: ``refusal(deadline)``: deadline in time.time() seconds (None: none) -> a refusal or None.
-Check = Callable[[float | None], Refusal | None]
+#: ``refusal(deadline, arriving)`` -> a refusal or None. ``deadline``: time.time() seconds
+#: (None: none); ``arriving``: calls admitted before it that no handler thread has taken yet
+#: (invisible to the batcher's queue until decoded, but ahead of this call all the same).
+Check = Callable[[float | None, int], Refusal | None]
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -124,7 +127,7 @@ class AdmittingPool(futures.ThreadPoolExecutor):
         method = method_with_handler.name() or rpc_event.call_details.method.decode()
         if method != MODEL_INFER:
             return None
-        refusal = check(rpc_event.call_details.deadline)
+        refusal = check(rpc_event.call_details.deadline, self._work_queue.qsize())
         if refusal is None:
             return None
         assert _RPC_STATE is not None

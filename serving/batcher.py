@@ -290,7 +290,7 @@ class DynamicBatcher:
             return False
 
     def refusal(
-        self, rows: int, deadline: float | None, now: float, bound_only: bool = False
+        self, rows: int, deadline: float | None, now: float, bound_only: bool = False, arriving: int = 0
     ) -> tuple[str, str] | None:
         """Why a request of ``rows`` rows due at ``deadline`` (time.monotonic(); None: no
         deadline) is to be refused now, as (reason, message), or None to admit it.
@@ -299,16 +299,19 @@ class DynamicBatcher:
         batches queued ahead of it, at the measured batch cycle, would keep it waiting past
         its deadline), ``max_wait`` (... past ``max_queue_wait``). Decided under the lock
         when queueing; also read without it (``serving.admission``), before a request is
-        even received, where a stale figure errs by a request or two either way.
+        even received, where a stale figure errs by a request or two either way, and where
+        ``arriving`` calls admitted before it are not queued yet (no handler thread has
+        decoded them): they count as waiting, of the queue's mean rows each.
         ``bound_only``: only ``queue_full``.
         """
         queued = self._queued
-        if queued >= self._max_queue:
+        if queued + arriving >= self._max_queue:
             return "queue_full", f"queue full ({self._max_queue} requests waiting); retry later"
         cycle = self._cycle
-        if cycle is None or not queued or bound_only:
+        if cycle is None or not (queued or arriving) or bound_only:
             return None
-        batches_ahead = math.ceil((self._queued_rows + rows) / max(self._limit, 1))
+        rows_ahead = self._queued_rows + arriving * (self._queued_rows / queued if queued else 1)
+        batches_ahead = math.ceil((rows_ahead + rows) / max(self._limit, 1))
         wait = batches_ahead * cycle
         if deadline is not None and now + wait > deadline:
             return "deadline", (

@@ -117,16 +117,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             runtimes = [served.latest for served in self.models.values()]
         return pb.ModelStatisticsResponse(model_stats=[runtime.metrics.statistics() for runtime in runtimes])
 
-    def refusal(self, deadline: float | None) -> Refusal | None:
+    def refusal(self, deadline: float | None, arriving: int = 0) -> Refusal | None:
         """Admission before a ModelInfer call is received (``serving.admission``): the refusal
         when every served model would refuse a one-row request due at ``deadline`` (time.time()
-        seconds; None: none), so that whichever model it names, it would be refused. Lock-free.
-        None while any model is not serving (its handler answers UNAVAILABLE, as usual)."""
+        seconds; None: none) behind ``arriving`` calls admitted before it and not decoded yet,
+        so that whichever model it names, it would be refused. Lock-free. None while any model
+        is not serving (its handler answers UNAVAILABLE, as usual)."""
         runtimes = []
         for served in self.models.values():
             runtime = served.newest
             # An empty queue admits a request (the common case: decided without a clock).
-            if runtime is None or runtime.unavailable is not None or not runtime.batcher.queue_depth:
+            if runtime is None or runtime.unavailable is not None or not (runtime.batcher.queue_depth or arriving):
                 return None
             runtimes.append(runtime)
         started = time.perf_counter_ns()
@@ -134,7 +135,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         now = time.monotonic()
         first: tuple[ModelRuntime, Refusal] | None = None
         for runtime in runtimes:
-            refused = runtime.batcher.refusal(1, due, now)
+            refused = runtime.batcher.refusal(1, due, now, arriving=arriving)
             if refused is None:
                 return None
             if first is None:

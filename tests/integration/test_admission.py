@@ -9,6 +9,7 @@ import concurrent.futures
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -18,6 +19,7 @@ import requests
 
 from contract import codec
 from contract.protocol import inference_pb2_grpc as pb_grpc
+from serving.admission import MODEL_INFER, AdmittingPool
 from serving.batcher import DynamicBatcher
 from tests.helpers.fakes import FakeFramework
 from tests.helpers.servers import BackgroundServer
@@ -167,3 +169,49 @@ def test_calls_beyond_the_in_flight_bound_are_refused_by_grpcio_and_counted(
         assert refusals(server, "in_flight") == 1
         controls.gate.set()
         assert all(outcome(call, 30) is None for call in held)
+
+
+def test_calls_admitted_but_not_yet_decoded_count_as_waiting(make_server: Callable[..., BackgroundServer]) -> None:
+    # Admitted in the polling thread, a call is not in the batcher's queue until a handler
+    # thread has decoded it; the calls after it must see it waiting all the same.
+    server = make_server(max_batch_size=1, max_queue_size=64)
+    controls = server.framework.controls
+    controls.delay_s = 0.05  # every batch takes 50 ms
+    servicer = server.server.servicer
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:  # a backlog: the batch cycle is learnt
+            list(pool.map(lambda _: stub.ModelInfer(ONE, timeout=60), range(16)))
+        controls.entered.clear()
+        controls.gate.clear()
+        held = [stub.ModelInfer.future(ONE, timeout=60)]
+        assert controls.entered.wait(20)
+        held += [stub.ModelInfer.future(ONE, timeout=60) for _ in range(4)]
+        wait_until(lambda: batcher_of(server).queue_depth == 4)
+        # The queue bound: 4 queued + 59 arriving leave room for one more; + 60 do not.
+        assert servicer.refusal(None, 59) is None
+        assert (servicer.refusal(None, 60) or ("",))[0] == "queue_full"
+        # The deadline: about 5 batches of 50 ms ahead fit in 1 s; 4 + 20 arriving do not.
+        assert servicer.refusal(time.time() + 1.0, 0) is None
+        assert (servicer.refusal(time.time() + 1.0, 20) or ("",))[0] == "deadline"
+        # An empty queue with calls arriving is judged too (not waved through as idle).
+        controls.delay_s = 0.0
+        controls.gate.set()
+        assert all(outcome(call, 30) is None for call in held)
+        wait_until(lambda: batcher_of(server).queue_depth == 0)
+        assert (servicer.refusal(None, 64) or ("",))[0] == "queue_full"
+
+
+def test_the_polling_thread_tells_the_check_how_many_calls_wait_for_a_handler_thread() -> None:
+    seen: list[tuple[float | None, int]] = []
+    pool = AdmittingPool(4)
+    pool.admit(lambda deadline, arriving: seen.append((deadline, arriving)))  # admits (None)
+    event = SimpleNamespace(call_details=SimpleNamespace(method=MODEL_INFER.encode(), deadline=12.5))
+    method = SimpleNamespace(name=lambda: MODEL_INFER)
+    for _ in range(3):  # work items no thread has taken yet
+        pool._work_queue.put(None)  # type: ignore[arg-type]
+    try:
+        assert pool.screen(event, method) is None
+        assert seen == [(12.5, 3)]
+    finally:
+        pool.shutdown(wait=False)
