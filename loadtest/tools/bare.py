@@ -1,6 +1,6 @@
 """The plumbing ceiling: a bare identity Open Inference Protocol server, no model, same grpcio.
 
-    python -m loadtest bare --model mlp --port 0 --port-file ports.json [--mode aio|sync]
+    python -m loadtest bare --model mlp --port 0 --port-file ports.json [--mode aio|sync|refuse]
 
 It answers ServerLive/Ready, ModelReady, ServerMetadata, ModelMetadata, ModelConfig,
 ModelInfer and grpc.health.v1 for one zoo model's inputs: every output is its input,
@@ -9,6 +9,12 @@ bytes for bytes (ModelMetadata lists the inputs as outputs too), so OIP load too
 the real servers. No validation, batching, metrics or model: what a server costs
 beyond this is ours. ``--mode aio`` is a ``grpc.aio`` server, ``--mode sync`` a
 thread-pool ``grpc.server``; the bench measures both, in the same run as the servers.
+
+``--mode refuse`` is the sync server refusing every ModelInfer call the way our servers
+refuse overload (``serving.admission``: RESOURCE_EXHAUSTED in grpcio's polling thread, before
+a handler thread, nothing read): the floor of what a refusal costs a server's CPU, which
+``loadtest overload`` measures in the same run to bound the goodput a core can keep when it
+must refuse the excess.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from contract.datatypes import CONFIG_DATATYPES, TensorSpec
 from contract.protocol import inference_pb2 as pb
 
 MODES = ("aio", "sync")
+#: ``--mode refuse``'s answer to every ModelInfer call.
+REFUSAL = ("queue_full", "queue full (a bare server that refuses every request); retry later")
 SERVER_NAME = "bare_identity"
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 
@@ -138,8 +146,20 @@ async def serve_aio(identity: Identity, host: str, port: int, port_file: Path | 
     await server.stop(1.0)
 
 
-def serve_sync(identity: Identity, host: str, port: int, port_file: Path | None, threads: int) -> None:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=OPTIONS)
+def serve_sync(
+    identity: Identity, host: str, port: int, port_file: Path | None, threads: int, refuse: bool = False
+) -> None:
+    if refuse:
+        from serving import admission
+
+        if not admission.SUPPORTED:
+            raise SystemExit("--mode refuse: this grpcio has no hook for refusing before a handler thread")
+        admitting = admission.AdmittingPool(threads)
+        admitting.admit(lambda deadline, arriving: REFUSAL)
+        pool: futures.ThreadPoolExecutor = admitting
+    else:
+        pool = futures.ThreadPoolExecutor(max_workers=threads)
+    server = grpc.server(pool, options=OPTIONS)
     server.add_generic_rpc_handlers((identity.handler(asynchronous=False),))
     health_servicer = health.HealthServicer()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -158,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="mlp", help="zoo model whose inputs it echoes (default: %(default)s)")
     parser.add_argument("--model-arg", default="", help="zoo model parameters as KEY=VALUE, comma-separated")
-    parser.add_argument("--mode", choices=MODES, default="aio")
+    parser.add_argument("--mode", choices=(*MODES, "refuse"), default="aio")
     parser.add_argument("--threads", type=int, default=16, help="sync mode: handler threads (%(default)s)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
@@ -171,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.mode == "aio":
         asyncio.run(serve_aio(identity, args.host, args.port, args.port_file))
     else:
-        serve_sync(identity, args.host, args.port, args.port_file, args.threads)
+        serve_sync(identity, args.host, args.port, args.port_file, args.threads, refuse=args.mode == "refuse")
     return 0
 
 

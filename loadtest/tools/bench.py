@@ -146,6 +146,7 @@ def drive(server: ServerProcess, concurrency: int, opts: DriveOptions, cpus: lis
         result: dict[str, Any] = json.loads(out.read_text())
     cpu = sum(process.cpu_times()[:2]) - cpu_before
     answered = result["requests_all"]  # warm-up included, as the server's CPU time is
+    result["server_cpu_s"] = cpu
     result["server_cpu_us_per_request"] = 1e6 * cpu / answered if answered else None
     result["server"] = metric_deltas(before, scrape(server.metrics_url, opts.model)) if before else {}
     result["generator_bound"] = result["generator_cpu"] > GENERATOR_LIMIT

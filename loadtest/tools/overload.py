@@ -15,6 +15,12 @@ The generator's own send lag is reported: a lagging generator offered less than 
 The server's admission control is what is measured: a request that would wait past its
 deadline at the measured service rate is refused at once instead of queued
 (``serving.batcher``), so the queue never holds more than about rate x deadline.
+
+Refusing is not free: every refused call still costs the server's core its transport work
+(grpcio's polling thread, ``serving.admission``). In the same run, before the servers, the
+bare refusing server (``loadtest bare --mode refuse``, on the same core) gives the CPU time of
+one refusal, and from it each server's goodput ceiling at 2x (``goodput_ceiling``): the most a
+core that served the peak with nothing to spare can serve while it refuses the rest.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ from loadtest.tools.bench import DriveOptions, drive
 PHASES = (("80%", 0.8), ("200%", 2.0), ("after", 0.5))
 #: The closed-loop step that measures the peak: 64 callers, 3 s after 1 s of warm-up.
 PEAK_CALLERS = 64
+#: Seconds of the closed loop (``PEAK_CALLERS`` callers) against the bare refusing server.
+REFUSAL_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -118,6 +126,29 @@ def summarize(records: list[tuple[str, float, float, float, str]], peak: float, 
     }
 
 
+def refusal_cost(model: str, server_cpus: list[int] | None) -> dict[str, float]:
+    """What one refusal costs a server: the bare refusing server (same grpcio, same core),
+    ``PEAK_CALLERS`` callers for ``REFUSAL_SECONDS``; its CPU time per refused call."""
+    with ServerProcess("bare", model, ["--mode", "refuse"], cpus=server_cpus) as server:
+        step = drive(server, PEAK_CALLERS, DriveOptions(model, seconds=REFUSAL_SECONDS, warmup=0.0), None)
+    refused = step["errors"].get("RESOURCE_EXHAUSTED", 0)
+    if not refused or refused != sum(step["errors"].values()) or step["requests_all"]:
+        raise RuntimeError(f"the bare refusing server did not refuse every call: {step['errors']}, "
+                           f"{step['requests_all']} answered")  # fmt: skip
+    return {"refusals_per_s": refused / REFUSAL_SECONDS, "cpu_us": 1e6 * step["server_cpu_s"] / refused}
+
+
+def goodput_ceiling(peak_rps: float, refusal_s: float, offered: float = 2.0) -> float:
+    """The most goodput (as a fraction of the peak) a server keeps at ``offered`` times its
+    peak when each refusal costs ``refusal_s`` seconds of its CPU, if at the peak the served
+    requests took all of it: served g x peak at 1/peak each, refused (offered - g) x peak at
+    refusal_s each, within one CPU-second per second."""
+    load = peak_rps * refusal_s  # the CPU share a peak's worth of refusals takes
+    if load >= 1.0:
+        return 0.0
+    return max(0.0, min(1.0, (1.0 - offered * load) / (1.0 - load)))
+
+
 def measure(framework: str, opts: OverloadOptions, server_cpus: list[int] | None, model_dir: Path) -> dict:
     """The peak of one fresh server, then its phases of open-loop load (``summarize``'s figures)."""
     server_args = ["--threads", "1", "--device", "cpu", "--model-dir", str(model_dir / framework), *opts.server_args]
@@ -149,16 +180,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     split = split_cpus(args.cpu_split)
     split.pin_generator()
+    cost = refusal_cost(args.model, split.server)
+    progress(f"a refusal costs the server {cost['cpu_us']:.0f} µs of CPU (the bare refusing server, "
+             f"{cost['refusals_per_s']:.0f} refusals/s)")  # fmt: skip
     results: dict[str, Any] = {"model": args.model, "deadline_ms": args.deadline_ms, "servers": {},
-                               "cpu_split": {"server": split.server, "generator": split.generator}}  # fmt: skip
+                               "cpu_split": {"server": split.server, "generator": split.generator},
+                               "refusal_cost": cost}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="overload-") as tmp:
         for framework in args.servers:
             result = measure(framework, opts, split.server, Path(tmp))
+            result["goodput_ceiling"] = goodput_ceiling(result["peak_rps"], cost["cpu_us"] / 1e6)
             results["servers"][framework] = result
             over = result["phases"]["200%"]
             progress(
                 f"{framework}: peak {result['peak_rps']:.0f} req/s; at 2x ({over['offered_rps']:.0f} req/s offered): "
-                f"goodput {over['goodput_rps']:.0f} req/s = {result['goodput_vs_peak']:.2f}x peak, "
+                f"goodput {over['goodput_rps']:.0f} req/s = {result['goodput_vs_peak']:.2f}x peak "
+                f"(ceiling {result['goodput_ceiling']:.2f}x at this refusal cost), "
                 f"refusals answered p99 {result['refusal_p99_ms'] or 0:.2f} ms, admitted p99 "
                 f"{over['admitted_latency_ms']['p99'] or 0:.1f} ms = {result['admitted_p99_vs_80pct_p99'] or 0:.2f}x "
                 f"the p99 at 0.8x ({result['p99_at_80pct_ms'] or 0:.1f} ms), statuses {over['statuses']}; "

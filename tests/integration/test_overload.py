@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.tools.overload import OverloadOptions, measure
+from loadtest.tools.overload import OverloadOptions, measure, refusal_cost
 
 pytestmark = pytest.mark.slow
 
@@ -49,3 +49,10 @@ def test_twice_the_peak_is_refused_quickly_and_served_near_the_peak(tmp_path: Pa
     # (CI, 2-core host: 196 ms against 56 ms at 0.8x, where the old in-flight cap recovered within 3x):
     # a server that did not recover would stay at the deadline.
     assert result["p99_1s_after_overload_ms"] <= DEADLINE_MS / 2
+
+
+def test_the_cost_of_a_refusal_is_measured_on_the_bare_refusing_server() -> None:
+    # Every call refused (refusal_cost raises otherwise), and each took the server some CPU.
+    cost = refusal_cost("mlp", None)
+    assert cost["refusals_per_s"] > 100, cost
+    assert 0 < cost["cpu_us"] < 10_000, cost
