@@ -30,6 +30,7 @@ import asyncio
 import random
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,8 +43,9 @@ import numpy as np
 from contract.protocol import inference_pb2_grpc as pb_grpc
 from loadtest.cli import add_cpu_split_option, add_out_option, add_server_option, progress, split_cpus, write_result
 from loadtest.driver import CHANNEL_OPTIONS, RequestPool, open_loop
+from loadtest.sampling import scrape
 from loadtest.servers import ServerProcess
-from loadtest.stats import percentiles
+from loadtest.stats import metric_deltas, percentiles
 from loadtest.tools.bench import DriveOptions, drive
 
 PHASES = (("80%", 0.8), ("200%", 2.0), ("after", 0.5))
@@ -153,15 +155,50 @@ def measure(framework: str, opts: OverloadOptions, server_cpus: list[int] | None
     """The peak of one fresh server, then its phases of open-loop load (``summarize``'s figures)."""
     server_args = ["--threads", "1", "--device", "cpu", "--model-dir", str(model_dir / framework), *opts.server_args]
     with ServerProcess(framework, opts.model, server_args, cpus=server_cpus) as server:
-        peak = drive(server, PEAK_CALLERS, DriveOptions(opts.model, seconds=3.0, warmup=1.0), None)["requests_per_s"]
+        at_peak = drive(server, PEAK_CALLERS, DriveOptions(opts.model, seconds=3.0, warmup=1.0), None)
+        peak = at_peak["requests_per_s"]
         seconds = {name: opts.seconds for name, _ in PHASES}
         phases = [(name, fraction * peak, seconds[name]) for name, fraction in PHASES]
+        # The server's own figures over the 2x phase (its batches, their compute time), scraped at
+        # its start and end (from the schedule: the arrivals begin a few ms after the call).
+        started = time.monotonic() + seconds["80%"]
+        scrapes = _Scrapes(server.metrics_url, opts.model, [started, started + seconds["200%"]])
         cpu_before = time.process_time()
         records = asyncio.run(poisson_phases(server.target, opts.model, phases, opts.deadline_ms / 1e3))
         generator_cpu = (time.process_time() - cpu_before) / sum(seconds.values())
+        scrapes.join()
     result = summarize(records, peak, seconds)
     result["generator_cpu"] = generator_cpu
+    result["server_at_peak"] = at_peak["server"]
+    before, after = scrapes.taken
+    result["server_at_2x"] = metric_deltas(before, after) if before and after else {}
     return result
+
+
+class _Scrapes(threading.Thread):
+    """The server's metrics (``loadtest.sampling.scrape``) at each of ``times`` (time.monotonic()),
+    in a thread of its own: ``taken`` once joined (an empty dict where a scrape failed)."""
+
+    def __init__(self, url: str | None, model: str, times: Sequence[float]) -> None:
+        super().__init__(name="overload-scrapes", daemon=True)
+        self.url, self.model, self.times = url, model, times
+        self.taken: list[dict[str, float]] = []
+        self.start()
+
+    def run(self) -> None:
+        for moment in self.times:
+            time.sleep(max(0.0, moment - time.monotonic()))
+            self.taken.append(scrape(self.url, self.model))
+
+
+def _batches(result: dict[str, Any]) -> str:
+    """The server's batches at the peak and at 2x: rows and compute time, mean."""
+    parts = []
+    for label, key in (("at the peak", "server_at_peak"), ("at 2x", "server_at_2x")):
+        figures = result.get(key) or {}
+        if figures.get("compute_ms_mean") is not None and figures.get("batch_size_mean") is not None:
+            parts.append(f"{figures['batch_size_mean']:.1f} rows in {figures['compute_ms_mean']:.1f} ms {label}")
+    return "batches " + (", ".join(parts) if parts else "unknown (no metrics)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -199,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"refusals answered p99 {result['refusal_p99_ms'] or 0:.2f} ms, admitted p99 "
                 f"{over['admitted_latency_ms']['p99'] or 0:.1f} ms = {result['admitted_p99_vs_80pct_p99'] or 0:.2f}x "
                 f"the p99 at 0.8x ({result['p99_at_80pct_ms'] or 0:.1f} ms), statuses {over['statuses']}; "
-                f"1 s after: p99 {result['p99_1s_after_overload_ms'] or 0:.1f} ms; generator CPU "
+                f"1 s after: p99 {result['p99_1s_after_overload_ms'] or 0:.1f} ms; {_batches(result)}; generator CPU "
                 f"{result['generator_cpu']:.2f}, send lag p99 {over['send_lag_p99_ms'] or 0:.1f} ms"
             )
     write_result(results, args.out)
