@@ -40,10 +40,10 @@ from typing import Any
 import grpc
 import numpy as np
 
+from client import metrics
 from contract.protocol import inference_pb2_grpc as pb_grpc
 from loadtest.cli import add_cpu_split_option, add_out_option, add_server_option, progress, split_cpus, write_result
 from loadtest.driver import CHANNEL_OPTIONS, RequestPool, open_loop
-from loadtest.sampling import scrape
 from loadtest.servers import ServerProcess
 from loadtest.stats import metric_deltas, percentiles
 from loadtest.tools.bench import DriveOptions, drive
@@ -53,6 +53,8 @@ PHASES = (("80%", 0.8), ("200%", 2.0), ("after", 0.5))
 PEAK_CALLERS = 64
 #: Seconds of the closed loop (``PEAK_CALLERS`` callers) against the bare refusing server.
 REFUSAL_SECONDS = 2.0
+#: How long a scrape of the server's metrics over the 2x phase may take.
+SCRAPE_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -176,7 +178,7 @@ def measure(framework: str, opts: OverloadOptions, server_cpus: list[int] | None
 
 
 class _Scrapes(threading.Thread):
-    """The server's metrics (``loadtest.sampling.scrape``) at each of ``times`` (time.monotonic()),
+    """The server's metrics (``client.metrics.scrape``) at each of ``times`` (time.monotonic()),
     in a thread of its own: ``taken`` once joined (an empty dict where a scrape failed)."""
 
     def __init__(self, url: str | None, model: str, times: Sequence[float]) -> None:
@@ -188,7 +190,10 @@ class _Scrapes(threading.Thread):
     def run(self) -> None:
         for moment in self.times:
             time.sleep(max(0.0, moment - time.monotonic()))
-            self.taken.append(scrape(self.url, self.model))
+            try:  # a server at twice its peak answers its metrics port late: wait for it
+                self.taken.append(metrics.scrape(self.url, self.model, timeout=SCRAPE_TIMEOUT_S))
+            except OSError:
+                self.taken.append({})
 
 
 def _batches(result: dict[str, Any]) -> str:
