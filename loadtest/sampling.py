@@ -43,11 +43,12 @@ def interval_for(window_s: float) -> float:
     return min(SAMPLE_INTERVAL_S, window_s / 6)
 
 
-def scrape(url: str | None, model: str) -> dict[str, float]:
+def scrape(url: str | None, model: str, timeout: float = client.metrics.SCRAPE_TIMEOUT_S) -> dict[str, float]:
     """The server's metrics for ``model`` (``client.metrics.scrape``), empty when there is no
-    endpoint or it does not answer: a sample without them is a gap, never a failed run."""
+    endpoint or it does not answer within ``timeout``: a sample without them is a gap, never a
+    failed run."""
     try:
-        return client.metrics.scrape(url, model)
+        return client.metrics.scrape(url, model, timeout)
     except OSError:
         return {}
 

@@ -30,6 +30,9 @@ from loadtest.compare.steps import RUN_FAILURES, TAIL_S, Run, measure_step, serv
 from loadtest.sampling import Endpoint
 
 PHASE = "capacity"
+#: The bracket's factor: the search starts at a measured rate (the lower closed-loop peak), so the capacity
+#: is seldom more than 1.5x away, and a narrower bracket bisects to a finer lattice in as many probes.
+BRACKET_FACTOR = 1.5
 #: Seconds a step costs beyond its Locust run (start-up and exit of Locust; measured: ~0.9 s).
 STEP_OVERHEAD_S = 0.9
 #: Seconds a fresh server costs before its first step (spawn to SERVING, idle RSS; measured for mlp: ~5 s).
@@ -71,11 +74,6 @@ def check_options(opts: Options) -> None:
     if opts.capacity_start is not None and opts.capacity_start <= 0:
         raise ValueError("--capacity-start must be a positive rate")
     settings(opts)  # precision > 0, max probes >= 1
-
-
-#: The bracket's factor: the search starts at a measured rate (the lower closed-loop peak), so the capacity
-#: is seldom more than 1.5x away, and a narrower bracket bisects to a finer lattice in as many probes.
-BRACKET_FACTOR = 1.5
 
 
 def settings(opts: Options, max_rate: float | None = None) -> Search:

@@ -40,10 +40,10 @@ from typing import Any
 import grpc
 import numpy as np
 
-from client import metrics
 from contract.protocol import inference_pb2_grpc as pb_grpc
 from loadtest.cli import add_cpu_split_option, add_out_option, add_server_option, progress, split_cpus, write_result
 from loadtest.driver import CHANNEL_OPTIONS, RequestPool, open_loop
+from loadtest.sampling import scrape
 from loadtest.servers import ServerProcess
 from loadtest.stats import metric_deltas, percentiles
 from loadtest.tools.bench import DriveOptions, drive
@@ -178,7 +178,7 @@ def measure(framework: str, opts: OverloadOptions, server_cpus: list[int] | None
 
 
 class _Scrapes(threading.Thread):
-    """The server's metrics (``client.metrics.scrape``) at each of ``times`` (time.monotonic()),
+    """The server's metrics (``loadtest.sampling.scrape``) at each of ``times`` (time.monotonic()),
     in a thread of its own: ``taken`` once joined (an empty dict where a scrape failed)."""
 
     def __init__(self, url: str | None, model: str, times: Sequence[float]) -> None:
@@ -190,10 +190,8 @@ class _Scrapes(threading.Thread):
     def run(self) -> None:
         for moment in self.times:
             time.sleep(max(0.0, moment - time.monotonic()))
-            try:  # a server at twice its peak answers its metrics port late: wait for it
-                self.taken.append(metrics.scrape(self.url, self.model, timeout=SCRAPE_TIMEOUT_S))
-            except OSError:
-                self.taken.append({})
+            # A server at twice its peak answers its metrics port late: wait for it.
+            self.taken.append(scrape(self.url, self.model, SCRAPE_TIMEOUT_S))
 
 
 def _batches(result: dict[str, Any]) -> str:
